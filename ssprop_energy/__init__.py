@@ -1,0 +1,42 @@
+"""ssprop-energy: measure what scheduled sparse back-propagation (ssProp) really saves.
+
+The public names are loaded lazily so that torch-free parts of the package (``ssprop_energy.report``,
+``ssprop_energy.records``, the ledger) can be imported without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+__version__ = "0.1.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+# public name -> module that defines it
+_LAZY = {
+    "SSPropConv2d": "ssprop_energy.sparse.layers",
+    "SSPropLinear": "ssprop_energy.sparse.layers",
+    "sparsify": "ssprop_energy.sparse.convert",
+    "set_drop_rate": "ssprop_energy.sparse.convert",
+    "densify": "ssprop_energy.sparse.convert",
+    "DropSchedule": "ssprop_energy.sparse.schedules",
+    "get_model": "ssprop_energy.models",
+    "load_dataset": "ssprop_energy.data",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ssprop_energy' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
