@@ -196,7 +196,10 @@ class ArmRecord:
     """The result of one arm (dense, or one ssProp setting), averaged over its repeats.
 
     FLOPs are whole-run totals (training steps only; evaluation is reported separately), energy in joules
-    over the training phase, CO2 in grams CO2e (energy x intensity x PUE).
+    over the training phase, CO2 in grams CO2e (energy x intensity x PUE). ``repeats`` holds the per-run
+    figures (one dict per (seed, repeat)); ``paired`` (non-baseline arms) maps a metric to
+    ``experiment.stats.paired_stats`` of this arm against the dense baseline: ``n``, ``baseline_mean``,
+    ``arm_mean``, ``delta_mean``, ``delta_ci``, ``saving_fraction``, ``saving_ci`` (CIs None below 2 pairs).
     """
 
     name: str
@@ -225,6 +228,7 @@ class ArmRecord:
     eval_energy_j: float = 0.0
     idle_power_w: dict[str, float] = field(default_factory=dict)
     repeats: list[dict[str, Any]] = field(default_factory=list)
+    paired: dict[str, dict[str, Any]] = field(default_factory=dict)
     status: str = "complete"
 
     @property
