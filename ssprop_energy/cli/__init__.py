@@ -28,6 +28,8 @@ from ssprop_energy.errors import SSPropEnergyError
 
 # subcommand name -> module under ssprop_energy.cli
 COMMANDS: dict[str, str] = {
+    "compare": "compare",
+    "sweep": "sweep",
 }
 
 EXIT_OK = 0

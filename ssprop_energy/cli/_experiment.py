@@ -1,0 +1,233 @@
+"""What ``compare`` and ``sweep`` share: flags, signal handling, progress, the run header and the result table."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ssprop_energy.errors import RunInterrupted
+from ssprop_energy.experiment.config import METERS, SCHEDULES, SELECTIONS, ExperimentConfig
+
+EXIT_INTERRUPTED = 130
+
+
+def float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> None:
+    """Flags of every experiment command. Defaults are None here so the config's own defaults apply."""
+    p.add_argument("--model", help=f"model name (default {defaults.model}; see `ssprop-energy models`)")
+    p.add_argument("--dataset", help=f"dataset (default {defaults.dataset}, embedded and offline); also mnist, "
+                   "fashion-mnist, cifar10, cifar100, folder:PATH")
+    p.add_argument("--data-dir", help="where downloaded datasets are cached (default: user cache directory)")
+    p.add_argument("--image-size", type=int, help="input size in pixels (default: the dataset's)")
+    p.add_argument("--selection", choices=SELECTIONS, help=f"channel selection (default {defaults.selection})")
+    p.add_argument("--warmup-epochs", type=int, help="dense warm-up epochs (default 0)")
+    p.add_argument("--schedule-by", choices=("epoch", "iteration"), help="schedule granularity (default epoch)")
+    p.add_argument("--period", type=int, help="period T in iterations for --schedule-by iteration (default 10)")
+    p.add_argument("--epochs", type=int, help=f"epochs per arm (default {defaults.epochs})")
+    p.add_argument("--batch-size", type=int, help=f"batch size (default {defaults.batch_size})")
+    p.add_argument("--lr", type=float, help=f"learning rate (default {defaults.lr:g})")
+    p.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), help=f"optimizer (default {defaults.optimizer})")
+    p.add_argument("--weight-decay", type=float, help="weight decay (default 0)")
+    p.add_argument("--lr-schedule", choices=("none", "cosine"), help="LR schedule (default none, as the paper)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--seeds", type=int_list, help="several seeds, comma-separated (one pair of arms each)")
+    p.add_argument("--repeats", type=int, help="pairs per seed, run in ABBA order (default 1)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (default auto)")
+    p.add_argument("--amp", action="store_true", default=None, help="bfloat16 autocast on CUDA")
+    p.add_argument("--meter", choices=METERS, help="energy source (default auto: nvml, then rapl, then estimate)")
+    p.add_argument("--sample-period", dest="sample_period_s", type=float, help="power sampling period in s (default 0.1)")
+    p.add_argument("--idle", dest="idle_s", type=float, help="measure idle power for this many seconds first (default 0)")
+    p.add_argument("--carbon-intensity", type=float, help="grid carbon intensity override, g CO2e/kWh")
+    p.add_argument("--country", help="ISO-3 country code for the offline carbon intensity (default: world average)")
+    p.add_argument("--pue", type=float, help="data-centre power usage effectiveness (default 1.0)")
+    p.add_argument("--eval-noise", type=float_list, help="also test under Gaussian input noise, e.g. 0.1,0.2")
+    p.add_argument("--project", help="project name for the audit ledger (default $SSPROP_ENERGY_PROJECT or 'default')")
+    p.add_argument("--out", help="run directory (default runs/<timestamp>-<model>-<dataset>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (all other flags are ignored)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace, kind: str, **lists: Any) -> ExperimentConfig:
+    """Build and validate a config from parsed flags; unset flags keep the config defaults."""
+    cfg = ExperimentConfig(kind=kind)
+    scalar = ("model", "dataset", "data_dir", "image_size", "selection", "warmup_epochs", "schedule_by", "period",
+              "epochs", "batch_size", "lr", "optimizer", "weight_decay", "lr_schedule", "repeats", "device", "amp",
+              "meter", "sample_period_s", "idle_s", "carbon_intensity", "country", "pue", "eval_noise", "project",
+              "out")
+    for name in scalar:
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(cfg, name, value)
+    if args.seeds is not None:
+        cfg.seeds = args.seeds
+    elif args.seed is not None:
+        cfg.seeds = [args.seed]
+    for name, value in lists.items():
+        if value is not None:
+            setattr(cfg, name, value)
+    cfg.validate()
+    return cfg
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag that the trainer polls after each batch; a second SIGINT aborts at once."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._old: dict[int, Any] = {}
+
+    def __call__(self) -> bool:
+        return self.raised
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.raised and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.raised = True
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this batch and saving the record...\n")
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def print_header(cfg: ExperimentConfig, run_dir: Path, resumed: bool) -> None:
+    """Every setting, defaults included, so that a log of the run says exactly what ran."""
+    verb = "resuming" if resumed else "starting"
+    print(f"ssprop-energy {cfg.kind}: {verb} run in {run_dir}")
+    items = [f"{k}={v}" for k, v in cfg.to_dict().items() if k not in ("kind", "out")]
+    line = ""
+    for item in items:
+        if len(line) + len(item) > 100:
+            print("  " + line.rstrip())
+            line = ""
+        line += item + "  "
+    if line:
+        print("  " + line.rstrip())
+
+
+def run_with_signals(body: Callable[[StopFlag], int], run_dir: Path) -> int:
+    with StopFlag() as stop:
+        try:
+            return body(stop)
+        except RunInterrupted:
+            sys.stderr.write(
+                f"ssprop-energy: run interrupted; record saved as 'interrupted' in {run_dir}. "
+                f"Continue with --resume {run_dir}\n"
+            )
+            return EXIT_INTERRUPTED
+
+
+
+def _fmt_flops(x: float) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x:.3g} FLOP"
+
+
+def _fmt_change(stats: dict[str, Any] | None, percent_points: bool = False) -> str:
+    if not stats:
+        return ""
+    if percent_points:
+        text = f"{stats['delta_mean'] * 100:+.2f} pp"
+        ci = stats.get("delta_ci")
+        return text + (f" [{ci[0] * 100:+.2f}, {ci[1] * 100:+.2f}]" if ci else "")
+    if stats.get("saving_fraction") is None:
+        return ""
+    text = f"{-stats['saving_fraction'] * 100:+.1f}%"
+    ci = stats.get("saving_ci")
+    return text + (f" [{-ci[1] * 100:+.1f}, {-ci[0] * 100:+.1f}]" if ci else "")
+
+
+def print_results(summary: Any) -> None:
+    """The short dense-vs-ssProp table: accuracy, time, backward FLOPs, energy and CO2 with their sources."""
+    from rich.console import Console
+    from rich.table import Table
+
+    base = summary.arms.get("dense")
+    others = [a for name, a in summary.arms.items() if name != "dense"]
+    table = Table(title=f"{summary.kind}: {summary.config['model']} on {summary.config['dataset']}", show_lines=False)
+    table.add_column("arm")
+    table.add_column("drop (avg)", justify="right")
+    table.add_column("test acc", justify="right")
+    table.add_column("train time", justify="right")
+    table.add_column("bwd FLOPs (counted)", justify="right")
+    table.add_column("energy", justify="right")
+    table.add_column("CO2e", justify="right")
+    for arm in [a for a in [base] if a is not None] + others:
+        p = arm.paired
+        table.add_row(
+            arm.name,
+            f"{arm.drop_rate:g} {arm.schedule if arm.name != 'dense' else ''} ({arm.average_drop_rate:.2f})",
+            f"{arm.test_accuracy:.2%}" + (f"\n{_fmt_change(p.get('test_accuracy'), True)}" if p else ""),
+            f"{arm.wall_s:.1f} s" + (f"\n{_fmt_change(p.get('wall_s'))}" if p else ""),
+            _fmt_flops(arm.flops_backward) + (f"\n{_fmt_change(p.get('flops_backward'))}" if p else ""),
+            f"{arm.energy_j:,.0f} J ({arm.energy_source})" + (f"\n{_fmt_change(p.get('energy_j'))}" if p else ""),
+            f"{arm.co2_g:.3g} g" + (f"\n{_fmt_change(p.get('co2_g'))}" if p else ""),
+        )
+    console = Console(width=120)
+    console.print(table)
+    carbon = summary.carbon
+    console.print(
+        f"carbon intensity {carbon['intensity_g_per_kwh']:.0f} g/kWh ({carbon['source']}), PUE {carbon['pue']:g}; "
+        "changes are relative to dense" + (" with 95% bootstrap CIs" if any(
+            a.paired.get("energy_j", {}).get("saving_ci") for a in others) else "")
+    )
+    if any(a.energy_source in ("estimated", "mixed") for a in summary.arms.values()):
+        console.print("[yellow]note: energy includes estimated figures (no hardware counter); see the report.[/]")
+
+
+def execute(args: argparse.Namespace, kind: str, **lists: Any) -> int:
+    """Run a compare or sweep from parsed flags (or resume one) and print the result table."""
+    from ssprop_energy.cli.progress import RichProgress
+    from ssprop_energy.experiment.runner import (
+        Experiment, ExperimentHooks, default_run_dir, load_run_config, prepare_run_dir,
+    )
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg = load_run_config(run_dir)
+    else:
+        cfg = config_from_args(args, kind, **lists)
+        run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+        cfg.out = str(run_dir)
+
+    def body(stop: StopFlag) -> int:
+        def callbacks(arm: Any, seed: int, repeat: int) -> list[Any]:
+            if args.quiet:
+                return []
+            tag = f"{arm.name} s{seed}" + (f" r{repeat}" if cfg.repeats > 1 else "")
+            return [RichProgress(tag, cfg.epochs)]
+
+        hooks = ExperimentHooks(callbacks=callbacks, stop_requested=stop)
+        experiment = Experiment(cfg, run_dir, hooks)
+        if not args.resume:
+            prepare_run_dir(run_dir)
+        print_header(cfg, run_dir, resumed=bool(args.resume))
+        summary = experiment.run()
+        print_results(summary)
+        print(f"run record: {run_dir}")
+        return 0
+
+    return run_with_signals(body, run_dir)

@@ -1,0 +1,55 @@
+"""A rich progress bar for training: arm, epoch, loss, accuracy, drop rate and energy so far."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ssprop_energy.train import Callback
+
+
+class RichProgress(Callback):
+    """Shows one bar per arm-run on stderr (stdout stays clean for the results)."""
+
+    def __init__(self, label: str, total_epochs: int, console: Console | None = None) -> None:
+        self.label = label
+        self.total_epochs = total_epochs
+        self.console = console or Console(stderr=True)
+        self.progress: Progress | None = None
+        self.task: Any = None
+        self.energy_j = 0.0
+        self.status = ""
+
+    def on_train_start(self, trainer: Any) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]{task.fields[label]}"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"),
+            TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=self.console, transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=None, label=self.label, status="")
+
+    def on_epoch_start(self, trainer: Any, epoch: int, drop_rate: float) -> None:
+        assert self.progress is not None
+        self.progress.update(
+            self.task, total=len(trainer.train_loader), completed=0,
+            label=f"{self.label} epoch {epoch + 1}/{self.total_epochs} drop {drop_rate:.2f}",
+        )
+
+    def on_batch_end(self, trainer: Any, epoch: int, batch: int) -> None:
+        assert self.progress is not None
+        self.progress.advance(self.task)
+
+    def on_epoch_end(self, trainer: Any, result: Any) -> None:
+        assert self.progress is not None
+        rec = result.record
+        self.energy_j += rec.energy_j
+        self.progress.update(
+            self.task,
+            status=f"loss {rec.train_loss:.3f}  val acc {rec.val_accuracy:.1%}  energy {self.energy_j:,.0f} J",
+        )
+
+    def on_train_end(self, trainer: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()
