@@ -1,0 +1,62 @@
+"""The carbon-audit ledger: every measured run of a lab, in one SQLite file.
+
+The harness (``compare``/``sweep``) and ``ssprop-energy audit run`` append themselves::
+
+    from ssprop_energy import ledger
+
+    entry = ledger.start_entry(kind="compare", project="resnet-cifar", tags=["ablation"],
+                               command=sys.argv, run_dir=run_dir, redact=False)
+    ...                                          # the run; a crash leaves the `running` row as evidence
+    entry.finish("complete",                     # or "failed" / "interrupted"
+                 components=report.components,   # list[records.EnergyComponent], joules
+                 co2_g=None,                     # None: energy x intensity x PUE, computed here
+                 intensity_g_per_kwh=ci.g_per_kwh, pue=1.0, intensity_source=ci.source,
+                 energy_source=report.source, exit_code=None, note=None)
+
+``start_entry`` writes a ``running`` row at once; ``finish`` completes it. Neither raises when the ledger is
+locked or corrupt: the row is written as JSON to ``RUN_DIR/ledger_entry.json`` (or ``<ledger>.pending/``)
+with a warning, and ``ssprop-energy audit import`` brings it in later. ``finish`` raises only
+:class:`~ssprop_energy.errors.ConfigError` for a bad status, and :class:`~ssprop_energy.errors.LedgerError`
+when no file at all could be written.
+
+The ledger file is ``$SSPROP_ENERGY_LEDGER``, else ``ledger.sqlite`` in the user's data directory
+(platformdirs). The project defaults to ``$SSPROP_ENERGY_PROJECT``, else ``default``; user and host are the
+login name and the host name. The ledger stores no environment variables and nothing else the caller did not
+pass; with ``redact=True`` the command keeps only its program name.
+
+Reading: :func:`load_entries` (a pandas DataFrame), :func:`summarize`, :func:`export_csv`,
+:func:`render_ledger_html`. Wrapping any command: :func:`run_wrapped`.
+"""
+
+from __future__ import annotations
+
+from ssprop_energy.ledger.attribution import AttributedComponent, CpuAttribution, attribute, cpu_share
+from ssprop_energy.ledger.db import SCHEMA_VERSION, connect, default_ledger_path, pending_dir
+from ssprop_energy.ledger.entries import (
+    LedgerEntry,
+    import_fallback,
+    pending_rows,
+    redact_command,
+    start_entry,
+)
+from ssprop_energy.ledger.summary import export_csv, load_entries, parse_since, summarize
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "AttributedComponent",
+    "CpuAttribution",
+    "LedgerEntry",
+    "attribute",
+    "connect",
+    "cpu_share",
+    "default_ledger_path",
+    "export_csv",
+    "import_fallback",
+    "load_entries",
+    "parse_since",
+    "pending_dir",
+    "pending_rows",
+    "redact_command",
+    "start_entry",
+    "summarize",
+]

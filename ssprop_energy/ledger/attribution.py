@@ -1,0 +1,111 @@
+"""Attributing machine-wide CPU energy to one process tree by its share of the CPU time.
+
+RAPL counters and the load x TDP estimate measure the whole machine: on a shared lab server they include
+every other user's work. ``audit run`` therefore charges the wrapped command with
+
+    share = (CPU seconds of the command's process tree) / (busy CPU seconds of the whole machine)
+
+over the same interval, and multiplies each machine-wide component (CPU package, DRAM, estimated CPU/RAM)
+by that share. Idle power is thus split in proportion to the work done, the rule Scaphandre and similar
+per-process meters use. GPU components are per device and are kept whole: a process's share of a GPU cannot
+be read from CPU time.
+
+The tree's CPU seconds come from ``wait4`` on the child (its own time plus every descendant it waited
+for); the machine's from ``/proc/stat`` through :func:`psutil.cpu_times`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import psutil
+
+from ssprop_energy.records import EnergyComponent
+
+logger = logging.getLogger(__name__)
+
+ATTRIBUTION_RULE = "cpu-time share"
+
+
+@dataclass(frozen=True)
+class AttributedComponent:
+    """A component as recorded in the ledger.
+
+    Attributes:
+        component: the energy charged to the run (the machine-wide figure x ``share`` when attributed).
+        machine_energy_j: the machine-wide energy measured over the run, in joules; None when not attributed.
+        share: the fraction of ``machine_energy_j`` charged to the run; None when not attributed.
+    """
+
+    component: EnergyComponent
+    machine_energy_j: float | None = None
+    share: float | None = None
+
+
+@dataclass(frozen=True)
+class CpuAttribution:
+    """The CPU-time share of one process tree over one interval (seconds are CPU seconds, summed over cores)."""
+
+    tree_cpu_s: float
+    machine_cpu_s: float
+    share: float
+
+
+def machine_busy_cpu_s() -> float:
+    """Busy CPU seconds of the whole machine since boot, summed over cores.
+
+    Busy = user + nice + system + irq + softirq. Left out: idle and iowait (no work), steal (another
+    virtual machine's work), and guest/guest_nice, which Linux already counts inside user/nice.
+    """
+    t = psutil.cpu_times()
+    return float(sum(getattr(t, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq")))
+
+
+def cpu_share(tree_cpu_s: float, machine_cpu_s: float) -> float:
+    """The tree's fraction of the machine's busy CPU time, in [0, 1].
+
+    The tree's time (exact, from rusage) and the machine's (in clock ticks of /proc/stat) are read by
+    different clocks, so a tree that was nearly alone on the machine can come out a little above 1;
+    the share is clamped. With no busy time at all nobody did any work: a tree with zero CPU time gets
+    no share, one with some (below the tick resolution of the machine counter) gets all of it.
+    """
+    if tree_cpu_s < 0 or machine_cpu_s < 0:
+        raise ValueError(f"negative CPU time (tree {tree_cpu_s} s, machine {machine_cpu_s} s)")
+    if machine_cpu_s <= 0.0:
+        return 1.0 if tree_cpu_s > 0.0 else 0.0
+    return min(1.0, tree_cpu_s / machine_cpu_s)
+
+
+def is_machine_wide(component: EnergyComponent) -> bool:
+    """True for components that measure the whole machine's CPU side (everything but ``gpu:*``)."""
+    return not component.component.startswith("gpu")
+
+
+def attribute(
+    components: Sequence[EnergyComponent], attribution: CpuAttribution | None
+) -> list[AttributedComponent]:
+    """Charge the run with its share of every machine-wide component.
+
+    Args:
+        components: the meter's components over the run (machine-wide figures).
+        attribution: the run's CPU-time share; None keeps every component whole (``--whole-machine``).
+
+    Returns:
+        One :class:`AttributedComponent` per input, GPU components unchanged.
+    """
+    out: list[AttributedComponent] = []
+    for comp in components:
+        if attribution is None or not is_machine_wide(comp):
+            out.append(AttributedComponent(comp))
+            continue
+        charged = EnergyComponent(
+            component=comp.component,
+            energy_j=comp.energy_j * attribution.share,
+            source=comp.source,
+            device=comp.device,
+            sampled_energy_j=None if comp.sampled_energy_j is None else comp.sampled_energy_j * attribution.share,
+        )
+        out.append(AttributedComponent(charged, machine_energy_j=comp.energy_j, share=attribution.share))
+    return out

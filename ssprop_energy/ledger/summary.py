@@ -1,0 +1,164 @@
+"""Reading the ledger: rows as pandas tables, totals per project/user/host/month, CSV export.
+
+Times are stored and grouped in UTC: a month is a UTC calendar month, and ``since`` dates are UTC
+midnights. Energy and CO2 totals add only rows that have them: a run still ``running``, or one whose meter
+failed, is counted in ``runs`` and in ``unmeasured`` but adds nothing, and the tables say how many.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+
+from ssprop_energy.errors import ConfigError
+from ssprop_energy.ledger.db import connect, default_ledger_path, ledger_error
+from ssprop_energy.ledger.entries import COMPONENT_COLUMNS, ENTRY_COLUMNS
+from ssprop_energy.records import write_text_atomic
+
+GROUP_KEYS = ("project", "user", "host", "month", "kind", "status")
+J_PER_KWH = 3.6e6
+
+SUMMARY_COLUMNS = [
+    "runs", "complete", "failed", "interrupted", "running", "unmeasured",
+    "energy_j", "energy_kwh", "energy_source", "co2_g", "wall_s",
+]
+
+
+def parse_since(text: str) -> datetime:
+    """Parse ``YYYY-MM``, ``YYYY-MM-DD`` or an ISO 8601 time; times without an offset are UTC.
+
+    Raises:
+        ConfigError: the text is not such a date.
+    """
+    text = text.strip()
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}", text):
+            value = datetime.strptime(text, "%Y-%m")
+        else:
+            value = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"bad date {text!r} (expected YYYY-MM-DD, YYYY-MM or an ISO 8601 time)") from None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
+
+
+def load_entries(
+    ledger_path: str | os.PathLike[str] | None = None,
+    *,
+    since: datetime | None = None,
+    project: str | None = None,
+) -> pd.DataFrame:
+    """All ledger rows (oldest first) as a DataFrame; empty, with the columns, when there is no ledger yet.
+
+    Columns: ``id`` and :data:`entries.ENTRY_COLUMNS` (``command`` and ``tags`` decoded to lists,
+    ``started_at``/``finished_at`` as ISO text in UTC), plus ``month`` (``YYYY-MM``, UTC) and ``components``
+    (a list of dicts with :data:`entries.COMPONENT_COLUMNS`).
+
+    Raises:
+        LedgerError: the ledger is locked or corrupt.
+    """
+    path = Path(ledger_path) if ledger_path is not None else default_ledger_path()
+    columns = ["id", *ENTRY_COLUMNS, "month", "components"]
+    if not path.exists():
+        return pd.DataFrame(columns=columns)
+    conn = connect(path)
+    try:
+        where, params = [], []
+        if since is not None:
+            where.append("started_at >= ?")
+            params.append(since.astimezone(timezone.utc).isoformat(timespec="milliseconds"))
+        if project is not None:
+            where.append("project = ?")
+            params.append(project)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        rows = conn.execute(f"SELECT id, {', '.join(ENTRY_COLUMNS)} FROM entries{clause} ORDER BY id", params)
+        entries = [dict(r) for r in rows.fetchall()]
+        comps: dict[int, list[dict[str, Any]]] = {}
+        for r in conn.execute(f"SELECT entry_id, {', '.join(COMPONENT_COLUMNS)} FROM components ORDER BY rowid"):
+            comps.setdefault(r["entry_id"], []).append({k: r[k] for k in COMPONENT_COLUMNS})
+    except sqlite3.Error as exc:
+        raise ledger_error(path, exc) from None
+    finally:
+        conn.close()
+    for e in entries:
+        e["command"] = json.loads(e["command"])
+        e["tags"] = json.loads(e["tags"])
+        e["redacted"] = bool(e["redacted"])
+        e["month"] = e["started_at"][:7]
+        e["components"] = comps.get(e["id"], [])
+    df = pd.DataFrame(entries, columns=columns)
+    for col in ("energy_j", "co2_g", "wall_s", "intensity_g_per_kwh", "pue", "cpu_share"):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
+    return df
+
+
+def _common_source(sources: pd.Series) -> str | None:
+    present = set(sources.dropna())
+    if not present:
+        return None
+    return present.pop() if len(present) == 1 else "mixed"
+
+
+def summarize(entries: pd.DataFrame, by: str | None) -> pd.DataFrame:
+    """Totals per group.
+
+    Args:
+        entries: rows from :func:`load_entries`.
+        by: one of :data:`GROUP_KEYS`, or None for a single ``all`` row.
+
+    Returns:
+        One row per group (index named ``by``), sorted by group, columns :data:`SUMMARY_COLUMNS`: counts of
+        runs per status, ``unmeasured`` (finished runs without an energy figure), ``energy_j`` and
+        ``energy_kwh`` summed over measured runs (NaN when none), ``energy_source`` (the rows' common
+        provenance, ``mixed`` when measured and estimated figures were added), ``co2_g``, ``wall_s``.
+    """
+    if by is not None and by not in GROUP_KEYS:
+        raise ConfigError(f"cannot group by {by!r} (one of {', '.join(GROUP_KEYS)})")
+    name = by or "all"
+    if entries.empty:
+        return pd.DataFrame(columns=SUMMARY_COLUMNS).rename_axis(name)
+    keys = entries[by] if by is not None else pd.Series("all", index=entries.index)
+    out = []
+    for key, group in entries.groupby(keys, sort=True):
+        status = group["status"]
+        out.append({
+            name: key,
+            "runs": len(group),
+            "complete": int((status == "complete").sum()),
+            "failed": int((status == "failed").sum()),
+            "interrupted": int((status == "interrupted").sum()),
+            "running": int((status == "running").sum()),
+            "unmeasured": int(((status != "running") & group["energy_j"].isna()).sum()),
+            "energy_j": group["energy_j"].sum(min_count=1),
+            "energy_source": _common_source(group["energy_source"]),
+            "co2_g": group["co2_g"].sum(min_count=1),
+            "wall_s": group["wall_s"].sum(min_count=1),
+        })
+    table = pd.DataFrame(out).set_index(name)
+    table["energy_kwh"] = table["energy_j"] / J_PER_KWH
+    return table[SUMMARY_COLUMNS]
+
+
+EXPORT_COLUMNS: Sequence[str] = ("id", *ENTRY_COLUMNS, "components")
+
+
+def export_frame(entries: pd.DataFrame) -> pd.DataFrame:
+    """The rows as flat text for CSV: ``command``/``components`` as JSON, ``tags`` joined by ``;``."""
+    flat = entries.reindex(columns=list(EXPORT_COLUMNS)).copy()
+    flat["command"] = [json.dumps(c) for c in entries["command"]]
+    flat["tags"] = [";".join(t) for t in entries["tags"]]
+    flat["components"] = [json.dumps(c) for c in entries["components"]]
+    return flat
+
+
+def export_csv(entries: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Write every row to ``path`` as CSV (see :func:`export_frame`), atomically. Returns the path."""
+    return write_text_atomic(path, export_frame(entries).to_csv(index=False, lineterminator="\n"))
