@@ -36,6 +36,8 @@ def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> 
     p.add_argument("--data-dir", help="where downloaded datasets are cached (default: user cache directory)")
     p.add_argument("--image-size", type=int, help="input size in pixels (default: the dataset's)")
     p.add_argument("--selection", choices=SELECTIONS, help=f"channel selection (default {defaults.selection})")
+    p.add_argument("--layers", type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
+                   help="layer kinds ssProp replaces: conv, linear or conv,linear (default conv, as the paper)")
     p.add_argument("--warmup-epochs", type=int, help="dense warm-up epochs (default 0)")
     p.add_argument("--schedule-by", choices=("epoch", "iteration"), help="schedule granularity (default epoch)")
     p.add_argument("--period", type=int, help="period T in iterations for --schedule-by iteration (default 10)")
@@ -66,7 +68,7 @@ def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> 
 def config_from_args(args: argparse.Namespace, kind: str, **lists: Any) -> ExperimentConfig:
     """Build and validate a config from parsed flags; unset flags keep the config defaults."""
     cfg = ExperimentConfig(kind=kind)
-    scalar = ("model", "dataset", "data_dir", "image_size", "selection", "warmup_epochs", "schedule_by", "period",
+    scalar = ("model", "dataset", "data_dir", "image_size", "selection", "layers", "warmup_epochs", "schedule_by", "period",
               "epochs", "batch_size", "lr", "optimizer", "weight_decay", "lr_schedule", "repeats", "device", "amp",
               "meter", "sample_period_s", "idle_s", "carbon_intensity", "country", "pue", "eval_noise", "project",
               "out")

@@ -14,6 +14,7 @@ from ssprop_energy.errors import ConfigError
 SCHEDULES = ("bar", "constant", "linear", "cosine")
 SELECTIONS = ("topk", "random", "quantile")
 METERS = ("auto", "nvml", "rapl", "estimate", "fake")
+LAYER_KINDS = ("conv", "linear")
 
 # Defaults chosen so that `compare --model resnet18` on the embedded digits data finishes in a few minutes on a
 # 2-core CPU: 6 epochs (an even number, so the bar schedule has 3 dense and 3 sparse epochs), batch 64, Adam.
@@ -48,6 +49,7 @@ class ExperimentConfig:
     schedules: list[str] = field(default_factory=lambda: ["bar"])
     dropouts: list[float] = field(default_factory=lambda: [0.0])
     selection: str = "topk"
+    layers: list[str] = field(default_factory=lambda: ["conv"])
     warmup_epochs: int = 0
     schedule_by: str = "epoch"
     period: int = 10
@@ -88,6 +90,11 @@ class ExperimentConfig:
                 raise ConfigError(f"dropout {p!r} is outside [0, 1)")
         if self.selection not in SELECTIONS:
             raise ConfigError(f"unknown selection {self.selection!r}; choose from {', '.join(SELECTIONS)}")
+        for kind in self.layers:
+            if kind not in LAYER_KINDS:
+                raise ConfigError(f"unknown layer kind {kind!r} in --layers; choose from {', '.join(LAYER_KINDS)}")
+        if not self.layers:
+            raise ConfigError("--layers needs at least one layer kind")
         if self.schedule_by not in ("epoch", "iteration"):
             raise ConfigError(f"unknown --schedule-by {self.schedule_by!r}; choose from epoch, iteration")
         if self.meter not in METERS:

@@ -108,7 +108,11 @@ class Experiment:
         self.device = resolve_device(cfg.device)
         self.carbon = resolve_intensity(country=cfg.country, override_g_per_kwh=cfg.carbon_intensity)
         self.data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size, seed=cfg.seeds[0])
-        self._build_model(cfg.seeds[0], 0.0)  # unknown model names fail now, not after the first arm
+        # Unknown model names, or a model with no layer of the kinds to sparsify, fail now, not mid-run.
+        self._sparse_model(cfg.seeds[0], 0.0)
+        for arm in cfg.arms():
+            if arm.sparse:
+                self._schedule(arm)
         self.created_at = now_iso()
         self.environment: dict[str, Any] = {}
         self.idle_power_w: dict[str, float] = {}
@@ -123,6 +127,13 @@ class Experiment:
             self.cfg.model, num_classes=self.data.num_classes, in_channels=self.data.in_channels,
             image_size=self.data.image_size, dropout=dropout,
         )
+
+    def _sparse_model(self, seed: int, dropout: float) -> torch.nn.Module:
+        from ssprop_energy.sparse import sparsify
+
+        # Built at drop 0; the schedule sets the rate each epoch/iteration.
+        return sparsify(self._build_model(seed, dropout), drop_rate=0.0, layers=tuple(self.cfg.layers),
+                        selection=self.cfg.selection)
 
     def _schedule(self, arm: ArmSpec) -> Any:
         from ssprop_energy.sparse.schedules import DropSchedule
@@ -193,15 +204,10 @@ class Experiment:
 
     def _run_arm(self, arm: ArmSpec, seed: int, repeat: int) -> dict[str, Any]:
         from ssprop_energy.flops import FlopMeter
-        from ssprop_energy.sparse import sparsify
 
         cfg = self.cfg
-        model = self._build_model(seed, arm.dropout)
-        schedule = None
-        if arm.sparse:
-            # Built at drop 0; the schedule sets the rate each epoch/iteration.
-            sparsify(model, drop_rate=0.0, selection=arm.selection)
-            schedule = self._schedule(arm)
+        model = self._sparse_model(seed, arm.dropout) if arm.sparse else self._build_model(seed, arm.dropout)
+        schedule = self._schedule(arm) if arm.sparse else None
         input_shape = (self.data.in_channels, self.data.image_size, self.data.image_size)
         flop_meter = FlopMeter(copy.deepcopy(model), input_shape, self.data.num_classes)
         train_cfg = TrainConfig(
