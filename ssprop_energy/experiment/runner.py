@@ -107,7 +107,8 @@ class Experiment:
         # Everything that can reject user input happens here, before the run directory is touched.
         self.device = resolve_device(cfg.device)
         self.carbon = resolve_intensity(country=cfg.country, override_g_per_kwh=cfg.carbon_intensity)
-        self.data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size, seed=cfg.seeds[0])
+        # The split is fixed (seed 0) whatever the training seeds: every seed is tested on the same images.
+        self.data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size, seed=0)
         # Unknown model names, or a model with no layer of the kinds to sparsify, fail now, not mid-run.
         self._sparse_model(cfg.seeds[0], 0.0)
         for arm in cfg.arms():
