@@ -1,0 +1,118 @@
+"""Model registry: ``get_model(name, ...)`` builds any network the harness can train.
+
+Every model takes images ``(B, in_channels, image_size, image_size)`` and returns logits ``(B, num_classes)``.
+Layers are plain ``nn.Conv2d`` / ``nn.Linear`` so that ``ssprop_energy.sparse.sparsify`` can swap them for
+their ssProp versions after construction (the factory pattern of timm / torchvision, applied afterwards).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import nn
+
+from ssprop_energy.errors import ConfigError
+from ssprop_energy.models import cnn, mlp, resnet, vit
+
+__all__ = ["ModelInfo", "get_model", "list_models", "count_parameters"]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What ``list_models`` says about one registered model."""
+
+    name: str
+    description: str
+    default_image_size: int = 32
+
+
+_Builder = Callable[..., nn.Module]
+
+_REGISTRY: dict[str, tuple[ModelInfo, _Builder]] = {}
+
+
+def _register(info: ModelInfo, builder: _Builder) -> None:
+    _REGISTRY[info.name] = (info, builder)
+
+
+_register(
+    ModelInfo("resnet18", "CIFAR-style ResNet-18 (3x3 stride-1 stem, no max-pool, basic blocks 2-2-2-2)"),
+    resnet.resnet18,
+)
+_register(
+    ModelInfo("resnet34", "CIFAR-style ResNet-34 (3x3 stride-1 stem, no max-pool, basic blocks 3-4-6-3)"),
+    resnet.resnet34,
+)
+_register(
+    ModelInfo("resnet50", "CIFAR-style ResNet-50 (3x3 stride-1 stem, no max-pool, bottlenecks 3-4-6-3)"),
+    resnet.resnet50,
+)
+_register(
+    ModelInfo("cnn", "the paper's plain CNN: depth x (3x3 conv, 128 channels, ReLU), global average pool, linear"),
+    cnn.PlainCNN,
+)
+_register(
+    ModelInfo("mlp", "the paper's MLP: flatten, depth linear layers of 256 hidden units with ReLU"),
+    mlp.MLP,
+)
+_register(
+    ModelInfo("vit", "small Vision Transformer (patch 4, dim 192, depth 6, 3 heads, mean-pooled tokens)"),
+    vit.VisionTransformer,
+)
+
+
+def list_models() -> list[ModelInfo]:
+    """All registered models, in registration order."""
+    return [info for info, _ in _REGISTRY.values()]
+
+
+def get_model(
+    name: str,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    image_size: int = 32,
+    dropout: float = 0.0,
+    **options: Any,
+) -> nn.Module:
+    """Build a registered model with freshly initialised weights.
+
+    Args:
+        name: a name from :func:`list_models` (case-insensitive).
+        num_classes: number of output logits.
+        in_channels: channels of the input images (1 for MNIST, 3 for CIFAR).
+        image_size: side of the square input images in pixels (16, 28 and 32 are tested).
+        dropout: dropout probability after each conv block / hidden layer; 0 adds no dropout module.
+        **options: model-specific settings, e.g. ``depth`` for ``cnn`` and ``mlp``, ``patch_size`` for ``vit``.
+
+    Raises:
+        ConfigError: unknown name, an option the model does not take, or an invalid value.
+    """
+    key = name.strip().lower()
+    if key not in _REGISTRY:
+        raise ConfigError(f"unknown model {name!r}; available: {', '.join(_REGISTRY)}")
+    if num_classes < 1:
+        raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+    if in_channels < 1:
+        raise ConfigError(f"in_channels must be >= 1, got {in_channels}")
+    if image_size < 1:
+        raise ConfigError(f"image_size must be >= 1, got {image_size}")
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
+    _, builder = _REGISTRY[key]
+    accepted = set(inspect.signature(builder).parameters)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        extra = sorted(accepted - {"num_classes", "in_channels", "image_size", "dropout"})
+        raise ConfigError(
+            f"model {key!r} takes no option {', '.join(unknown)}; its options: {', '.join(extra) or 'none'}"
+        )
+    return builder(
+        num_classes=num_classes, in_channels=in_channels, image_size=image_size, dropout=dropout, **options
+    )
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements (weights and biases; BatchNorm running statistics are buffers, not counted)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
