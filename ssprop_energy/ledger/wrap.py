@@ -1,0 +1,233 @@
+"""``ssprop-energy audit run -- CMD ARGS``: run any command, measure its energy, record it in the ledger.
+
+Order of events: the meter is opened (an unusable meter is an error before anything runs), a ``running``
+row is written, the meter starts, the command starts (same terminal, same process group, stdin/stdout/
+stderr inherited), the wrapper waits for it, the meter stops, and the row is completed as
+
+- ``complete``    exit code 0;
+- ``failed``      any other exit code, or death by a signal nobody asked for (SIGSEGV, SIGKILL by the OOM
+                  killer...); the wrapper exits with the same code (128 + signal for a signal death);
+- ``interrupted`` the wrapper got SIGINT or SIGTERM, forwarded it to the command, and exits 128 + signal.
+
+A terminal's Ctrl-C already reaches the whole foreground process group, command included; forwarding it
+again would interrupt the command's own clean-up, so SIGINT is forwarded only when the wrapper is not in
+the terminal's foreground group (``kill -INT`` from elsewhere). SIGTERM is always forwarded.
+
+Machine-wide energy (RAPL, the CPU estimate) is charged by the command's share of the machine's busy CPU
+time (see :mod:`.attribution`) unless ``whole_machine``; the wrapper's own sampling thread is measurement
+overhead and is not charged to the command.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from ssprop_energy.errors import ConfigError, SSPropEnergyError
+from ssprop_energy.ledger.attribution import (
+    CpuAttribution,
+    attribute,
+    cpu_share,
+    is_machine_wide,
+    machine_busy_cpu_s,
+)
+from ssprop_energy.ledger.entries import LedgerEntry, start_entry
+
+logger = logging.getLogger(__name__)
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# a command killed by one of these was stopped on purpose, not broken
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+@dataclass(frozen=True)
+class WrapResult:
+    """What ``audit run`` recorded.
+
+    Attributes:
+        exit_code: the code the wrapper should exit with: the command's (128 + N for a death by signal
+            N), or 128 + N when the wrapper itself got signal N. The ledger row keeps the command's own.
+        status: ``complete``, ``failed`` or ``interrupted``.
+        entry: the ledger handle (``entry_id`` or ``fallback_path`` says where the row went).
+        energy_j: energy charged to the command, joules; None when the meter failed.
+        co2_g: grams CO2e charged; None when energy is unknown.
+        energy_source: provenance of ``energy_j`` (``counter``/``sampled``/``estimated``/``mixed``).
+        attribution: the CPU-time share used, None when nothing was attributed.
+        machine_energy_j: the machine-wide energy before attribution (all components), joules.
+    """
+
+    exit_code: int
+    status: str
+    entry: LedgerEntry
+    energy_j: float | None
+    co2_g: float | None
+    energy_source: str | None
+    attribution: CpuAttribution | None
+    machine_energy_j: float | None
+
+
+def _in_foreground_group() -> bool:
+    try:
+        return os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()
+    except OSError:
+        return False
+
+
+def _exit_code_from_status(wait_status: int) -> int:
+    code = os.waitstatus_to_exitcode(wait_status)
+    return 128 - code if code < 0 else code  # shell convention: death by signal N is 128 + N
+
+
+def run_wrapped(
+    command: Sequence[str],
+    *,
+    meter: Any = None,
+    meter_kind: str = "auto",
+    sample_period_s: float = 0.5,
+    project: str | None = None,
+    tags: Sequence[str] = (),
+    redact: bool = False,
+    whole_machine: bool = False,
+    intensity: Any = None,
+    country: str | None = None,
+    intensity_g_per_kwh: float | None = None,
+    pue: float = 1.0,
+    ledger_path: str | os.PathLike[str] | None = None,
+    fallback_dir: str | os.PathLike[str] | None = None,
+    cpu_clock: Callable[[], float] = machine_busy_cpu_s,
+) -> WrapResult:
+    """Run ``command`` to completion under an energy meter and record it in the ledger.
+
+    Args:
+        command: the program and its arguments.
+        meter: an opened meter (the ``energy`` package's interface: ``start()``, ``stop() -> EnergyReport``);
+            default ``open_meter(meter_kind, sample_period_s)``.
+        meter_kind: ``auto`` picks the best available source.
+        sample_period_s: power sampling period of the default meter, seconds.
+        project, tags, redact: as for :func:`entries.start_entry`.
+        whole_machine: charge machine-wide components whole instead of by CPU-time share.
+        intensity: a resolved carbon intensity (``g_per_kwh``, ``source`` attributes); default
+            ``energy.carbon.resolve_intensity(country, intensity_g_per_kwh)``.
+        country, intensity_g_per_kwh: passed to ``resolve_intensity`` when ``intensity`` is None.
+        pue: power usage effectiveness applied to the CO2 figure.
+        ledger_path, fallback_dir: as for :func:`entries.start_entry`.
+        cpu_clock: the machine's busy CPU seconds (tests fake it).
+
+    Returns:
+        A :class:`WrapResult`.
+
+    Raises:
+        ConfigError: an empty command or a bad PUE.
+        MeterUnavailableError: the requested meter cannot run here (raised before the command starts).
+    """
+    command = [str(a) for a in command]
+    if not command:
+        raise ConfigError("no command to run (usage: ssprop-energy audit run [OPTIONS] -- CMD [ARGS...])")
+    if not pue >= 1.0:
+        raise ConfigError(f"PUE must be >= 1, got {pue}")
+    if intensity is None:
+        from ssprop_energy.energy.carbon import resolve_intensity
+
+        intensity = resolve_intensity(country=country, override_g_per_kwh=intensity_g_per_kwh)
+    if meter is None:
+        from ssprop_energy.energy import open_meter
+
+        meter = open_meter(meter_kind, sample_period_s=sample_period_s)
+
+    received: list[int] = []
+    not_sent: list[int] = []  # signals that arrived while Popen was starting the command
+    proc: subprocess.Popen[bytes] | None = None
+
+    def send(signum: int) -> None:
+        if proc is None:
+            not_sent.append(signum)
+            return
+        if signum == signal.SIGINT and _in_foreground_group():
+            return  # the terminal delivered it to the command already
+        try:
+            proc.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    def forward(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        send(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+    notes: list[str] = []
+    wait_status: int | None = None
+    tree_cpu_s = 0.0
+    try:
+        cpu0 = cpu_clock()
+        meter.start()
+        try:
+            entry = start_entry("audit-run", project=project, tags=tags, command=command, redact=redact,
+                                ledger_path=ledger_path, fallback_dir=fallback_dir)
+        except BaseException:
+            meter.stop()
+            raise
+        try:
+            proc = subprocess.Popen(command)
+        except OSError as exc:
+            child_code = 127 if isinstance(exc, FileNotFoundError) else 126  # the shell's codes
+            notes.append(f"could not start {command[0]!r}: {exc.strerror or exc}")
+        else:
+            while not_sent:
+                send(not_sent.pop(0))
+            # wait4 (not Popen.wait) because its rusage is the command's CPU time including every
+            # descendant it waited for: the tree's time, even after the processes are gone.
+            _, wait_status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(wait_status)
+            child_code = _exit_code_from_status(wait_status)
+            tree_cpu_s = usage.ru_utime + usage.ru_stime
+        try:
+            components = list(meter.stop().components)
+        except SSPropEnergyError as exc:
+            logger.warning("energy meter failed: %s; the run is recorded without energy", exc)
+            notes.append(f"energy not measured: {exc}")
+            components = []
+        machine_cpu_s = max(0.0, cpu_clock() - cpu0)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    exit_code = child_code
+    if received:
+        status, exit_code = "interrupted", 128 + received[0]
+    elif wait_status is not None and os.WIFSIGNALED(wait_status):
+        status = "interrupted" if os.WTERMSIG(wait_status) in _STOP_SIGNALS else "failed"
+    else:
+        status = "complete" if child_code == 0 else "failed"
+
+    attribution = None
+    if not whole_machine and any(is_machine_wide(c) for c in components):
+        attribution = CpuAttribution(tree_cpu_s, machine_cpu_s, cpu_share(tree_cpu_s, machine_cpu_s))
+    entry.finish(
+        status,
+        attribute(components, attribution),
+        co2_g=None,
+        intensity_g_per_kwh=intensity.g_per_kwh,
+        pue=pue,
+        intensity_source=intensity.source,
+        exit_code=child_code,
+        note="; ".join(notes) or None,
+        attribution=attribution,
+    )
+    machine_energy_j = sum(c.energy_j for c in components) if components else None
+    return WrapResult(
+        exit_code=exit_code,
+        status=status,
+        entry=entry,
+        energy_j=entry.row["energy_j"],
+        co2_g=entry.row["co2_g"],
+        energy_source=entry.row["energy_source"],
+        attribution=attribution,
+        machine_energy_j=machine_energy_j,
+    )
