@@ -28,6 +28,7 @@ from ssprop_energy.errors import SSPropEnergyError
 
 # subcommand name -> module under ssprop_energy.cli
 COMMANDS: dict[str, str] = {
+    "env": "env",
     "compare": "compare",
     "sweep": "sweep",
 }

@@ -390,6 +390,16 @@ class EnergyMeter:
         """Provenance for the run record: sources, components, hardware names, why others were not used."""
         return dict(self._description)
 
+    def close(self) -> None:
+        """Release the sources of a meter that will not be started (e.g. one used only for
+        :meth:`measure_idle`); :meth:`stop` does this itself. Idempotent."""
+        if self._state == "running":
+            raise MeterError("close() on a running meter; call stop() to get its report")
+        if self._state != "stopped":
+            self._state = "stopped"
+            for src in self._sources:
+                src.close()
+
     @property
     def running(self) -> bool:
         return self._state == "running"
