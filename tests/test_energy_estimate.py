@@ -1,0 +1,94 @@
+"""The CPU/RAM estimate: codecarbon's TDP table and RAM model, the process-tree CPU-time counter."""
+
+from __future__ import annotations
+
+import csv
+import importlib.resources
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from energy_fakes import FakeClock
+from ssprop_energy.energy import open_meter
+from ssprop_energy.energy.estimate import EstimateSource, ProcessTreeCpu, lookup_tdp
+from ssprop_energy.errors import ConfigError
+
+
+def table_tdp(name: str) -> float:
+    """Independent reference: the row of codecarbon's shipped CSV, read with the csv module."""
+    ref = importlib.resources.files("codecarbon").joinpath("data/hardware/cpu_power.csv")
+    with ref.open(encoding="utf-8") as fh:
+        return next(float(r["TDP"]) for r in csv.DictReader(fh) if r["Name"] == name)
+
+
+@pytest.mark.parametrize(
+    "raw, row",
+    [("Intel(R) Xeon(R) Platinum 8480+", "Intel Xeon Platinum 8480+"),
+     ("AMD EPYC 7763 64-Core Processor", "AMD EPYC 7763")],
+)
+def test_tdp_from_codecarbon_table(raw, row):
+    tdp_w, origin = lookup_tdp(raw, logical_cpus=8)
+    assert tdp_w == table_tdp(row)
+    assert row in origin and "codecarbon" in origin
+
+
+def test_unknown_model_and_no_model_fall_back_to_codecarbon_constants(caplog):
+    with caplog.at_level(logging.WARNING):
+        tdp_w, origin = lookup_tdp("Acme Frobnicator 9000", logical_cpus=3)
+    assert tdp_w == 12.0  # codecarbon's DEFAULT_POWER_PER_CORE, 4 W per logical CPU
+    assert "not in table" in origin and "not in codecarbon's table" in caplog.text
+    tdp_w, origin = lookup_tdp(None, logical_cpus=3)
+    assert tdp_w == 85.0 and "POWER_CONSTANT" in origin
+
+
+def test_energy_is_tdp_times_cpu_seconds_over_cpus_plus_ram():
+    clock = FakeClock()
+    cpu_s = {"v": 50.0}
+    src = EstimateSource(clock, cpu_model="x", cpu_tdp_w=120.0, ram_power_w=6.0,
+                         cpu_seconds=lambda: cpu_s["v"], logical_cpus=4)
+    meter = open_meter("estimate", clock=clock, background=False, sync=None,
+                       estimate_options=dict(cpu_model="x", cpu_tdp_w=120.0, ram_power_w=6.0,
+                                             cpu_seconds=lambda: cpu_s["v"], logical_cpus=4))
+    assert src.describe()["cpu_tdp_from"] == "given by the user"
+    meter.start()
+    with meter.window("forward"):
+        cpu_s["v"] += 3.0     # 3 CPU-seconds in 2 wall seconds: 1.5 of 4 CPUs busy
+        clock.advance(2.0)
+    cpu_s["v"] += 1.0
+    clock.advance(1.0)
+    rep = meter.stop()
+    assert rep.component("cpu").energy_j == pytest.approx(120.0 * 4.0 / 4)
+    assert rep.component("ram").energy_j == pytest.approx(6.0 * 3.0)
+    assert rep.window_components["forward"] == pytest.approx({"cpu": 90.0, "ram": 12.0})
+    assert rep.source == "estimated" and all(c.source == "estimated" for c in rep.components)
+    assert rep.unattributed_energy_j == pytest.approx(30.0 + 6.0)
+
+
+def test_codecarbon_ram_model_used_by_default():
+    from codecarbon.external.ram import RAM
+
+    src = EstimateSource(FakeClock(), cpu_model="x", cpu_tdp_w=10.0, logical_cpus=1)
+    assert src.ram_power_w == RAM(tracking_mode="process").total_power().W
+    assert "codecarbon" in src.describe()["ram_power_from"]
+
+
+def test_bad_overrides():
+    with pytest.raises(ConfigError):
+        EstimateSource(FakeClock(), cpu_model="x", cpu_tdp_w=0.0, ram_power_w=1.0)
+    with pytest.raises(ConfigError):
+        EstimateSource(FakeClock(), cpu_model="x", cpu_tdp_w=10.0, ram_power_w=-1.0)
+
+
+def test_process_tree_cpu_counts_a_finished_child():
+    tree = ProcessTreeCpu()
+    before = tree()
+    code = "import time\nt=time.process_time()\nwhile time.process_time()-t<0.15: pass\nprint(time.process_time())"
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True)
+    child_cpu_s = float(out.stdout)
+    after = tree()
+    # the child's own CPU time is included (its interpreter start-up too, hence >=)
+    assert after - before >= child_cpu_s - 0.02
+    assert after - before < child_cpu_s + 1.0
+    assert tree() >= after  # never decreases
