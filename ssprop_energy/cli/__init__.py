@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "env": "env",
     "compare": "compare",
     "sweep": "sweep",
+    "flops": "flops",
 }
 
 EXIT_OK = 0

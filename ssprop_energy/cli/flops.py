@@ -1,0 +1,140 @@
+"""``ssprop-energy flops``: the executed FLOPs of one training step of a model, per sample and per layer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ssprop_energy.errors import ConfigError
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "flops",
+        help="count the FLOPs of one training step (forward, backward, per layer), dense and with ssProp",
+        description="Run one real training step under the dispatch-level FLOP counter and print the parameters, "
+        "forward and backward FLOPs and MACs per sample, a per-layer table and the ops outside the convention. "
+        "With --drop-rate > 0 the model's layers are made ssProp and the dense step is shown beside it.",
+    )
+    parser.add_argument("--model", default="resnet18", help="model name from the registry (default resnet18)")
+    parser.add_argument("--input-shape", default="3,32,32", help="one sample's shape C,H,W (default 3,32,32)")
+    parser.add_argument("--num-classes", type=int, default=10, help="number of classes (default 10)")
+    parser.add_argument("--drop-rate", type=float, default=0.0, help="ssProp drop rate in [0, 1) (default 0: dense)")
+    parser.add_argument(
+        "--layers", default="conv", help="layer kinds made ssProp, comma-separated: conv, linear (default conv)"
+    )
+    parser.add_argument("--batch-size", type=int, default=2, help="samples in the counted step (default 2)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """``"3,32,32"`` -> ``(3, 32, 32)``; anything else is a :class:`ConfigError`."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ConfigError(f"--input-shape must be C,H,W integers, got {text!r}") from None
+    if len(shape) != 3 or any(s < 1 for s in shape):
+        raise ConfigError(f"--input-shape must be three positive integers C,H,W, got {text!r}")
+    if shape[1] != shape[2]:
+        raise ConfigError(f"--input-shape: the models take square images, got H={shape[1]}, W={shape[2]}")
+    return shape  # type: ignore[return-value]
+
+
+def collect(
+    model_name: str, shape: tuple[int, int, int], num_classes: int, drop_rate: float, layers: str, batch_size: int
+) -> dict[str, Any]:
+    """Count the step (and the dense step when ``drop_rate > 0``); a JSON-ready dict."""
+    from ssprop_energy.flops import CONVENTION, CONVENTION_DESCRIPTION, FlopMeter
+    from ssprop_energy.models import get_model
+    from ssprop_energy.sparse import sparsify
+    from ssprop_energy.sparse.functional import validate_drop_rate
+
+    drop_rate = validate_drop_rate(drop_rate)
+    kinds = tuple(k.strip() for k in layers.split(",") if k.strip())
+    model = get_model(model_name, num_classes=num_classes, in_channels=shape[0], image_size=shape[1])
+    if drop_rate > 0:
+        sparsify(model, drop_rate=drop_rate, layers=kinds)
+    meter = FlopMeter(model, shape, num_classes, batch_size=batch_size)
+    step = meter.per_sample(drop_rate)
+    dense = meter.per_sample(0.0) if drop_rate > 0 else None
+    result: dict[str, Any] = {
+        "model": model_name,
+        "input_shape": list(shape),
+        "num_classes": num_classes,
+        "drop_rate": drop_rate,
+        "ssprop_layers": list(kinds) if drop_rate > 0 else [],
+        "params": step.params,
+        "convention": CONVENTION,
+        "convention_description": CONVENTION_DESCRIPTION,
+        "step": step.to_dict(),
+        "dense": dense.to_dict() if dense is not None else None,
+    }
+    if dense is not None:
+        result["saving"] = {
+            key: 1.0 - getattr(step, key) / getattr(dense, key) if getattr(dense, key) else 0.0
+            for key in ("forward", "backward", "backward_conv", "total")
+        }
+    return result
+
+
+def _print_text(info: dict[str, Any]) -> None:
+    import pandas as pd
+
+    out = sys.stdout
+    step, dense = info["step"], info["dense"]
+    shape = "x".join(str(s) for s in info["input_shape"])
+    sparse = f"ssProp on {'+'.join(info['ssprop_layers'])} at drop rate {info['drop_rate']:g}" if dense else "dense"
+    out.write(f"model {info['model']}: {info['params']:,} parameters, input {shape}, {info['num_classes']} classes, "
+              f"{sparse}\n")
+    out.write(f"convention: {info['convention']} ({info['convention_description']})\n\n")
+    rows = {
+        "forward": (step["forward"], dense and dense["forward"]),
+        "backward": (step["backward"], dense and dense["backward"]),
+        "  of which conv layers": (step["backward_conv"], dense and dense["backward_conv"]),
+        "total": (step["total"], dense and dense["total"]),
+    }
+    table = pd.DataFrame(
+        {
+            "FLOPs": [v[0] for v in rows.values()],
+            "MACs": [v[0] / 2 for v in rows.values()],
+            **(
+                {
+                    "dense FLOPs": [v[1] for v in rows.values()],
+                    "saving": [f"{1 - v[0] / v[1]:.1%}" if v[1] else "-" for v in rows.values()],
+                }
+                if dense
+                else {}
+            ),
+        },
+        index=list(rows),
+    )
+    out.write("per sample:\n")
+    out.write(table.to_string(float_format=lambda v: f"{v:,.0f}") + "\n\n")
+    layers = pd.DataFrame(step["layers"]).rename(columns={"forward": "FLOPs fwd", "backward": "FLOPs bwd"})
+    if dense:
+        dense_bwd = {row["name"]: row["backward"] for row in dense["layers"]}
+        layers["dense bwd"] = [dense_bwd.get(n, 0.0) for n in layers["name"]]
+    out.write("per layer, per sample:\n")
+    out.write(layers.to_string(index=False, float_format=lambda v: f"{v:,.0f}") + "\n\n")
+    uncounted = step["uncounted_ops"]
+    out.write(f"ran but not counted ({len(uncounted)} ops, outside the convention): {', '.join(uncounted) or 'none'}\n")
+    out.write(f"counted one step of {step['batch_size']} samples in {step['count_wall_s']:.2f} s\n")
+
+
+def run(args: argparse.Namespace) -> int:
+    shape = parse_shape(args.input_shape)
+    if args.num_classes < 1:
+        raise ConfigError(f"--num-classes must be >= 1, got {args.num_classes}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    info = collect(args.model, shape, args.num_classes, args.drop_rate, args.layers, args.batch_size)
+    if args.json:
+        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+    else:
+        _print_text(info)
+    return 0
