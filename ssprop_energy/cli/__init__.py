@@ -31,7 +31,9 @@ COMMANDS: dict[str, str] = {
     "env": "env",
     "compare": "compare",
     "sweep": "sweep",
+    "audit": "audit",
     "flops": "flops",
+    "report": "report",
 }
 
 EXIT_OK = 0

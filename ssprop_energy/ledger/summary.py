@@ -94,7 +94,8 @@ def load_entries(
         e["redacted"] = bool(e["redacted"])
         e["month"] = e["started_at"][:7]
         e["components"] = comps.get(e["id"], [])
-    df = pd.DataFrame(entries, columns=columns)
+    # object columns keep None as None (pandas would turn missing text into NaN, which is truthy)
+    df = pd.DataFrame(entries, columns=columns, dtype=object)
     for col in ("energy_j", "co2_g", "wall_s", "intensity_g_per_kwh", "pue", "cpu_share"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     return df
