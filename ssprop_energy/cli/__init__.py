@@ -33,7 +33,6 @@ COMMANDS: dict[str, str] = {
     "sweep": "sweep",
     "audit": "audit",
     "flops": "flops",
-    "report": "report",
 }
 
 EXIT_OK = 0
