@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -201,3 +204,24 @@ def test_corrupt_ledger_cli_error_and_audit_run_fallback(capsys):
     assert "imported 1 row(s)" in capsys.readouterr().out
     assert ledger.pending_rows(path) == []
     assert list(ledger.load_entries()["exit_code"]) == [5]
+
+
+def test_cli_audit_run_sigterm_records_interrupted(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    child = "import time; print('ready', flush=True); time.sleep(60)"
+    wrapper = subprocess.Popen(
+        [sys.executable, "-m", "ssprop_energy", "audit", "--ledger", str(path), "run", "--meter", "fake",
+         "--carbon-intensity", "100", "--", sys.executable, "-c", child],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=dict(os.environ),
+    )
+    try:
+        assert wrapper.stdout.readline().strip() == b"ready"
+        assert list(ledger.load_entries(path)["status"]) == ["running"]
+        wrapper.send_signal(signal.SIGTERM)
+        assert wrapper.wait(30) == 128 + signal.SIGTERM
+    finally:
+        wrapper.kill()
+        wrapper.wait()
+    assert b"interrupted (exit 143)" in wrapper.stderr.read()
+    row = ledger.load_entries(path).iloc[0]
+    assert row["status"] == "interrupted" and row["exit_code"] == 143 and row["energy_j"] > 0

@@ -21,13 +21,13 @@ from typing import Any
 import pandas as pd
 import psutil
 
+from ssprop_energy.energy import KINDS
 from ssprop_energy.errors import ConfigError
 from ssprop_energy.ledger.db import default_ledger_path, pending_dir
 from ssprop_energy.ledger.entries import import_fallback, pending_rows
 from ssprop_energy.ledger.summary import GROUP_KEYS, export_csv, load_entries, parse_since, summarize
 from ssprop_energy.records import write_text_atomic
 
-METERS = ("auto", "nvml", "rapl", "estimate", "fake")
 
 
 def _since(text: str) -> Any:
@@ -61,8 +61,8 @@ def register(sub: Any) -> argparse.ArgumentParser:
     r = asub.add_parser("run", help="run a command under an energy meter and record it",
                         description="Run CMD, measure its energy, record it in the ledger, exit with its exit code.")
     r.add_argument("--project", help="project to charge (default $SSPROP_ENERGY_PROJECT, else 'default')")
-    r.add_argument("--tag", dest="tags", action="append", default=[], help="a label (repeatable)")
-    r.add_argument("--meter", choices=METERS, default="auto", help="energy source (default auto: the best available)")
+    r.add_argument("--tag", dest="tags", action="append", default=[], metavar="TAG", help="a label (repeatable)")
+    r.add_argument("--meter", choices=KINDS, default="auto", help="energy source (default auto: the best available)")
     r.add_argument("--sample-period", dest="sample_period_s", type=_positive_float, default=0.5,
                    help="power sampling period in s (default 0.5)")
     r.add_argument("--carbon-intensity", type=float, help="grid carbon intensity override, g CO2e/kWh")
