@@ -187,6 +187,8 @@ def run_wrapped(
             proc.returncode = os.waitstatus_to_exitcode(wait_status)
             child_code = _exit_code_from_status(wait_status)
             tree_cpu_s = usage.ru_utime + usage.ru_stime
+        # A signal after the command ended did not interrupt it; it only waits for the row to be written.
+        stopped_by = received[0] if received else None
         try:
             components = list(meter.stop().components)
         except SSPropEnergyError as exc:
@@ -199,8 +201,8 @@ def run_wrapped(
             signal.signal(s, handler)
 
     exit_code = child_code
-    if received:
-        status, exit_code = "interrupted", 128 + received[0]
+    if stopped_by is not None:
+        status, exit_code = "interrupted", 128 + stopped_by
     elif wait_status is not None and os.WIFSIGNALED(wait_status):
         status = "interrupted" if os.WTERMSIG(wait_status) in _STOP_SIGNALS else "failed"
     else:
