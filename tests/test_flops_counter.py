@@ -150,10 +150,10 @@ def test_resnet18_per_layer_attribution_through_residual_branches(resnet18_dense
 
 
 def _fvcore(model: nn.Module, shape: tuple[int, ...], batch: int) -> dict[str, int]:
-    from fvcore.nn import FlopCountAnalysis
-
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # fvcore's import and jit trace warn about torch.jit deprecations
+        from fvcore.nn import FlopCountAnalysis
+
         analysis = FlopCountAnalysis(model, torch.randn(batch, *shape))
         analysis.unsupported_ops_warnings(False)
         analysis.uncalled_modules_warnings(False)
@@ -321,3 +321,17 @@ def test_stock_torch_formula_overcounts_grouped_conv_backward_and_ours_does_not(
     assert stock == 2 * (true_macs // 2 + 8 * true_macs // 2)  # grad_weight counted 8 (= groups) times
     net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Flatten(), nn.Linear(288, 2))
     assert {layer.name: layer for layer in count_step(net, (3, 6, 6), 2).layers}["1"].backward == true_macs
+
+
+def test_totals_equal_the_stock_flop_counter() -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    net = SparseNet(0.8)
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
+    with FlopCounterMode(display=False) as stock:
+        loss = F.cross_entropy(net(x), y)
+        forward = stock.get_total_flops()
+        loss.backward()
+    sf = count_step(net, (3, 8, 8), 5, batch_size=2)
+    assert (2 * sf.forward, 2 * sf.backward) == (forward, stock.get_total_flops() - forward)

@@ -327,7 +327,9 @@ def count_step(
                 counter.phase = "forward"
                 try:
                     loss = loss_fn(model(x), y)
-                except RuntimeError as exc:
+                except torch.OutOfMemoryError:
+                    raise
+                except RuntimeError as exc:  # shape mismatches between the input, the model and the loss
                     raise ConfigError(
                         f"a training step on input shape {shape} with {num_classes} classes failed: {exc}"
                     ) from None
