@@ -13,7 +13,7 @@ import pytest
 from ssprop_energy import ledger
 from ssprop_energy.errors import ConfigError, LedgerError
 from ssprop_energy.ledger import db
-from ssprop_energy.ledger.attribution import AttributedComponent, CpuAttribution
+from ssprop_energy.ledger.attribution import CpuAttribution
 from ssprop_energy.ledger.entries import FALLBACK_FILE
 from ssprop_energy.records import EnergyComponent
 

@@ -24,8 +24,15 @@ The ledger file is ``$SSPROP_ENERGY_LEDGER``, else ``ledger.sqlite`` in the user
 login name and the host name. The ledger stores no environment variables and nothing else the caller did not
 pass; with ``redact=True`` the command keeps only its program name.
 
-Reading: :func:`load_entries` (a pandas DataFrame), :func:`summarize`, :func:`export_csv`,
-:func:`render_ledger_html`. Wrapping any command: :func:`run_wrapped`.
+Statuses are the run records' (:data:`records.RUN_STATUSES`): ``running``, ``complete``, ``failed``,
+``interrupted``. ``finish`` stores ``energy_j`` as the sum of the components and ``energy_source`` as their
+common source (``mixed`` when a measured and an estimated figure are added); a caller's total or CO2 that
+disagrees with the parts is replaced by the parts' figure, with a warning. ``finish(..., attribution=...)``
+and :class:`AttributedComponent` record the machine-wide figure and the share beside an attributed one.
+
+Reading: :func:`load_entries` (a pandas DataFrame), :func:`summarize`, :func:`export_csv`, and
+``ledger.html.render_ledger_html``. Wrapping any command: :func:`run_wrapped` (``ssprop-energy audit run``).
+Rows written as JSON while the ledger was unusable: :func:`pending_rows`, :func:`import_fallback`.
 """
 
 from __future__ import annotations
@@ -40,12 +47,14 @@ from ssprop_energy.ledger.entries import (
     start_entry,
 )
 from ssprop_energy.ledger.summary import export_csv, load_entries, parse_since, summarize
+from ssprop_energy.ledger.wrap import WrapResult, run_wrapped
 
 __all__ = [
     "SCHEMA_VERSION",
     "AttributedComponent",
     "CpuAttribution",
     "LedgerEntry",
+    "WrapResult",
     "attribute",
     "connect",
     "cpu_share",
@@ -57,6 +66,7 @@ __all__ = [
     "pending_dir",
     "pending_rows",
     "redact_command",
+    "run_wrapped",
     "start_entry",
     "summarize",
 ]
