@@ -154,6 +154,9 @@ class _StepCounter(FlopCounterMode):
     """FlopCounterMode that books each executed op under (phase, module) and keeps ops without formula."""
 
     def __init__(self) -> None:
+        if not callable(getattr(FlopCounterMode, "_count_flops", None)):
+            # The override below is this class's only way in; without it every count would read 0.
+            raise RuntimeError(f"torch {torch.__version__}: FlopCounterMode._count_flops is gone; update flops/counter.py")
         super().__init__(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop})
         self.phase = "forward"
         self.forward_stack: list[str] = []
@@ -162,7 +165,7 @@ class _StepCounter(FlopCounterMode):
         self.by_op: dict[str, dict[str, int]] = defaultdict(lambda: {"forward": 0, "backward": 0})
         self.uncounted: set[str] = set()
 
-    def backward_module(self) -> list[str]:
+    def backward_stack(self) -> list[str]:
         stack = getattr(self._tls, "stack", None)
         if stack is None:
             stack = self._tls.stack = []
@@ -170,7 +173,7 @@ class _StepCounter(FlopCounterMode):
 
     def current_module(self) -> str:
         # Autograd may run the backward on a device thread; node hooks and ops of one node share a thread.
-        stack = self.forward_stack if self.phase == "forward" else self.backward_module()
+        stack = self.forward_stack if self.phase == "forward" else self.backward_stack()
         return stack[-1] if stack else OUTSIDE_MODEL
 
     def _count_flops(self, func_packet: Any, out: Any, args: Any, kwargs: Any) -> Any:
@@ -232,12 +235,12 @@ class _Attribution:
 
     def _enter(self, label: str) -> Callable[[Any], None]:
         def hook(grad_outputs: Any) -> None:
-            self.counter.backward_module().append(label)
+            self.counter.backward_stack().append(label)
 
         return hook
 
     def _leave(self, grad_inputs: Any, grad_outputs: Any) -> None:
-        self.counter.backward_module().pop()
+        self.counter.backward_stack().pop()
 
     def remove(self) -> None:
         for handle in self._handles:
