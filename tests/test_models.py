@@ -191,3 +191,17 @@ def test_sparsify_works_on_every_model(name):
         rows = layer.weight.grad.flatten(1)
         zero_rows = int((rows.abs().sum(dim=1) == 0).sum())
         assert zero_rows == layer.weight.shape[0] - keep_count(0.5, layer.weight.shape[0])
+
+
+def test_models_command_lists_counts(capsys):
+    import json
+
+    from ssprop_energy.cli import main
+
+    assert main(["models", "--json", "--in-channels", "1", "--image-size", "28"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert list(rows) == NAMES
+    assert rows["resnet18"]["parameters"] == cifar_resnet_params((2, 2, 2, 2), False, 10, 1)
+    assert rows["mlp"]["parameters"] == (784 * 256 + 256) + (256 * 256 + 256) + (256 * 10 + 10)
+    assert main(["models"]) == 0
+    assert "11,173,962" in capsys.readouterr().out

@@ -33,6 +33,8 @@ COMMANDS: dict[str, str] = {
     "sweep": "sweep",
     "audit": "audit",
     "flops": "flops",
+    "report": "report",
+    "models": "models",
 }
 
 EXIT_OK = 0

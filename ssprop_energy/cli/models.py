@@ -1,0 +1,55 @@
+"""``ssprop-energy models``: the registered models with their parameter counts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "models",
+        help="list the models with their parameter counts",
+        description="List the registered models, what they are, and how many parameters each has for the "
+        "given number of classes, input channels and image size (default: CIFAR-10 shapes).",
+    )
+    parser.add_argument("--num-classes", type=int, default=10, help="output classes (default 10)")
+    parser.add_argument("--in-channels", type=int, default=3, help="input channels (default 3)")
+    parser.add_argument("--image-size", type=int, default=None, help="input size in pixels (default: each model's, 32)")
+    parser.add_argument("--json", action="store_true", help="print a JSON list")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def collect(num_classes: int, in_channels: int, image_size: int | None) -> list[dict[str, Any]]:
+    """One dict per model: name, description, image_size, parameters."""
+    from ssprop_energy.models import count_parameters, get_model, list_models
+
+    rows = []
+    for info in list_models():
+        size = info.default_image_size if image_size is None else image_size
+        model = get_model(info.name, num_classes=num_classes, in_channels=in_channels, image_size=size)
+        rows.append(
+            {
+                "name": info.name,
+                "description": info.description,
+                "image_size": size,
+                "parameters": count_parameters(model),
+            }
+        )
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = collect(args.num_classes, args.in_channels, args.image_size)
+    if args.json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return 0
+    out = sys.stdout
+    out.write(f"models for {args.num_classes} classes, {args.in_channels} input channel(s):\n")
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        out.write(f"  {r['name']:<{width}}  {r['parameters']:>12,d} params @ {r['image_size']}px  {r['description']}\n")
+    return 0
