@@ -101,6 +101,12 @@ def _ledger(args: argparse.Namespace) -> Path:
     return args.ledger if args.ledger is not None else default_ledger_path()
 
 
+def _nothing(args: argparse.Namespace, ledger: Path) -> str:
+    if args.since is not None or args.project is not None:
+        return f"no runs in {ledger} match the filters"
+    return f"no runs recorded in {ledger}"
+
+
 def _pending_note(ledger: Path) -> None:
     pending = pending_rows(ledger)
     if pending:
@@ -178,7 +184,7 @@ def list_command(args: argparse.Namespace) -> int:
     if args.limit > 0:
         df = df.tail(args.limit)
     if df.empty:
-        print(f"no runs recorded in {ledger}")
+        print(_nothing(args, ledger))
     else:
         here = socket.gethostname()
         rows = []
@@ -208,7 +214,7 @@ def summary_command(args: argparse.Namespace) -> int:
     ledger = _ledger(args)
     df = load_entries(ledger, since=args.since, project=args.project)
     if df.empty:
-        print(f"no runs recorded in {ledger}")
+        print(_nothing(args, ledger))
         _pending_note(ledger)
         return 0
 

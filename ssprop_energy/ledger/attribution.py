@@ -11,7 +11,9 @@ per-process meters use. GPU components are per device and are kept whole: a proc
 be read from CPU time.
 
 The tree's CPU seconds come from ``wait4`` on the child (its own time plus every descendant it waited
-for); the machine's from ``/proc/stat`` through :func:`psutil.cpu_times`.
+for); the machine's from ``/proc/stat`` through :func:`psutil.cpu_times`. A descendant that outlives the
+command or is never waited for (a daemon that detaches) is not charged to it: its work counts as someone
+else's. Both figures are kept in the ledger row (``tree_cpu_s``, ``machine_cpu_s``, ``cpu_share``).
 """
 
 from __future__ import annotations
