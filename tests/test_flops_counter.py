@@ -98,7 +98,8 @@ def test_model_is_left_as_found() -> None:
 
 
 @pytest.mark.parametrize(
-    ("shape", "classes", "batch"), [((3, 0, 6), 5, 2), ((), 5, 2), (("a", 6), 5, 2), ((3, 6, 6), 0, 2), ((3, 6, 6), 5, 0)]
+    ("shape", "classes", "batch"),
+    [((3, 0, 6), 5, 2), ((), 5, 2), (("a", 6), 5, 2), ((3, 6, 6), 0, 2), ((3, 6, 6), 5, 0)],
 )
 def test_bad_configuration_is_a_config_error(shape: Any, classes: int, batch: int) -> None:
     with pytest.raises(ConfigError):
@@ -205,7 +206,10 @@ def test_ssprop_backward_matches_the_formula(drop_rate: float) -> None:
     k1, k2, kf = (fm.kept_channels(c, drop_rate) for c in (10, 12, 5))
     expected = {
         # the first layer: grad_weight only, on k1 of 10 channels
-        "conv1": (fm.conv2d_forward_macs(1, 3, 10, (8, 8), (3, 3)), fm.conv2d_backward_macs(1, 3, k1, (8, 8), (3, 3), grad_input=False)),
+        "conv1": (
+            fm.conv2d_forward_macs(1, 3, 10, (8, 8), (3, 3)),
+            fm.conv2d_backward_macs(1, 3, k1, (8, 8), (3, 3), grad_input=False),
+        ),
         "conv2": (fm.conv2d_forward_macs(1, 10, 12, (4, 4), (3, 3)), fm.conv2d_backward_macs(1, 10, k2, (4, 4), (3, 3))),
         "fc": (fm.linear_forward_macs(1, 192, 5), fm.linear_backward_macs(1, 192, kf)),
     }
@@ -226,7 +230,8 @@ def test_ssprop_linear_on_token_inputs_counts_every_row() -> None:
                         nn.Flatten(), nn.Linear(4 * 6, 3))
     sf = count_step(net, (4, 8), 3)  # 4 tokens of 8 features per sample
     layers = {layer.name: layer for layer in sf.layers}
-    assert (layers["0"].forward, layers["0"].backward) == (2 * 4 * 8 * 10, 2 * fm.linear_backward_macs(4, 8, 2, grad_input=False))
+    first = (2 * 4 * 8 * 10, 2 * fm.linear_backward_macs(4, 8, 2, grad_input=False))  # no grad_input
+    assert (layers["0"].forward, layers["0"].backward) == first
     assert (layers["2"].forward, layers["2"].backward) == (2 * 4 * 10 * 6, 2 * fm.linear_backward_macs(4, 10, 1))
 
 

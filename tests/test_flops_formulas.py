@@ -30,7 +30,8 @@ def test_linear_macs_by_hand() -> None:
 
 
 @pytest.mark.parametrize(
-    ("size", "kernel", "stride", "padding", "expected"), [(32, 3, 1, 1, 32), (32, 3, 2, 1, 16), (6, 3, 2, 0, 2), (32, 1, 2, 0, 16)]
+    ("size", "kernel", "stride", "padding", "expected"),
+    [(32, 3, 1, 1, 32), (32, 3, 2, 1, 16), (6, 3, 2, 0, 2), (32, 1, 2, 0, 16)],
 )
 def test_conv_output_size(size: int, kernel: int, stride: int, padding: int, expected: int) -> None:
     assert fm.conv_output_size(size, kernel, stride, padding) == expected

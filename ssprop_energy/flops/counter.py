@@ -156,7 +156,9 @@ class _StepCounter(FlopCounterMode):
     def __init__(self) -> None:
         if not callable(getattr(FlopCounterMode, "_count_flops", None)):
             # The override below is this class's only way in; without it every count would read 0.
-            raise RuntimeError(f"torch {torch.__version__}: FlopCounterMode._count_flops is gone; update flops/counter.py")
+            raise RuntimeError(
+                f"torch {torch.__version__}: FlopCounterMode._count_flops is gone; update flops/counter.py"
+            )
         super().__init__(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flop})
         self.phase = "forward"
         self.forward_stack: list[str] = []

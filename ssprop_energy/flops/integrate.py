@@ -197,7 +197,8 @@ class FlopMeter:
         """
         if total_epochs < 0 or n_samples < 0 or batch_size < 1:
             raise ConfigError(
-                f"need total_epochs >= 0, n_samples >= 0, batch_size >= 1; got {total_epochs}, {n_samples}, {batch_size}"
+                "need total_epochs >= 0, n_samples >= 0, batch_size >= 1; "
+                f"got {total_epochs}, {n_samples}, {batch_size}"
             )
         sizes = [batch_size] * (n_samples // batch_size)
         if n_samples % batch_size and not drop_last:
