@@ -79,6 +79,11 @@ def test_interleaved_schedule_integrates_dense_and_sparse_epochs() -> None:
     assert run.flops_forward == 40 * dense.forward
     assert run.flops_backward_conv == 20 * (dense.backward_conv + sparse.backward_conv)
     assert run.mean_drop_rate == pytest.approx(0.4)
+    layers = {layer.name: layer for layer in run.layers}
+    for d, s in zip(dense.layers, sparse.layers):
+        assert layers[d.name].forward == 20 * (d.forward + s.forward)
+        assert layers[d.name].backward == 20 * (d.backward + s.backward)
+    assert sum(layer.backward for layer in run.layers) == run.flops_backward
     dense_run = meter.for_schedule(DropSchedule.from_name("constant", drop_rate=0.0, total_epochs=4), 4, 10, 4)
     saving = run.saving_vs(dense_run)
     assert saving["forward"] == 0.0

@@ -61,7 +61,10 @@ ZERO_COST_OPS = frozenset(
 
 @dataclass(frozen=True)
 class LayerFlops:
-    """Counted FLOPs of one module per sample (ops run by the module itself, not by its children)."""
+    """Counted FLOPs of one module: ops run by the module itself, not by its children.
+
+    Per sample in :class:`StepFlops`; summed over the run in ``RunFlops.layers``.
+    """
 
     name: str
     type: str

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from ssprop_energy.errors import ConfigError
-from ssprop_energy.flops.counter import StepFlops, count_step
+from ssprop_energy.flops.counter import LayerFlops, StepFlops, count_step
 from ssprop_energy.sparse.convert import ssprop_layers
 from ssprop_energy.sparse.functional import keep_count, validate_drop_rate
 
@@ -54,9 +54,15 @@ class EpochFlops:
 
 @dataclass(frozen=True)
 class RunFlops:
-    """Counted FLOPs of a whole run, per epoch and in total."""
+    """Counted FLOPs of a whole run, per epoch and in total.
+
+    Attributes:
+        epochs: one entry per epoch.
+        layers: per-module FLOPs summed over the whole run (the rows of a run's ``layers.csv``).
+    """
 
     epochs: list[EpochFlops]
+    layers: list[LayerFlops]
 
     @property
     def flops_forward(self) -> float:
@@ -104,6 +110,17 @@ def _config_key(layer: nn.Module, drop_rate: float) -> tuple[object, ...]:
         return ("rate", drop_rate)
     channels = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features  # type: ignore[union-attr]
     return (drop_rate == 0.0, keep_count(drop_rate, int(channels)))
+
+
+def _layer_totals(by_rate: dict[float, StepFlops], samples_at: dict[float, int]) -> list[LayerFlops]:
+    """Per-module FLOPs over a run: each rate's per-sample layer counts times the samples run at it."""
+    totals: dict[str, list[Any]] = {}
+    for rate, step in by_rate.items():
+        for layer in step.layers:
+            row = totals.setdefault(layer.name, [layer.type, 0.0, 0.0])
+            row[1] += layer.forward * samples_at[rate]
+            row[2] += layer.backward * samples_at[rate]
+    return [LayerFlops(name, kind, fwd, bwd) for name, (kind, fwd, bwd) in totals.items()]
 
 
 class FlopMeter:
@@ -205,6 +222,7 @@ class FlopMeter:
             sizes.append(n_samples % batch_size)
         epochs = []
         by_rate: dict[float, StepFlops] = {}  # a run has ~1e5 batches but few distinct rates
+        samples_at: dict[float, int] = {}
         for epoch in range(total_epochs):
             fwd = bwd = bwd_conv = rate_sum = 0.0
             for iteration, size in enumerate(sizes):
@@ -216,8 +234,9 @@ class FlopMeter:
                 bwd += step.backward * size
                 bwd_conv += step.backward_conv * size
                 rate_sum += rate * size
+                samples_at[rate] = samples_at.get(rate, 0) + size
             samples = sum(sizes)
             epochs.append(
                 EpochFlops(epoch, samples, rate_sum / samples if samples else 0.0, fwd, bwd, bwd_conv)
             )
-        return RunFlops(epochs)
+        return RunFlops(epochs, _layer_totals(by_rate, samples_at))
