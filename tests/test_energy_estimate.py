@@ -7,6 +7,7 @@ import importlib.resources
 import logging
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -92,3 +93,18 @@ def test_process_tree_cpu_counts_a_finished_child():
     assert after - before >= child_cpu_s - 0.02
     assert after - before < child_cpu_s + 1.0
     assert tree() >= after  # never decreases
+
+
+def test_estimate_meter_charges_this_process_cpu_time():
+    meter = open_meter("estimate", sample_period_s=0.02, sync=None,
+                       estimate_options=dict(cpu_model="x", cpu_tdp_w=100.0, ram_power_w=0.0, logical_cpus=2))
+    meter.start()
+    c0 = time.process_time()
+    with meter.window("busy"):
+        while time.process_time() - c0 < 0.2:
+            pass
+    busy_cpu_s = time.process_time() - c0
+    rep = meter.stop()
+    # 100 W over 2 CPUs: 50 J per CPU-second; the sampler thread's own time adds a little
+    assert rep.windows["busy"]["energy_j"] == pytest.approx(50.0 * busy_cpu_s, rel=0.05)
+    assert rep.component("cpu").energy_j >= rep.windows["busy"]["energy_j"]

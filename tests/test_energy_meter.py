@@ -259,3 +259,23 @@ def test_sync_called_at_each_window_edge_and_torch_not_imported():
         m2.start()
         m2.stop()
         assert "torch" not in sys.modules
+
+
+def test_default_fake_channels_look_like_real_hardware():
+    clock = FakeClock()
+    meter = open_meter("fake", clock=clock, background=False, sync=None)
+    assert [(c["component"], c["source"]) for c in meter.describe()["components"]] == [
+        ("gpu:0", "counter"), ("cpu", "sampled")]
+    meter.start()
+    run_for(meter, clock, 2.0)  # one whole period of the default 150 +/- 50 W, 2 s sine
+    rep = meter.stop()
+    assert rep.component("gpu:0").energy_j == pytest.approx(300.0, rel=1e-9)
+    assert rep.component("cpu").energy_j == pytest.approx(60.0, rel=1e-9)
+
+
+def test_energy_package_does_not_import_torch():
+    import subprocess
+
+    code = ("import sys, ssprop_energy.energy as e; m = e.open_meter('fake', background=False); m.start(); "
+            "m.stop(); sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
