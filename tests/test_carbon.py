@@ -72,3 +72,13 @@ def test_list_countries_matches_the_file():
     rows = list_countries()
     assert [r["code"] for r in rows] == sorted(mix)
     assert next(r for r in rows if r["code"] == "IND")["g_per_kwh"] == mix["IND"]["carbon_intensity"]
+
+
+def test_missing_codecarbon_needs_an_override(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "codecarbon", None)
+    monkeypatch.setitem(sys.modules, "codecarbon.input", None)
+    with pytest.raises(ConfigError, match="pip install codecarbon"):
+        resolve_intensity("FRA")
+    assert resolve_intensity(override_g_per_kwh=300.0).g_per_kwh == 300.0

@@ -108,3 +108,14 @@ def test_estimate_meter_charges_this_process_cpu_time():
     # 100 W over 2 CPUs: 50 J per CPU-second; the sampler thread's own time adds a little
     assert rep.windows["busy"]["energy_j"] == pytest.approx(50.0 * busy_cpu_s, rel=0.05)
     assert rep.component("cpu").energy_j >= rep.windows["busy"]["energy_j"]
+
+
+def test_missing_codecarbon_is_unavailable_unless_overridden(monkeypatch):
+    from ssprop_energy.errors import MeterUnavailableError
+
+    monkeypatch.setitem(sys.modules, "codecarbon", None)
+    with pytest.raises(MeterUnavailableError, match="pip install codecarbon"):
+        open_meter("estimate", background=False, estimate_options=dict(cpu_model="x", logical_cpus=1))
+    meter = open_meter("estimate", background=False,
+                       estimate_options=dict(cpu_model="x", cpu_tdp_w=10.0, ram_power_w=1.0, logical_cpus=1))
+    meter.close()

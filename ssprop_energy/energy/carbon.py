@@ -40,8 +40,14 @@ class CarbonIntensity:
 
 
 def _codecarbon_data() -> tuple[dict[str, Any], dict[str, Any], str]:
-    import codecarbon
-    from codecarbon.input import DataSource
+    try:
+        import codecarbon
+        from codecarbon.input import DataSource
+    except ImportError:
+        raise ConfigError(
+            "carbon intensity: codecarbon (which ships the country data) is not installed; "
+            "`pip install codecarbon`, or give the intensity in g CO2e/kWh"
+        ) from None
 
     data = DataSource()
     version = str(getattr(codecarbon, "__version__", "unknown"))

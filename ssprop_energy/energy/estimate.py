@@ -27,7 +27,7 @@ from typing import Any, Callable
 import psutil
 
 from ssprop_energy.energy.base import ComponentSpec, PowerSource
-from ssprop_energy.errors import ConfigError
+from ssprop_energy.errors import ConfigError, MeterUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -50,17 +50,23 @@ def cpu_model_name() -> str | None:
 
 
 def codecarbon_version() -> str:
-    import codecarbon
-
+    """The installed codecarbon's version; its absence is a :class:`MeterUnavailableError` naming the fix."""
+    try:
+        import codecarbon
+    except ImportError:
+        raise MeterUnavailableError(
+            "estimate: codecarbon (the CPU table and RAM model) is not installed; `pip install codecarbon`, "
+            "or give the CPU TDP and RAM power yourself"
+        ) from None
     return str(getattr(codecarbon, "__version__", "unknown"))
 
 
 def lookup_tdp(model: str | None, logical_cpus: int) -> tuple[float, str]:
     """CPU TDP (W) for ``model`` from codecarbon's table, and a sentence saying where it came from."""
+    version = codecarbon_version()
     from codecarbon.core.cpu import DEFAULT_POWER_PER_CORE, TDP
     from codecarbon.external.hardware import POWER_CONSTANT
 
-    version = codecarbon_version()
     if not model:
         logger.warning("CPU model unknown; using codecarbon's constant of %s W", POWER_CONSTANT)
         return float(POWER_CONSTANT), f"codecarbon {version} POWER_CONSTANT (CPU model unknown)"
@@ -88,10 +94,11 @@ def lookup_tdp(model: str | None, logical_cpus: int) -> tuple[float, str]:
 
 def ram_power_codecarbon() -> tuple[float, str]:
     """RAM power (W) of this process tree by codecarbon's RAM model, and where it came from."""
+    version = codecarbon_version()
     from codecarbon.external.ram import RAM
 
     power_w = float(RAM(tracking_mode="process").total_power().W)
-    return power_w, f"codecarbon {codecarbon_version()} RAM(tracking_mode='process').total_power()"
+    return power_w, f"codecarbon {version} RAM(tracking_mode='process').total_power()"
 
 
 class ProcessTreeCpu:
