@@ -210,7 +210,10 @@ def test_ssprop_backward_matches_the_formula(drop_rate: float) -> None:
             fm.conv2d_forward_macs(1, 3, 10, (8, 8), (3, 3)),
             fm.conv2d_backward_macs(1, 3, k1, (8, 8), (3, 3), grad_input=False),
         ),
-        "conv2": (fm.conv2d_forward_macs(1, 10, 12, (4, 4), (3, 3)), fm.conv2d_backward_macs(1, 10, k2, (4, 4), (3, 3))),
+        "conv2": (
+            fm.conv2d_forward_macs(1, 10, 12, (4, 4), (3, 3)),
+            fm.conv2d_backward_macs(1, 10, k2, (4, 4), (3, 3)),
+        ),
         "fc": (fm.linear_forward_macs(1, 192, 5), fm.linear_backward_macs(1, 192, kf)),
     }
     layers = {layer.name: layer for layer in sf.layers}
