@@ -146,22 +146,31 @@ def cifar_batch(indices: range, labels: list[int], label_key: str, bytes_keys: b
     return pickle.dumps(batch, protocol=2)
 
 
-def make_cifar_tarball(dataset: str, n_per_batch: int, bytes_keys: bool = False) -> tuple[bytes, list[int], list[int]]:
+def make_cifar_tarball(
+    dataset: str, n_per_batch: int, bytes_keys: bool = False, skip: str = ""
+) -> tuple[bytes, list[int], list[int]]:
+    """A CIFAR python tarball. Members are stored in reverse order with a readme between them, as the
+    published archives store their batches out of order too."""
     folder, train_members, test_members, label_key, num_classes = cifar.CIFAR_LAYOUT[dataset]
-    buf = io.BytesIO()
     train_labels: list[int] = []
     test_labels: list[int] = []
+    entries: list[tuple[str, bytes]] = []
     k = 0
+    for members, labels in ((train_members, train_labels), (test_members, test_labels)):
+        for member in members:
+            batch_labels = [(k + i) % num_classes for i in range(n_per_batch)]
+            entries.append((member, cifar_batch(range(k, k + n_per_batch), batch_labels, label_key, bytes_keys)))
+            labels += batch_labels
+            k += n_per_batch
+    entries.insert(1, ("readme.html", b"<html></html>"))
+    buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for members, labels in ((train_members, train_labels), (test_members, test_labels)):
-            for member in members:
-                batch_labels = [(k + i) % num_classes for i in range(n_per_batch)]
-                data = cifar_batch(range(k, k + n_per_batch), batch_labels, label_key, bytes_keys)
-                info = tarfile.TarInfo(f"{folder}/{member}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-                labels += batch_labels
-                k += n_per_batch
+        for member, data in reversed(entries):
+            if member == skip:
+                continue
+            info = tarfile.TarInfo(f"{folder}/{member}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
     return buf.getvalue(), train_labels, test_labels
 
 
@@ -406,3 +415,29 @@ def test_published_checksums_are_the_torchvision_values():
     )
     assert cifar.CIFAR_DATASETS["cifar10"].md5 == "c58f30108f718f92721af3b95e74349a"
     assert cifar.CIFAR_DATASETS["cifar100"].md5 == "eb9058c3a382ffc7106e4002c42a8d85"
+
+
+def test_cifar_missing_member_is_named(tmp_path):
+    body, _, _ = make_cifar_tarball("cifar10", n_per_batch=2, skip="data_batch_3")
+    path = tmp_path / "c.tar.gz"
+    path.write_bytes(body)
+    with pytest.raises(DataError, match="data_batch_3 missing"):
+        cifar.read_cifar_tarball(path, "cifar10")
+
+
+def test_concurrent_fetches_download_once(server, tmp_path):
+    url, state = server
+    body = os.urandom(200_000)
+    state.files["/d/f.bin"] = body
+    remote = RemoteFile("f.bin", md5(body), ())
+    results: list[Path] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(ensure_file("d", remote, tmp_path, mirror=url)))
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [tmp_path / "d" / "f.bin"] * 3
+    assert state.requests == [("/d/f.bin", None)]

@@ -89,23 +89,22 @@ def _key(batch: dict[Any, Any], key: str) -> Any:
     raise KeyError(key)
 
 
-def _read_batch(tar: tarfile.TarFile, member: str, label_key: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        fh = tar.extractfile(member)
-    except KeyError as exc:
-        raise DataError(f"{path}: member {member} missing from the tarball") from exc
+def _read_batch(
+    tar: tarfile.TarFile, member: tarfile.TarInfo, label_key: str, path: Path
+) -> tuple[np.ndarray, np.ndarray]:
+    fh = tar.extractfile(member)
     if fh is None:
-        raise DataError(f"{path}: member {member} is not a file")
+        raise DataError(f"{path}: member {member.name} is not a file")
     try:
         batch = _ArrayUnpickler(io.BytesIO(fh.read()), encoding="latin1").load()
         data = np.asarray(_key(batch, "data"))
         labels = np.asarray(_key(batch, label_key), dtype=np.int64)
     except (pickle.UnpicklingError, KeyError, EOFError, ValueError, TypeError, AttributeError) as exc:
-        raise DataError(f"{path}: member {member} is not a CIFAR batch ({type(exc).__name__}: {exc})") from exc
+        raise DataError(f"{path}: member {member.name} is not a CIFAR batch ({type(exc).__name__}: {exc})") from exc
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise DataError(f"{path}: member {member}: data is {data.dtype} {data.shape}, expected uint8 (N, 3072)")
+        raise DataError(f"{path}: member {member.name}: data is {data.dtype} {data.shape}, expected uint8 (N, 3072)")
     if labels.shape != (data.shape[0],):
-        raise DataError(f"{path}: member {member}: {labels.shape[0]} labels for {data.shape[0]} images")
+        raise DataError(f"{path}: member {member.name}: {labels.shape[0]} labels for {data.shape[0]} images")
     return data.reshape(-1, 3, 32, 32), labels
 
 
@@ -121,14 +120,21 @@ def read_cifar_tarball(
     """
     path = Path(path)
     folder, train_members, test_members, label_key, num_classes = CIFAR_LAYOUT[dataset]
+    wanted = {f"{folder}/{m}" for m in (*train_members, *test_members)}
+    found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     try:
         with tarfile.open(path, "r:gz") as tar:
-            parts = [
-                [_read_batch(tar, f"{folder}/{m}", label_key, path) for m in members]
-                for members in (train_members, test_members)
-            ]
+            # One pass in archive order: the published tarballs store the batches shuffled, and asking a
+            # gzip stream for an earlier member decompresses it again from the start.
+            for info in tar:
+                if info.name in wanted:
+                    found[info.name] = _read_batch(tar, info, label_key, path)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: unreadable tarball ({exc})") from exc
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise DataError(f"{path}: member(s) {', '.join(missing)} missing from the tarball")
+    parts = [[found[f"{folder}/{m}"] for m in members] for members in (train_members, test_members)]
     out: list[np.ndarray] = []
     for batches in parts:
         images = np.concatenate([b[0] for b in batches])

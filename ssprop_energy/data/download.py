@@ -9,6 +9,7 @@ A file already at ``NAME`` is verified again before every use.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import logging
@@ -18,6 +19,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from ssprop_energy import __version__
 from ssprop_energy.errors import ChecksumError, DataError, DownloadError
@@ -100,16 +102,38 @@ def ensure_file(
         return dest
     if not download:
         raise DataError(f"{dest} is missing and downloading is off; place the published file there")
-    failures = []
-    for url in mirror_urls(dataset, remote, mirror):
-        try:
-            return download_file(url, dest, remote.md5, attempts=attempts, timeout_s=timeout_s)
-        except ChecksumError:
-            raise
-        except DownloadError as exc:
-            failures.append(str(exc))
-            log.warning("%s", exc)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(dest.with_name(dest.name + ".lock")):
+        if dest.exists():  # another process finished it while we waited for the lock
+            verify_file(dest, remote.md5)
+            return dest
+        failures = []
+        for url in mirror_urls(dataset, remote, mirror):
+            try:
+                return download_file(url, dest, remote.md5, attempts=attempts, timeout_s=timeout_s)
+            except ChecksumError:
+                raise
+            except DownloadError as exc:
+                failures.append(str(exc))
+                log.warning("%s", exc)
     raise DownloadError(f"could not download {remote.filename}: " + " | ".join(failures))
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path``: parallel runs (a sweep started as several processes)
+    must not append to the same ``.part``. Where ``fcntl`` does not exist (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def download_file(
