@@ -149,8 +149,8 @@ def cifar_batch(indices: range, labels: list[int], label_key: str, bytes_keys: b
 def make_cifar_tarball(
     dataset: str, n_per_batch: int, bytes_keys: bool = False, skip: str = ""
 ) -> tuple[bytes, list[int], list[int]]:
-    """A CIFAR python tarball. Members are stored in reverse order with a readme between them, as the
-    published archives store their batches out of order too."""
+    """A CIFAR python tarball, its members stored in reverse order with a readme among them: the reader
+    must not depend on the archive's member order."""
     folder, train_members, test_members, label_key, num_classes = cifar.CIFAR_LAYOUT[dataset]
     train_labels: list[int] = []
     test_labels: list[int] = []

@@ -124,8 +124,8 @@ def read_cifar_tarball(
     found: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     try:
         with tarfile.open(path, "r:gz") as tar:
-            # One pass in archive order: the published tarballs store the batches shuffled, and asking a
-            # gzip stream for an earlier member decompresses it again from the start.
+            # One pass in archive order, whatever order the archive keeps the batches in: asking a gzip
+            # stream for an earlier member would decompress it again from the start.
             for info in tar:
                 if info.name in wanted:
                     found[info.name] = _read_batch(tar, info, label_key, path)
