@@ -1,0 +1,445 @@
+"""The self-contained HTML report: inline CSS, figures as ``data:`` URIs, no script, no external request.
+
+A Content-Security-Policy meta tag forbids every network load, so a report that tried to reach a CDN
+would show it as a console error instead of silently working online only. Headline values carry
+``data-metric``/``data-value`` attributes with the full-precision number, so tests (and scripts) can
+check what the page says against the record.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from importlib import resources
+from typing import Any, Callable, Iterable
+
+import pandas as pd
+
+from ssprop_energy import __version__
+from ssprop_energy.records import CONFIG_FILE, EPOCHS_FILE, LAYERS_FILE, SUMMARY_FILE, TRACE_FILE
+from ssprop_energy.report import text as T
+from ssprop_energy.report.figures import FigureData, run_figures
+from ssprop_energy.report.load import Run, arm_table, repeat_count
+from ssprop_energy.report.savings import ArmComparison, Saving, comparisons, estimated_fraction, pareto_front
+
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+PAPER = {
+    "setting": "drop 0.8 on alternate epochs (average drop 0.4)",
+    "conv_backward_frac": 0.40,
+    "whole_step_frac": 0.27,
+}
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _css() -> str:
+    return resources.files("ssprop_energy.report").joinpath("style.css").read_text(encoding="utf-8")
+
+
+def _attr_num(value: float | None) -> str:
+    return "" if value is None or not math.isfinite(value) else repr(float(value))
+
+
+# ------------------------------------------------------------------------------------------ headline
+
+
+def _card(label: str, value: str, detail: str, cls: str, metric: str, number: float,
+          ci: tuple[float, float] | None, arm: str) -> str:
+    ci_attrs = f' data-ci-low="{_attr_num(ci[0])}" data-ci-high="{_attr_num(ci[1])}"' if ci else ""
+    return (
+        f'<div class="card"><div class="label">{_e(label)}</div>'
+        f'<div class="value {cls}" data-metric="{metric}" data-arm="{_e(arm)}" data-value="{_attr_num(number)}"'
+        f"{ci_attrs}>{_e(value)}</div><div class=\"detail\">{detail}</div></div>"
+    )
+
+
+def _saving_class(s: Saving) -> str:
+    if not math.isfinite(s.saved_frac) or s.ci_frac is None:
+        return ""
+    if s.ci_spans_zero:
+        return "noise"
+    return "good" if s.saved_frac > 0 else "bad"
+
+
+def _ci_detail(s: Saving) -> str:
+    if s.ci_frac is not None:
+        note = " (includes 0: noise)" if s.ci_spans_zero else ""
+        return f"{T.fmt_ci_pct(s.ci_frac, s.ci_level)}{note}, {s.n_pairs} pairs"
+    if s.source == "counted":
+        return "counted, exact"
+    return "single pair: no interval"
+
+
+def _saving_card(label: str, s: Saving, fmt: Callable[[float], str], metric: str, arm: str) -> str:
+    detail = f"{_e(fmt(s.baseline))} &rarr; {_e(fmt(s.value))}<br>{_e(_ci_detail(s))}"
+    if s.source not in ("counted", "measured"):
+        detail += f"<br>source: <b>{_e(s.source)}</b>"
+    return _card(label, T.less_or_more(s.saved_frac), detail, _saving_class(s), metric, s.saved_frac, s.ci_frac, arm)
+
+
+def _accuracy_card(c: ArmComparison) -> str:
+    a = c.accuracy
+    if a.ci is None:
+        cls, ci_text = "", "single pair: no interval" if a.n_pairs < 2 else "no interval recorded"
+    else:
+        cls = "noise" if a.ci_spans_zero else ("good" if a.diff > 0 else "bad")
+        ci_text = f"{T.fmt_ci_pp(a.ci, a.ci_level, 2)}{' (includes 0: noise)' if a.ci_spans_zero else ''}, {a.n_pairs} pairs"
+    detail = f"{_e(T.fmt_pct(a.baseline, 2))} &rarr; {_e(T.fmt_pct(a.value, 2))}<br>{_e(ci_text)}"
+    return _card("Test accuracy difference", T.fmt_pp(a.diff, 2), detail, cls, "accuracy_diff", a.diff, a.ci, c.arm)
+
+
+def _cards(c: ArmComparison) -> str:
+    flops = lambda v: T.fmt_si(v, "FLOP")  # noqa: E731 - a formatter, named for reading
+    return '<div class="cards">' + "".join([
+        _saving_card("Energy saved", c.energy, T.fmt_energy, "energy_saved_frac", c.arm),
+        _saving_card("CO2 saved", c.co2, T.fmt_co2, "co2_saved_frac", c.arm),
+        _saving_card("Time saved", c.time, T.fmt_seconds, "time_saved_frac", c.arm),
+        _saving_card("Backward FLOPs saved", c.flops_backward, flops, "flops_backward_saved_frac", c.arm),
+        _accuracy_card(c),
+    ]) + "</div>"
+
+
+def _cell(text: str, metric: str, arm: str, number: float, cls: str = "") -> str:
+    return (f'<td class="{cls}" data-metric="{metric}" data-arm="{_e(arm)}" '
+            f'data-value="{_attr_num(number)}">{_e(text)}</td>')
+
+
+def _with_ci(s: Saving) -> str:
+    text = T.less_or_more(s.saved_frac)
+    if s.ci_frac is not None:
+        text += f" [{T.fmt_pct(s.ci_frac[0])}, {T.fmt_pct(s.ci_frac[1])}]"
+    return text
+
+
+def _sweep_table(run: Run, comps: list[ArmComparison]) -> str:
+    head = ("<tr><th>arm</th><th>drop rate</th><th>avg drop</th><th>energy</th><th>CO2</th><th>time</th>"
+            "<th>backward FLOPs</th><th>test accuracy</th></tr>")
+    rows = []
+    for c in comps:
+        arm = run.arms[c.arm]
+        acc = T.fmt_pp(c.accuracy.diff, 2)
+        if c.accuracy.ci is not None:
+            acc += f" [{T.fmt_pp(c.accuracy.ci[0], 2)}, {T.fmt_pp(c.accuracy.ci[1], 2)}]"
+        rows.append(
+            f'<tr><td class="name">{_e(c.arm)}</td><td>{arm.drop_rate:g} ({_e(arm.schedule)})</td><td>{c.average_drop_rate:.2f}</td>'
+            + _cell(_with_ci(c.energy), "energy_saved_frac", c.arm, c.energy.saved_frac, _saving_class(c.energy))
+            + _cell(_with_ci(c.co2), "co2_saved_frac", c.arm, c.co2.saved_frac, _saving_class(c.co2))
+            + _cell(_with_ci(c.time), "time_saved_frac", c.arm, c.time.saved_frac, _saving_class(c.time))
+            + _cell(T.less_or_more(c.flops_backward.saved_frac), "flops_backward_saved_frac", c.arm,
+                    c.flops_backward.saved_frac)
+            + _cell(acc, "accuracy_diff", c.arm, c.accuracy.diff)
+            + "</tr>"
+        )
+    ci_note = ""
+    if any(c.energy.ci_frac for c in comps):
+        ci_note = f" Brackets: {comps[0].energy.ci_level:.0%} paired confidence interval."
+    return (f'<p class="sub">Savings against {_e(run.baseline_name)} (less = saved; accuracy in percentage '
+            f"points).{ci_note}</p><table><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def _headline(run: Run, comps: list[ArmComparison]) -> str:
+    if not comps:
+        return ('<p class="note">No comparison: the run has no baseline arm '
+                f"({_e(run.summary.baseline)!s}) or no sparse arm.</p>")
+    energy_source = T.estimate_source(run)
+    if len(comps) == 1:
+        c = comps[0]
+        return (_cards(c) + f'<p class="verdict" data-verdict="{_e(c.arm)}">{_e(T.verdict(c, energy_source))}</p>'
+                + _few_pairs(comps))
+    verdicts = "".join(
+        f'<li data-verdict="{_e(c.arm)}">{_e(T.verdict(c, energy_source))}</li>' for c in comps
+    )
+    points = [(n, a.energy_j, a.test_accuracy) for n, a in run.arms.items() if math.isfinite(a.test_accuracy)]
+    front = pareto_front(points)
+    return (
+        _sweep_table(run, comps)
+        + f'<p class="verdict">Energy-accuracy Pareto front (no other arm has less energy and higher accuracy): '
+        f"<b>{_e(', '.join(front))}</b>.</p><ul class=\"verdicts\">{verdicts}</ul>" + _few_pairs(comps)
+    )
+
+
+def _few_pairs(comps: list[ArmComparison]) -> str:
+    note = T.few_pairs_note(comps)
+    return f'<p class="note">{_e(note)}</p>' if note else ""
+
+
+# ------------------------------------------------------------------------------------------ paper claim
+
+
+def _paper_table(run: Run, comps: list[ArmComparison]) -> str:
+    head = ("<tr><th>setting</th><th>average drop</th><th>conv-backward FLOPs saved</th>"
+            "<th>whole-step FLOPs saved</th><th>wall time saved</th><th>energy saved</th></tr>")
+    rows = [
+        f'<tr class="paper"><td>Paper headline: {_e(PAPER["setting"])}</td><td>0.40</td>'
+        f'<td>~{PAPER["conv_backward_frac"]:.0%} (FLOP model)</td><td>~{PAPER["whole_step_frac"]:.0%} (FLOP model)</td>'
+        "<td>not reported</td><td>not reported</td></tr>"
+    ]
+    for c in comps:
+        rows.append(
+            f'<tr class="paper"><td>Paper\'s FLOP model for {_e(c.arm)}</td><td>{c.average_drop_rate:.2f}</td>'
+            f"<td>{T.fmt_pct(c.paper_conv_backward_frac)}</td><td>{T.fmt_pct(c.paper_whole_step_frac)}</td>"
+            "<td>&ndash;</td><td>&ndash;</td></tr>"
+        )
+        rows.append(
+            f"<tr><td><b>This run: {_e(c.arm)}</b></td><td>{c.average_drop_rate:.2f}</td>"
+            + _cell(T.fmt_pct(c.flops_backward_conv.saved_frac) + " (counted)", "conv_backward_saved_frac", c.arm,
+                    c.flops_backward_conv.saved_frac)
+            + _cell(T.fmt_pct(c.flops_total.saved_frac) + " (counted)", "whole_step_saved_frac", c.arm,
+                    c.flops_total.saved_frac)
+            + _cell(_with_ci(c.time) + " (measured)", "time_saved_frac", c.arm, c.time.saved_frac)
+            + _cell(f"{_with_ci(c.energy)} ({c.energy.source})", "energy_saved_frac", c.arm, c.energy.saved_frac)
+            + "</tr>"
+        )
+    return (
+        '<p class="sub">The paper (arXiv 2408.12561) reports FLOP savings from a model in which conv backward costs '
+        "twice the forward and only conv backward is sparsified: conv backward falls by the average drop rate d, "
+        "the whole step by 2d/3. It reports no measured time or energy. This run's FLOPs are counted at dispatch "
+        "(BatchNorm, activations, the linear head are not sparsified), its time and energy are measured.</p>"
+        f"<table><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+# ------------------------------------------------------------------------------------------ tables
+
+
+def _fmt_float(digits: int) -> Callable[[Any], str]:
+    def fmt(v: Any) -> str:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return f"{v:.{digits}g}" if math.isfinite(v) else "n/a"
+        return str(v)
+    return fmt
+
+
+def _pct_fmt(v: Any) -> str:
+    return T.fmt_pct(v, 2) if isinstance(v, float) else str(v)
+
+
+def _table(df: pd.DataFrame, pct: Iterable[str] = (), scroll: bool = False, digits: int = 4) -> str:
+    """An HTML table from a DataFrame: numbers right-aligned with ``digits`` significant digits, text left,
+    ``pct`` columns (fractions) as percentages."""
+    pct = set(pct)
+    fmt = _fmt_float(digits)
+    text_cols = {c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])}
+    head = "".join(f'<th class="{"text" if c in text_cols else ""}">{_e(c)}</th>' for c in df.columns)
+    rows = []
+    for values in df.itertuples(index=False, name=None):
+        cells = []
+        for col, v in zip(df.columns, values):
+            shown = _pct_fmt(v) if col in pct else fmt(v)
+            cells.append(f'<td class="{"text" if col in text_cols else ""}">{_e(shown)}</td>')
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    table = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    return f'<div class="scroll">{table}</div>' if scroll else table
+
+
+def _arm_summary_table(run: Run) -> str:
+    """Fields as rows, arms as columns: a sweep's arms fit side by side and each field reads across."""
+    df = arm_table(run).set_index("arm")
+    pct = {"test_accuracy", "best_val_accuracy", *[c for c in df.columns if c.startswith("noise_accuracy_")]}
+    fmt = _fmt_float(4)
+    cells = {col: [(_pct_fmt(v) if col in pct else fmt(v)) for v in df[col]] for col in df.columns}
+    wide = pd.DataFrame(cells, index=list(df.index)).T
+    head = '<th class="text">field</th>' + "".join(f"<th>{_e(a)}</th>" for a in wide.columns)
+    rows = "".join(
+        f'<tr><td class="text">{_e(field)}</td>' + "".join(f"<td>{_e(v)}</td>" for v in vals) + "</tr>"
+        for field, vals in wide.iterrows()
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def _epoch_table(run: Run) -> str:
+    rows = [{"arm": name, **e.__dict__} for name, arm in run.arms.items() for e in arm.epochs]
+    if not rows:
+        return '<p class="note">No completed epoch recorded.</p>'
+    df = pd.DataFrame(rows)
+    reps = run.epochs["repeat"].nunique() if len(run.epochs) else 1
+    note = f'<p class="sub">Means over {reps} repeats (summary.json); every repeat is in {EPOCHS_FILE}.</p>' if reps > 1 else ""
+    return note + _table(df, pct=["train_accuracy", "val_accuracy"], scroll=len(df) > 14)
+
+
+def _layer_table(run: Run) -> str:
+    if run.layers is None:
+        return f'<p class="note">{LAYERS_FILE} is absent: no per-layer FLOPs recorded.</p>'
+    lay = run.layers
+    base = run.summary.baseline
+    wide = lay.pivot_table(index=["layer", "type"], columns="arm", values=["flops_forward", "flops_backward"],
+                           aggfunc="sum", sort=False)
+    out = pd.DataFrame(index=wide.index)
+    arms = [a for a in run.arms if a in set(lay["arm"])]
+    if base in arms:
+        out[f"forward ({base})"] = wide[("flops_forward", base)]
+    for arm in arms:
+        out[f"backward ({arm})"] = wide[("flops_backward", arm)]
+    if base in arms:
+        for arm in arms:
+            if arm != base:
+                b = wide[("flops_backward", base)]
+                out[f"backward saved ({arm})"] = (b - wide[("flops_backward", arm)]) / b.where(b > 0)
+    out = out.reset_index()
+    pct = [c for c in out.columns if str(c).startswith("backward saved")]
+    return (f'<p class="sub">As recorded in {LAYERS_FILE} (FLOPs; conv layers are the ones ssProp sparsifies).</p>'
+            + _table(out, pct=pct, scroll=len(out) > 14))
+
+
+def _phase_table(run: Run) -> str:
+    rows = []
+    for name, arm in run.arms.items():
+        total = arm.energy_j
+        for phase, vals in arm.phases.items():
+            e = vals.get("energy_j", math.nan)
+            rows.append({"arm": name, "phase": phase, "energy_j": e, "wall_s": vals.get("wall_s", math.nan),
+                         "count": vals.get("count", math.nan), "share": e / total if total > 0 else math.nan})
+        if arm.phases or arm.unattributed_energy_j:
+            rows.append({"arm": name, "phase": "(unattributed)", "energy_j": arm.unattributed_energy_j,
+                         "wall_s": math.nan, "count": math.nan,
+                         "share": arm.unattributed_energy_j / total if total > 0 else math.nan})
+        if arm.eval_energy_j:
+            rows.append({"arm": name, "phase": "evaluation (not in training energy)", "energy_j": arm.eval_energy_j,
+                         "wall_s": math.nan, "count": math.nan, "share": math.nan})
+    if not rows:
+        return '<p class="note">No per-phase energy recorded.</p>'
+    return ('<p class="sub">Share: fraction of the arm\'s training energy.</p>'
+            + _table(pd.DataFrame(rows), pct=["share"], scroll=len(rows) > 14))
+
+
+def _components_table(run: Run) -> str:
+    rows = []
+    for name, arm in run.arms.items():
+        for c in arm.energy_components:
+            agree = (c.sampled_energy_j / c.energy_j - 1.0) if c.sampled_energy_j is not None and c.energy_j > 0 else math.nan
+            rows.append({"arm": name, "component": c.component, "device": c.device or "unnamed", "source": c.source,
+                         "energy_j": c.energy_j, "sampled_energy_j": c.sampled_energy_j if c.sampled_energy_j is not None else math.nan,
+                         "sampled vs counter": agree, "idle_power_w": arm.idle_power_w.get(c.component, math.nan)})
+    if not rows:
+        return '<p class="note">No energy components recorded.</p>'
+    return _table(pd.DataFrame(rows), pct=["sampled vs counter"])
+
+
+def _kv(data: dict[str, Any]) -> str:
+    items = "".join(f"<dt>{_e(k)}</dt><dd>{_e(_plain(v))}</dd>" for k, v in data.items())
+    return f'<dl class="kv">{items}</dl>'
+
+
+def _plain(v: Any) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_plain(x)}" for k, x in v.items())
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_plain(x) for x in v)
+    return str(v)
+
+
+# ------------------------------------------------------------------------------------------ page
+
+
+def _figure(fig: FigureData) -> str:
+    return (
+        f'<figure data-figure="{_e(fig.key)}"><img src="{fig.uri}" alt="{_e(fig.title)}" '
+        f'width="{fig.width_px}" height="{fig.height_px}">'
+        f"<figcaption><b>{_e(fig.title)}.</b> {_e(fig.caption)}</figcaption></figure>"
+    )
+
+
+def _provenance(run: Run) -> str:
+    ci = T.carbon_info(run)
+    carbon = {
+        "carbon intensity": f"{T.fmt_number(ci['g_per_kwh'])} g CO2e/kWh",
+        "intensity source": ci["source"] + (f" ({ci['region']})" if ci["region"] else ""),
+        "PUE": T.fmt_number(ci["pue"]),
+        "PUE source": ci["pue_source"],
+        "estimated share of energy": T.fmt_pct(estimated_fraction(run.arms)),
+    }
+    files = {
+        name: ("present" if name not in run.missing else "absent")
+        for name in (SUMMARY_FILE, CONFIG_FILE, EPOCHS_FILE, TRACE_FILE, LAYERS_FILE)
+    }
+    return (
+        f"<h3>Energy components</h3>{_components_table(run)}"
+        f"<h3>Carbon</h3>{_kv(carbon)}"
+        f"<h3>Environment</h3>{_kv(run.summary.environment)}"
+        f"<h3>Configuration</h3>{_kv(run.summary.config or run.config)}"
+        f"<h3>Record files</h3>{_kv({'run directory': str(run.path), **files})}"
+    )
+
+
+def _run_article(run: Run, idx: int, multi: bool) -> str:
+    comps = comparisons(run)
+    s = run.summary
+    anchor = f"run{idx}"
+    tag = "h2" if multi else "h1"
+    banners = []
+    status = T.status_banner(run)
+    if status:
+        banners.append(f'<div class="banner status" data-status="{_e(s.status)}">{_e(status)}</div>')
+    warn = T.estimate_warning(run)
+    if warn:
+        banners.append(f'<div class="banner" data-warning="estimated">{_e(warn)}</div>')
+    reps = max((repeat_count(a) for a in run.arms.values()), default=1)
+    sub = (f"{_e(s.kind)} run, {len(run.arms)} arms, {reps} repeat{'s' if reps != 1 else ''}, status "
+           f"<b>{_e(s.status)}</b>; created {_e(s.created_at)}; {_e(str(run.path))}")
+    figs = "".join(_figure(f) for f in run_figures(run, comps))
+    sec = lambda name: f"{anchor}-{name}"  # noqa: E731
+    h = "h3" if multi else "h2"
+    toc = "".join(f'<a href="#{sec(k)}">{t}</a>' for k, t in (
+        ("headline", "Headline"), ("paper", "Paper vs this run"), ("figures", "Figures"), ("tables", "Tables"),
+        ("provenance", "Provenance"), ("statement", "Carbon statement")))
+    body = [
+        f'<article class="run" id="{anchor}" data-run="{_e(str(run.path))}" data-status="{_e(s.status)}">',
+        f"<{tag}>ssProp energy report: {_e(run.title)}</{tag}>",
+        f'<p class="sub">{sub}</p>',
+        *banners,
+        f'<nav class="toc">{toc}</nav>',
+        f'<section id="{sec("headline")}"><{h}>Headline</{h}>{_headline(run, comps)}',
+        f'<p class="sub">{_e(T.provenance_line(run))}</p></section>',
+    ]
+    if comps:
+        body.append(f'<section id="{sec("paper")}"><{h}>The paper\'s claim and this run</{h}>{_paper_table(run, comps)}</section>')
+    body += [
+        f'<section id="{sec("figures")}"><{h}>Figures</{h}>{figs}</section>',
+        f'<section id="{sec("tables")}"><{h}>Tables</{h}>',
+        f"<h3>Per arm</h3>{_arm_summary_table(run)}",
+        f"<h3>Per epoch</h3>{_epoch_table(run)}",
+        f"<h3>Per layer FLOPs</h3>{_layer_table(run)}",
+        f"<h3>Per phase energy</h3>{_phase_table(run)}</section>",
+        f'<section id="{sec("provenance")}"><{h}>Provenance</{h}>{_provenance(run)}</section>',
+        f'<section id="{sec("statement")}"><{h}>Carbon statement</{h}>',
+        '<p class="sub">A paragraph to paste into a paper\'s compute and carbon statement.</p>',
+        f'<blockquote class="statement">{_e(T.carbon_statement(run, comps))}</blockquote></section>',
+        "</article>",
+    ]
+    return "\n".join(body)
+
+
+def _overview(runs: list[Run]) -> str:
+    rows = []
+    for i, run in enumerate(runs):
+        comps = comparisons(run)
+        best = max(comps, key=lambda c: c.energy.saved_frac, default=None)
+        rows.append(
+            f'<tr><td><a href="#run{i}">{_e(run.title)}</a></td><td>{_e(run.summary.kind)}</td>'
+            f"<td>{_e(run.summary.status)}</td><td>{len(run.arms)}</td>"
+            f"<td>{_e(T.less_or_more(best.energy.saved_frac) + ' (' + best.arm + ')') if best else 'n/a'}</td>"
+            f"<td>{_e(T.fmt_pp(best.accuracy.diff, 2)) if best else 'n/a'}</td></tr>"
+        )
+    return ("<h1>ssProp energy report</h1><p class=\"sub\">" + str(len(runs)) + " runs. Largest energy saving per run "
+            "and that arm's accuracy difference; details in each run's section.</p>"
+            "<table><thead><tr><th>run</th><th>kind</th><th>status</th><th>arms</th><th>largest energy saving</th>"
+            f"<th>its accuracy difference</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def render_html(runs: list[Run]) -> str:
+    """The complete HTML document for one or more loaded runs."""
+    multi = len(runs) > 1
+    title = "ssProp energy report" + ("" if multi else f": {runs[0].title}")
+    articles = "\n".join(_run_article(r, i, multi) for i, r in enumerate(runs))
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{_css()}</style></head><body>\n"
+        + (_overview(runs) if multi else "")
+        + articles
+        + f'\n<footer>Generated by ssprop-energy {_e(__version__)} from run records only. ssProp: Zhong, Huang, Shi, '
+        "arXiv 2408.12561.</footer></body></html>\n"
+    )

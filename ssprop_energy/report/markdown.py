@@ -1,0 +1,163 @@
+"""The report as Markdown: the same numbers and words as the HTML, without figures, for notes and PRs."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+from ssprop_energy.report import text as T
+from ssprop_energy.report.load import Run, repeat_count
+from ssprop_energy.report.savings import ArmComparison, Saving, comparisons, estimated_fraction, pareto_front
+
+PAPER_SETTING = "drop 0.8 on alternate epochs (average drop 0.4)"
+
+
+def _md_escape(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table; first column left-aligned, the rest right-aligned."""
+    lines = ["| " + " | ".join(_md_escape(h) for h in header) + " |",
+             "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _saving_text(s: Saving) -> str:
+    text = T.less_or_more(s.saved_frac)
+    if s.ci_frac is not None:
+        text += f" ({T.fmt_ci_pct(s.ci_frac, s.ci_level)}{', includes 0: noise' if s.ci_spans_zero else ''})"
+    return text
+
+
+def _bracketed(s: Saving) -> str:
+    text = T.less_or_more(s.saved_frac)
+    if s.ci_frac is not None:
+        text += f" [{T.fmt_pct(s.ci_frac[0])}, {T.fmt_pct(s.ci_frac[1])}]"
+    return text
+
+
+def _acc_text(c: ArmComparison) -> str:
+    a = c.accuracy
+    text = T.fmt_pp(a.diff, 2)
+    if a.ci is not None:
+        text += f" ({T.fmt_ci_pp(a.ci, a.ci_level, 2)}{', includes 0: noise' if a.ci_spans_zero else ''})"
+    return text
+
+
+def _headline(run: Run, comps: list[ArmComparison]) -> list[str]:
+    if not comps:
+        return [f"No comparison: the run has no baseline arm ({run.summary.baseline}) or no sparse arm."]
+    source = T.estimate_source(run)
+    out = []
+    if len(comps) == 1:
+        c = comps[0]
+        rows = [
+            ["Energy saved", _saving_text(c.energy), f"{T.fmt_energy(c.energy.baseline)} -> {T.fmt_energy(c.energy.value)}", c.energy.source],
+            ["CO2 saved", _saving_text(c.co2), f"{T.fmt_co2(c.co2.baseline)} -> {T.fmt_co2(c.co2.value)}", c.co2.source],
+            ["Time saved", _saving_text(c.time), f"{T.fmt_seconds(c.time.baseline)} -> {T.fmt_seconds(c.time.value)}", "measured"],
+            ["Backward FLOPs saved", _saving_text(c.flops_backward),
+             f"{T.fmt_si(c.flops_backward.baseline, 'FLOP')} -> {T.fmt_si(c.flops_backward.value, 'FLOP')}", "counted"],
+            ["Test accuracy difference", _acc_text(c),
+             f"{T.fmt_pct(c.accuracy.baseline, 2)} -> {T.fmt_pct(c.accuracy.value, 2)}", "measured"],
+        ]
+        out.append(md_table(["", f"{c.arm} vs {c.baseline_arm}", "values", "source"], rows))
+        out.append(f"**Verdict.** {T.verdict(c, source)}")
+        return out + _few_pairs(comps)
+    rows = []
+    for c in comps:
+        arm = run.arms[c.arm]
+        rows.append([c.arm, f"{arm.drop_rate:g} ({arm.schedule})", f"{c.average_drop_rate:.2f}", _saving_text(c.energy),
+                     _saving_text(c.co2), _saving_text(c.time), T.less_or_more(c.flops_backward.saved_frac), _acc_text(c)])
+    out.append(md_table(["arm", "drop rate", "avg drop", "energy", "CO2", "time", "backward FLOPs", "test accuracy"], rows))
+    points = [(n, a.energy_j, a.test_accuracy) for n, a in run.arms.items() if math.isfinite(a.test_accuracy)]
+    out.append(f"Energy-accuracy Pareto front: **{', '.join(pareto_front(points))}**.")
+    out.append("\n".join(f"- {T.verdict(c, source)}" for c in comps))
+    return out + _few_pairs(comps)
+
+
+def _few_pairs(comps: list[ArmComparison]) -> list[str]:
+    note = T.few_pairs_note(comps)
+    return [f"_{note}_"] if note else []
+
+
+def _paper(comps: list[ArmComparison]) -> str:
+    rows: list[list[Any]] = [[f"Paper headline: {PAPER_SETTING}", "0.40", "~40% (FLOP model)", "~27% (FLOP model)",
+                              "not reported", "not reported"]]
+    for c in comps:
+        rows.append([f"Paper's FLOP model for {c.arm}", f"{c.average_drop_rate:.2f}", T.fmt_pct(c.paper_conv_backward_frac),
+                     T.fmt_pct(c.paper_whole_step_frac), "-", "-"])
+        rows.append([f"**This run: {c.arm}**", f"{c.average_drop_rate:.2f}",
+                     T.fmt_pct(c.flops_backward_conv.saved_frac) + " (counted)",
+                     T.fmt_pct(c.flops_total.saved_frac) + " (counted)", _bracketed(c.time) + " (measured)",
+                     f"{_bracketed(c.energy)} ({c.energy.source})"])
+    return md_table(["setting", "average drop", "conv-backward FLOPs saved", "whole-step FLOPs saved",
+                     "wall time saved", "energy saved"], rows)
+
+
+def _arms(run: Run) -> str:
+    rows = []
+    for name, a in run.arms.items():
+        rows.append([name, f"{a.drop_rate:g}", a.schedule, f"{a.average_drop_rate:.2f}", T.fmt_pct(a.test_accuracy, 2),
+                     T.fmt_seconds(a.wall_s), T.fmt_si(a.flops_forward, "FLOP"), T.fmt_si(a.flops_backward, "FLOP"),
+                     T.fmt_energy(a.energy_j), a.energy_source, T.fmt_co2(a.co2_g), repeat_count(a), a.status])
+    return md_table(["arm", "drop rate", "schedule", "avg drop", "test acc", "wall", "fwd FLOPs", "bwd FLOPs", "energy",
+                     "source", "CO2", "repeats", "status"], rows)
+
+
+def _components(run: Run) -> str:
+    rows = [[name, c.component, c.device or "unnamed", c.source, T.fmt_energy(c.energy_j)]
+            for name, a in run.arms.items() for c in a.energy_components]
+    if not rows:
+        return "No energy components recorded."
+    return md_table(["arm", "component", "device", "source", "energy"], rows)
+
+
+def _phases(run: Run) -> str:
+    rows = []
+    for name, a in run.arms.items():
+        for phase, vals in a.phases.items():
+            e = vals.get("energy_j", math.nan)
+            rows.append([name, phase, T.fmt_energy(e), T.fmt_pct(e / a.energy_j if a.energy_j > 0 else math.nan)])
+    if not rows:
+        return "No per-phase energy recorded."
+    return md_table(["arm", "phase", "energy", "share of training energy"], rows)
+
+
+def _run_md(run: Run, multi: bool) -> str:
+    comps = comparisons(run)
+    s = run.summary
+    h, h2 = ("##", "###") if multi else ("#", "##")
+    reps = max((repeat_count(a) for a in run.arms.values()), default=1)
+    parts = [f"{h} ssProp energy report: {run.title}",
+             f"{s.kind} run, {len(run.arms)} arms, {reps} repeat{'s' if reps != 1 else ''}, status **{s.status}**; "
+             f"created {s.created_at}; `{run.path}`"]
+    status = T.status_banner(run)
+    if status:
+        parts.append(f"> **{status}**")
+    warn = T.estimate_warning(run)
+    if warn:
+        parts.append(f"> **Warning:** {warn}")
+    parts += [f"{h2} Headline", *_headline(run, comps), T.provenance_line(run)]
+    if comps:
+        parts += [f"{h2} The paper's claim and this run", _paper(comps)]
+    ci = T.carbon_info(run)
+    parts += [
+        f"{h2} Per arm", _arms(run),
+        f"{h2} Per phase energy", _phases(run),
+        f"{h2} Provenance", _components(run),
+        f"Carbon intensity {T.fmt_number(ci['g_per_kwh'])} g CO2e/kWh ({ci['source']}"
+        f"{', ' + ci['region'] if ci['region'] else ''}); PUE {T.fmt_number(ci['pue'])} ({ci['pue_source']}); "
+        f"estimated share of energy {T.fmt_pct(estimated_fraction(run.arms))}.",
+        f"{h2} Carbon statement", "> " + T.carbon_statement(run, comps),
+        "Figures, per-epoch and per-layer tables: see the HTML report (`ssprop-energy report RUN_DIR`).",
+    ]
+    return "\n\n".join(parts)
+
+
+def render_markdown(runs: list[Run]) -> str:
+    """The Markdown document for one or more loaded runs."""
+    multi = len(runs) > 1
+    head = [f"# ssProp energy report ({len(runs)} runs)"] if multi else []
+    return "\n\n".join(head + [_run_md(r, multi) for r in runs]) + "\n"

@@ -1,0 +1,315 @@
+"""The report's words: number formatting, the verdict and the carbon statement.
+
+The verdict says no more than the numbers: an interval that contains zero is reported as "not
+distinguishable from noise", a single pair is reported without any claim of significance, estimated
+energy is called estimated, and counted FLOPs are called counted.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+from ssprop_energy.records import ArmRecord
+from ssprop_energy.report.load import Run, repeat_count
+from ssprop_energy.report.savings import ESTIMATE_DOMINATES_FRACTION, ArmComparison, Saving, estimated_fraction
+
+MINUS = "\u2212"
+SOURCE_WORDS = {
+    "counter": "read from hardware energy counters",
+    "sampled": "integrated from sampled power",
+    "estimated": "estimated from a power model (not measured)",
+    "mixed": "partly measured, partly estimated",
+    "counted": "counted",
+    "measured": "measured",
+}
+
+
+# ------------------------------------------------------------------------------------------ formatting
+
+
+def _signed(x: float, digits: int) -> str:
+    text = f"{abs(x):.{digits}f}"
+    return f"{MINUS}{text}" if x < 0 and float(text) != 0.0 else text
+
+
+def fmt_pct(frac: float, digits: int = 1) -> str:
+    """A fraction as a percentage, with a true minus sign: ``-0.123 -> '−12.3%'``."""
+    if frac is None or not math.isfinite(frac):
+        return "n/a"
+    return f"{_signed(100.0 * frac, digits)}%"
+
+
+def fmt_pp(frac: float, digits: int = 1) -> str:
+    """An accuracy difference (fraction) in percentage points, always signed."""
+    if not math.isfinite(frac):
+        return "n/a"
+    text = _signed(100.0 * frac, digits)
+    return f"{'+' if not text.startswith(MINUS) and float(text) != 0.0 else ''}{text} pp"
+
+
+def fmt_ci_pct(ci: tuple[float, float] | None, level: float, digits: int = 1) -> str:
+    if ci is None:
+        return ""
+    return f"{level:.0%} CI {fmt_pct(ci[0], digits)} to {fmt_pct(ci[1], digits)}"
+
+
+def fmt_ci_pp(ci: tuple[float, float] | None, level: float, digits: int = 1) -> str:
+    if ci is None:
+        return ""
+    return f"{level:.0%} CI {fmt_pp(ci[0], digits)} to {fmt_pp(ci[1], digits)}"
+
+
+def fmt_si(value: float, unit: str, digits: int = 3) -> str:
+    """``value`` with an SI prefix: ``fmt_si(1.234e15, 'FLOP') -> '1.23 PFLOP'``."""
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    prefixes = [(1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")]
+    for scale, prefix in prefixes:
+        if abs(value) >= scale:
+            return f"{value / scale:.{digits}g} {prefix}{unit}"
+    return f"{value:.{digits}g} {unit}"
+
+
+def fmt_energy(energy_j: float) -> str:
+    """Joules with an SI prefix, and watt-hours beside them (what electricity bills speak)."""
+    if not math.isfinite(energy_j):
+        return "n/a"
+    return f"{fmt_si(energy_j, 'J')} ({fmt_si(energy_j / 3600.0, 'Wh')})"
+
+
+def fmt_co2(co2_g: float) -> str:
+    if not math.isfinite(co2_g):
+        return "n/a"
+    if abs(co2_g) >= 1000.0:
+        return f"{co2_g / 1000.0:.3g} kg CO2e"
+    if abs(co2_g) >= 1.0 or co2_g == 0.0:
+        return f"{co2_g:.3g} g CO2e"
+    return f"{co2_g * 1000.0:.3g} mg CO2e"
+
+
+def fmt_seconds(wall_s: float) -> str:
+    if not math.isfinite(wall_s):
+        return "n/a"
+    if wall_s >= 3600:
+        return f"{wall_s / 3600:.2f} h"
+    if wall_s >= 120:
+        return f"{wall_s / 60:.1f} min"
+    return f"{wall_s:.3g} s"
+
+
+def less_or_more(frac: float, noun: str = "") -> str:
+    """``0.23 -> '23.0% less'``, ``-0.05 -> '5.0% more'``."""
+    if not math.isfinite(frac):
+        return "n/a"
+    word = "less" if frac >= 0 else "more"
+    return f"{fmt_pct(abs(frac))} {word}{' ' + noun if noun else ''}"
+
+
+# ------------------------------------------------------------------------------------------ verdict
+
+
+def _saving_clause(s: Saving, what: str, verb_less: str, verb_more: str) -> str:
+    """One clause about a measured saving, worded by its interval."""
+    direction = verb_less if s.saved_frac >= 0 else verb_more
+    amount = fmt_pct(abs(s.saved_frac))
+    if s.ci_frac is None:
+        if s.n_pairs >= 2:
+            return f"{what} {direction} {amount} (no interval recorded, so no claim beyond this run)"
+        return f"{what} {direction} {amount} in a single pair of runs (no repeats, so no interval: this may be noise)"
+    ci = fmt_ci_pct(s.ci_frac, s.ci_level)
+    if s.ci_spans_zero:
+        return (
+            f"the {what} difference is not distinguishable from noise "
+            f"({amount} {'less' if s.saved_frac >= 0 else 'more'}, {ci} of the saving, {s.n_pairs} pairs)"
+        )
+    return f"{what} {direction} {amount} ({ci}, {s.n_pairs} pairs)"
+
+
+def _accuracy_clause(c: ArmComparison) -> str:
+    a = c.accuracy
+    if a.ci is None:
+        suffix = "in a single pair of runs (no interval)" if a.n_pairs < 2 else "(no interval recorded)"
+        return f"test accuracy changed by {fmt_pp(a.diff, 2)} {suffix}"
+    ci = fmt_ci_pp(a.ci, a.ci_level, 2)
+    if a.ci_spans_zero:
+        return f"the test-accuracy difference ({fmt_pp(a.diff, 2)}, {ci}) is not distinguishable from noise"
+    word = "rose" if a.diff > 0 else "fell"
+    return f"test accuracy {word} by {fmt_pp(abs(a.diff), 2).lstrip('+')} ({ci}, {a.n_pairs} pairs)"
+
+
+def verdict(c: ArmComparison, energy_source: str) -> str:
+    """A plain-language verdict for one sparse arm that claims no more than its numbers."""
+    fb = c.flops_backward
+    flops = (
+        f"ssProp ({c.arm}) executed {less_or_more(fb.saved_frac)} backward FLOPs than {c.baseline_arm} "
+        f"(counted; average drop rate {c.average_drop_rate:.2f})."
+    )
+    energy_word = {"estimated": "estimated energy", "mixed": "energy (partly estimated)"}.get(energy_source, "energy")
+    energy = _saving_clause(c.energy, energy_word, "fell by", "rose by")
+    if energy_source == "estimated":
+        energy += "; an estimate follows the power model's assumptions, not the hardware"
+    time = _saving_clause(c.time, "wall time", "fell by", "rose by")
+    acc = _accuracy_clause(c)
+    return f"{flops} {_cap(energy)}. {_cap(time)}. {_cap(acc)}."
+
+
+# Below this many pairs a bootstrap interval is little more than the range of the differences.
+FEW_PAIRS = 5
+
+
+def few_pairs_note(comps: list[ArmComparison]) -> str | None:
+    """A caution when intervals rest on fewer than :data:`FEW_PAIRS` pairs, or None."""
+    ns = [s.n_pairs for c in comps for s in (c.energy, c.time) if s.ci_frac is not None]
+    ns += [c.accuracy.n_pairs for c in comps if c.accuracy.ci is not None]
+    if not ns or min(ns) >= FEW_PAIRS:
+        return None
+    return (
+        f"The intervals rest on only {min(ns)} pair{'s' if min(ns) != 1 else ''}: a bootstrap over so few pairs "
+        f"understates the uncertainty. Run more repeats (--repeats {FEW_PAIRS} or more) before relying on them."
+    )
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def status_banner(run: Run) -> str | None:
+    """A sentence for a run that is not complete, or None."""
+    s = run.summary
+    if s.status == "complete":
+        return None
+    done = max((len(a.epochs) for a in run.arms.values()), default=0)
+    planned = run.planned_epochs
+    progress = f"{done} of {planned} epochs" if planned else f"{done} epochs"
+    if s.status == "interrupted":
+        return (
+            f"Interrupted run: it stopped after {progress} (of the longest arm); every number covers only "
+            "the completed part and is not a finished result."
+        )
+    if s.status == "failed":
+        reason = s.failure_reason or "no reason recorded"
+        return f"Failed run ({reason}): numbers cover {progress} and are not a finished result."
+    return f"Run still in progress ({progress} so far): numbers are provisional."
+
+
+def estimate_source(run: Run) -> str:
+    """The provenance of the run's energy totals: the arms' common source, else ``mixed``."""
+    sources = {arm.energy_source for arm in run.arms.values()}
+    return sources.pop() if len(sources) == 1 else "mixed"
+
+
+def estimate_warning(run: Run) -> str | None:
+    """A warning when estimated energy dominates the run's energy figures, or None."""
+    frac = estimated_fraction(run.arms)
+    if frac > ESTIMATE_DOMINATES_FRACTION:
+        return (
+            f"{fmt_pct(frac, 0)} of this run's energy is estimated from a power model, not measured: energy and "
+            "CO2 savings reflect the model's assumptions (e.g. TDP x utilisation) more than the hardware."
+        )
+    return None
+
+
+# ------------------------------------------------------------------------------------------ provenance
+
+
+def carbon_info(run: Run) -> dict[str, Any]:
+    """Carbon intensity (g/kWh), PUE and their sources, from ``summary.carbon`` with arm fallbacks."""
+    carbon: Mapping[str, Any] = run.summary.carbon or {}
+    arms = list(run.arms.values())
+    intensity = carbon.get("intensity_g_per_kwh", carbon.get("g_per_kwh"))
+    if intensity is None and arms:
+        intensity = arms[0].carbon_intensity_g_per_kwh
+    pue = carbon.get("pue")
+    if pue is None and arms:
+        pue = arms[0].pue
+    return {
+        "g_per_kwh": intensity,
+        "source": carbon.get("source") or "not recorded",
+        "region": carbon.get("region") or carbon.get("country") or "",
+        "pue": pue,
+        "pue_source": carbon.get("pue_source") or "run configuration",
+    }
+
+
+def hardware(arms: Mapping[str, ArmRecord]) -> list[tuple[str, str, str]]:
+    """Distinct ``(component, device, source)`` triples across arms, in first-seen order."""
+    seen: dict[tuple[str, str, str], None] = {}
+    for arm in arms.values():
+        for comp in arm.energy_components:
+            seen.setdefault((comp.component, comp.device or "unnamed device", comp.source), None)
+    return list(seen)
+
+
+def provenance_line(run: Run) -> str:
+    """One line for an energy figure: sources per component, hardware, intensity and PUE with sources."""
+    parts = [f"{comp} ({dev}): {src}" for comp, dev, src in hardware(run.arms)]
+    if not parts:
+        parts = [f"{name}: {arm.energy_source}" for name, arm in run.arms.items()]
+    ci = carbon_info(run)
+    region = f", {ci['region']}" if ci["region"] else ""
+    return (
+        f"Energy: {'; '.join(parts)}. Carbon intensity {fmt_number(ci['g_per_kwh'])} g CO2e/kWh "
+        f"({ci['source']}{region}); PUE {fmt_number(ci['pue'])} ({ci['pue_source']})."
+    )
+
+
+def fmt_number(value: Any) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return f"{value:g}"
+    return "not recorded"
+
+
+def run_totals(run: Run) -> tuple[float, float, float]:
+    """Training energy (J), eval energy (J) and CO2 (g) of every arm and repeat of the run.
+
+    Arm records hold means over repeats, so each is multiplied by its repeat count; per-repeat figures
+    are summed directly where the record lists them.
+    """
+    energy = eval_energy = co2 = 0.0
+    for arm in run.arms.values():
+        n = repeat_count(arm)
+        reps = arm.repeats
+        if reps and all(isinstance(r.get("energy_j"), (int, float)) for r in reps):
+            energy += sum(float(r["energy_j"]) for r in reps)
+        else:
+            energy += arm.energy_j * n
+        if reps and all(isinstance(r.get("co2_g"), (int, float)) for r in reps):
+            co2 += sum(float(r["co2_g"]) for r in reps)
+        else:
+            co2 += arm.co2_g * n
+        eval_energy += arm.eval_energy_j * n
+    return energy, eval_energy, co2
+
+
+def carbon_statement(run: Run, comps: list[ArmComparison]) -> str:
+    """A paragraph that can be pasted into a paper's compute/carbon statement."""
+    energy_j, eval_j, co2 = run_totals(run)
+    cfg = run.summary.config or run.config
+    n_trainings = sum(repeat_count(a) for a in run.arms.values())
+    ci = carbon_info(run)
+    hw = hardware(run.arms)
+    devices = sorted({dev for _, dev, _ in hw}) or ["unrecorded hardware"]
+    sources = sorted({src for _, _, src in hw} or {a.energy_source for a in run.arms.values()})
+    source_text = " and ".join(SOURCE_WORDS.get(s, s) for s in sources)
+    region = f" for {ci['region']}" if ci["region"] else ""
+    epochs = run.planned_epochs
+    what = f"{cfg.get('model', 'the model')} on {cfg.get('dataset', 'the dataset')}"
+    eval_text = f", plus {fmt_energy(eval_j)} for evaluation" if eval_j > 0 else ""
+    text = (
+        f"Training {what} ({n_trainings} training run{'s' if n_trainings != 1 else ''} across "
+        f"{len(run.arms)} arm{'s' if len(run.arms) != 1 else ''}"
+        f"{f', {epochs} epochs each' if epochs else ''}) used {fmt_energy(energy_j)} of electricity{eval_text}, "
+        f"{source_text}, on {', '.join(devices)}. At a carbon intensity of {fmt_number(ci['g_per_kwh'])} g CO2e/kWh"
+        f"{region} ({ci['source']}) and a PUE of {fmt_number(ci['pue'])}, this corresponds to {fmt_co2(co2)}."
+    )
+    if len(comps) == 1:
+        c = comps[0]
+        ci_text = f" ({fmt_ci_pct(c.energy.ci_frac, c.energy.ci_level)})" if c.energy.ci_frac else ""
+        text += (
+            f" Scheduled sparse back-propagation (ssProp, drop rate {run.arms[c.arm].drop_rate:g}, "
+            f"{run.arms[c.arm].schedule} schedule) used {less_or_more(c.energy.saved_frac, 'energy')}{ci_text} "
+            f"than dense training, with a test-accuracy difference of {fmt_pp(c.accuracy.diff)}."
+        )
+    text += " Measured with ssprop-energy."
+    return text
