@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import os
 import pickle
 import struct
@@ -204,6 +205,9 @@ def test_idx_download_parses_pixels_and_labels(server, monkeypatch, tmp_path, na
     assert ds.mean == idx.IDX_NORMALIZATION[name][0]
     assert {f["name"]: f["md5"] for f in ds.info["files"]} == {k: md5(v) for k, v in gen["files"].items()}
     assert sorted(p for p, _ in state.requests) == sorted(f"/{name}/{f}" for f in gen["files"])
+    record = json.loads(json.dumps(ds.info))  # goes into the run record as is
+    assert record["split"] == {"method": "random", "train_val_fractions": [0.8, 0.2], "seed": 3, "test": "official"}
+    assert record["split_sizes"] == {"train": 40, "val": 10, "test": 12} and record["resize"] is None
 
     # A second load uses the verified cache and makes no request; the split is the same for the same seed.
     state.requests.clear()
