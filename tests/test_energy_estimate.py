@@ -47,7 +47,7 @@ def test_unknown_model_and_no_model_fall_back_to_codecarbon_constants(caplog):
 def test_energy_is_tdp_times_cpu_seconds_over_cpus_plus_ram():
     clock = FakeClock()
     cpu_s = {"v": 50.0}
-    src = EstimateSource(clock, cpu_model="x", cpu_tdp_w=120.0, ram_power_w=6.0,
+    src = EstimateSource(cpu_model="x", cpu_tdp_w=120.0, ram_power_w=6.0,
                          cpu_seconds=lambda: cpu_s["v"], logical_cpus=4)
     meter = open_meter("estimate", clock=clock, background=False, sync=None,
                        estimate_options=dict(cpu_model="x", cpu_tdp_w=120.0, ram_power_w=6.0,
@@ -65,21 +65,25 @@ def test_energy_is_tdp_times_cpu_seconds_over_cpus_plus_ram():
     assert rep.window_components["forward"] == pytest.approx({"cpu": 90.0, "ram": 12.0})
     assert rep.source == "estimated" and all(c.source == "estimated" for c in rep.components)
     assert rep.unattributed_energy_j == pytest.approx(30.0 + 6.0)
+    ram = [s for s in rep.trace if s.component == "ram"]
+    assert ram and all(s.source == "estimated" and s.power_w == 6.0 for s in ram)
+    cpu = [s for s in rep.trace if s.component == "cpu"]
+    assert [s.power_w for s in cpu] == pytest.approx([120.0 * 4.0 / 4 / 3.0])  # one stop sample, 3 s after start
 
 
 def test_codecarbon_ram_model_used_by_default():
     from codecarbon.external.ram import RAM
 
-    src = EstimateSource(FakeClock(), cpu_model="x", cpu_tdp_w=10.0, logical_cpus=1)
+    src = EstimateSource(cpu_model="x", cpu_tdp_w=10.0, logical_cpus=1)
     assert src.ram_power_w == RAM(tracking_mode="process").total_power().W
     assert "codecarbon" in src.describe()["ram_power_from"]
 
 
 def test_bad_overrides():
     with pytest.raises(ConfigError):
-        EstimateSource(FakeClock(), cpu_model="x", cpu_tdp_w=0.0, ram_power_w=1.0)
+        EstimateSource(cpu_model="x", cpu_tdp_w=0.0, ram_power_w=1.0)
     with pytest.raises(ConfigError):
-        EstimateSource(FakeClock(), cpu_model="x", cpu_tdp_w=10.0, ram_power_w=-1.0)
+        EstimateSource(cpu_model="x", cpu_tdp_w=10.0, ram_power_w=-1.0)
 
 
 def test_process_tree_cpu_counts_a_finished_child():
@@ -119,3 +123,24 @@ def test_missing_codecarbon_is_unavailable_unless_overridden(monkeypatch):
     meter = open_meter("estimate", background=False,
                        estimate_options=dict(cpu_model="x", cpu_tdp_w=10.0, ram_power_w=1.0, logical_cpus=1))
     meter.close()
+
+
+def test_process_tree_cpu_counts_a_live_child_after_refresh():
+    clock = FakeClock()
+    tree = ProcessTreeCpu(clock)
+    tree.refresh()  # lists no child
+    before = tree()
+    code = ("import sys, time\nt=time.process_time()\nwhile time.process_time()-t<0.15: pass\n"
+            "print(time.process_time(), flush=True)\ntime.sleep(30)")
+    child = subprocess.Popen([sys.executable, "-S", "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        child_cpu_s = float(child.stdout.readline())
+        tree.refresh()  # less than a second since the last listing: not re-listed
+        assert tree() - before < child_cpu_s / 2
+        clock.advance(1.0)
+        tree.refresh()
+        assert tree() - before >= child_cpu_s - 0.02
+    finally:
+        child.kill()
+        child.wait()
+    assert tree() - before >= child_cpu_s - 0.02  # reaped: its time moved to this process's children's times

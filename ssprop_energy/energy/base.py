@@ -109,6 +109,10 @@ class PowerSource(abc.ABC):
         """Instantaneous power (W) of every ``power`` component."""
         return {}
 
+    def refresh(self) -> None:  # noqa: B027 - most sources need no housekeeping
+        """Slow housekeeping (e.g. listing child processes), called by the sampler thread before each sample
+        and outside the meter's lock, so that window edges never pay for it."""
+
     def start(self) -> None:  # noqa: B027 - most sources need no start action
         """Called when the meter starts (e.g. to fix a baseline that depends on the moment)."""
 

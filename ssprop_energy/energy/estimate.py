@@ -12,7 +12,8 @@ TDP comes from codecarbon's CPU table (``data/hardware/cpu_power.csv``) through 
 
 RAM: codecarbon's RAM model applied to this process tree (``codecarbon.external.ram.RAM(tracking_mode=
 "process").total_power()``; in codecarbon 3 that is 5 W per estimated DIMM, at least two DIMMs on x86, so
-10 W for any process under 16 GB), evaluated once when the source opens and held constant.
+10 W for any process under 16 GB), evaluated once when the source opens and held constant; the meter
+integrates it over its own timestamps like any power reading.
 """
 
 from __future__ import annotations
@@ -105,10 +106,11 @@ class ProcessTreeCpu:
     """Cumulative CPU seconds (user + system) of this process and its descendants, non-decreasing.
 
     This process: ``time.process_time`` (nanosecond resolution) plus the reaped children's times from
-    ``os.times``. Live descendants: ``psutil`` per process, their list refreshed at most once a second
-    because listing them scans every process on the machine. A descendant that ends and is reaped moves
-    its time into its parent's children's times, so it is counted once either way; one re-parented away
-    (orphaned) is lost, and the value is then held rather than allowed to fall.
+    ``os.times``. Live descendants: ``psutil`` per process, from a list that :meth:`refresh` rebuilds (at
+    most once a second, on the sampler thread) because listing them scans every process on the machine.
+    A descendant that ends and is reaped moves its time into its parent's children's times, so it is
+    counted once either way; one re-parented away (orphaned) is lost, and the value is then held rather
+    than allowed to fall.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -118,14 +120,19 @@ class ProcessTreeCpu:
         self._refreshed = float("-inf")
         self._last = 0.0
 
-    def __call__(self) -> float:
+    def refresh(self) -> None:
+        """Re-list the live descendants if the list is more than a second old."""
         now = self._clock()
-        if now - self._refreshed >= _CHILD_REFRESH_S:
-            self._refreshed = now
-            try:
-                self._children = self._proc.children(recursive=True)
-            except psutil.Error:
-                self._children = []
+        if now - self._refreshed < _CHILD_REFRESH_S:
+            return
+        self._refreshed = now
+        try:
+            children = self._proc.children(recursive=True)
+        except psutil.Error:
+            children = []
+        self._children = children  # one assignment: a reader on another thread sees the old or new list
+
+    def __call__(self) -> float:
         own = os.times()
         total = time.process_time() + own.children_user + own.children_system
         for child in self._children:
@@ -142,7 +149,6 @@ class EstimateSource(PowerSource):
     """CPU and RAM energy from codecarbon's models (source ``estimated``).
 
     Args:
-        clock: the meter's clock (s), for the RAM term.
         cpu_model: the CPU model name; detected when None.
         cpu_tdp_w: the TDP to use instead of codecarbon's table (W).
         ram_power_w: the RAM power to use instead of codecarbon's model (W).
@@ -154,7 +160,6 @@ class EstimateSource(PowerSource):
 
     def __init__(
         self,
-        clock: Callable[[], float],
         *,
         cpu_model: str | None = None,
         cpu_tdp_w: float | None = None,
@@ -162,7 +167,6 @@ class EstimateSource(PowerSource):
         cpu_seconds: Callable[[], float] | None = None,
         logical_cpus: int | None = None,
     ) -> None:
-        self._clock = clock
         self.cpu_model = cpu_model if cpu_model is not None else cpu_model_name()
         self.logical_cpus = int(logical_cpus or psutil.cpu_count(logical=True) or 1)
         if cpu_tdp_w is not None:
@@ -177,19 +181,26 @@ class EstimateSource(PowerSource):
             self.ram_power_w, self.ram_from = float(ram_power_w), "given by the user"
         else:
             self.ram_power_w, self.ram_from = ram_power_codecarbon()
-        self._cpu_seconds = cpu_seconds if cpu_seconds is not None else ProcessTreeCpu(clock)
-        self._t_origin = clock()
+        self._cpu_seconds = cpu_seconds if cpu_seconds is not None else ProcessTreeCpu()
 
     def components(self) -> list[ComponentSpec]:
+        # RAM is a constant power, integrated on the meter's own timestamps (exact for a constant); the CPU
+        # is cumulative CPU time, read like a counter at window edges.
         return [
             ComponentSpec("cpu", "estimated", self.cpu_model or "unknown CPU", True, False),
-            ComponentSpec("ram", "estimated", "RAM", True, False),
+            ComponentSpec("ram", "estimated", "RAM", False, True),
         ]
 
+    def refresh(self) -> None:
+        refresh = getattr(self._cpu_seconds, "refresh", None)
+        if refresh is not None:
+            refresh()
+
     def read_energy_j(self) -> dict[str, float]:
-        cpu_j = self.cpu_tdp_w * self._cpu_seconds() / self.logical_cpus
-        ram_j = self.ram_power_w * (self._clock() - self._t_origin)
-        return {"cpu": cpu_j, "ram": ram_j}
+        return {"cpu": self.cpu_tdp_w * self._cpu_seconds() / self.logical_cpus}
+
+    def read_power_w(self) -> dict[str, float]:
+        return {"ram": self.ram_power_w}
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -136,6 +136,8 @@ class EnergyMeter:
         self._last_counter: dict[str, float] = {}
         self._last_counter_t = 0.0
         self._traces: dict[str, _PowerTrace] = {c: _PowerTrace() for c, s in self.specs.items() if s.power}
+        # a power reading is "sampled" unless it comes from a model (the RAM estimate)
+        self._power_label = {c: "estimated" if s.source == "estimated" else "sampled" for c, s in self.specs.items()}
         self._samples: list[PowerSample] = []
         self._stack: list[tuple[str, float, dict[str, float]]] = []
         self._windows: dict[str, _WindowTotals] = {}
@@ -164,7 +166,7 @@ class EnergyMeter:
         t_rel = t - self._t0
         for comp, power_w in powers.items():
             self._traces[comp].add(t, power_w)
-            self._samples.append(PowerSample(t_rel, comp, power_w, "sampled"))
+            self._samples.append(PowerSample(t_rel, comp, power_w, self._power_label[comp]))
         dt = t - self._last_counter_t
         for comp, energy_j in counters.items():
             delta_j = energy_j - self._last_counter[comp]
@@ -197,6 +199,7 @@ class EnergyMeter:
         self._sync = self._resolve_sync()
         for src in self._sources:
             src.start()
+            src.refresh()
         with self._lock:
             self._t0 = self._clock()
             self._counter0 = self._read_counters()
@@ -204,13 +207,15 @@ class EnergyMeter:
             self._last_counter_t = self._t0
             for comp, power_w in self._read_powers().items():
                 self._traces[comp].add(self._t0, power_w)
-                self._samples.append(PowerSample(0.0, comp, power_w, "sampled"))
+                self._samples.append(PowerSample(0.0, comp, power_w, self._power_label[comp]))
         self._state = "running"
         if self._background:
             self._sampler = Sampler(self._tick, self.sample_period_s)
             self._sampler.start()
 
     def _tick(self) -> None:
+        for src in self._sources:
+            src.refresh()
         with self._lock:
             self._take_sample()
 
@@ -230,8 +235,7 @@ class EnergyMeter:
     def sample(self) -> None:
         """Take one sample now (the background thread does this every period)."""
         self._check_running()
-        with self._lock:
-            self._take_sample()
+        self._tick()
 
     def snapshot(self) -> dict[str, float]:
         """Energy (J) per component since start, up to now. Takes a sample; costs one read of each source."""
@@ -288,6 +292,8 @@ class EnergyMeter:
         if not duration_s > 0:
             raise MeterError(f"idle duration must be positive, got {duration_s} s")
         traces = {comp: _PowerTrace() for comp in self._traces}
+        for src in self._sources:
+            src.refresh()
         with self._lock:
             t_a = self._clock()
             c_a = self._read_counters()

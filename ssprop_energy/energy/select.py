@@ -36,10 +36,10 @@ def _open_rapl(sysfs_root: str | os.PathLike[str] | None) -> PowerSource:
     return RaplSource(sysfs_root=sysfs_root)
 
 
-def _open_estimate(clock: Callable[[], float], options: dict[str, Any]) -> PowerSource:
+def _open_estimate(options: dict[str, Any]) -> PowerSource:
     from ssprop_energy.energy.estimate import EstimateSource
 
-    return EstimateSource(clock, **options)
+    return EstimateSource(**options)
 
 
 def open_meter(
@@ -84,7 +84,7 @@ def open_meter(
     elif kind == "rapl":
         sources.append(_open_rapl(sysfs_root))
     elif kind == "estimate":
-        sources.append(_open_estimate(clock, est))
+        sources.append(_open_estimate(est))
     elif kind == "fake":
         sources.append(FakeSource(fake_channels, clock))
     else:
@@ -98,7 +98,7 @@ def open_meter(
         except MeterUnavailableError as exc:
             unavailable["rapl"] = str(exc)
             logger.warning("no RAPL counters: %s; falling back to the CPU/RAM estimate", exc)
-            sources.append(_open_estimate(clock, est))
+            sources.append(_open_estimate(est))
     try:
         return EnergyMeter(
             sources,
@@ -127,7 +127,7 @@ def available_sources(
     openers: dict[str, Callable[[], PowerSource]] = {
         "nvml": lambda: _open_nvml(gpus),
         "rapl": lambda: _open_rapl(sysfs_root),
-        "estimate": lambda: _open_estimate(time.perf_counter, {}),
+        "estimate": lambda: _open_estimate({}),
     }
     out: dict[str, dict[str, Any]] = {}
     for kind, opener in openers.items():
