@@ -445,3 +445,14 @@ def test_concurrent_fetches_download_once(server, tmp_path):
         t.join()
     assert results == [tmp_path / "d" / "f.bin"] * 3
     assert state.requests == [("/d/f.bin", None)]
+
+
+def test_mirror_can_be_a_local_directory(monkeypatch, tmp_path):
+    gen = make_idx_set()
+    remotes = tuple(RemoteFile(r.filename, md5(gen["files"][r.filename]), r.urls) for r in idx.IDX_DATASETS["mnist"])
+    monkeypatch.setitem(idx.IDX_DATASETS, "mnist", remotes)
+    (tmp_path / "mirror" / "mnist").mkdir(parents=True)
+    for fname, body in gen["files"].items():
+        (tmp_path / "mirror" / "mnist" / fname).write_bytes(body)
+    ds = load_dataset("mnist", data_dir=tmp_path / "data", mirror=(tmp_path / "mirror").as_uri())
+    np.testing.assert_array_equal(ds.test.labels.numpy(), gen["test_y"])
