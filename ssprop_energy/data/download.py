@@ -54,7 +54,8 @@ def default_data_dir() -> Path:
 
 def mirror_urls(dataset: str, remote: RemoteFile, mirror: str | None) -> tuple[str, ...]:
     """The URLs to try for ``remote``: ``MIRROR/DATASET/FILENAME`` when a mirror is set (argument, else
-    ``$SSPROP_ENERGY_MIRROR``), the canonical URLs otherwise."""
+    ``$SSPROP_ENERGY_MIRROR``), the canonical URLs otherwise. A mirror may be ``http(s)://`` or ``file://``
+    (a shared folder laid out as ``DATASET/FILENAME``); its files are checked against the same MD5s."""
     base = mirror if mirror is not None else os.environ.get(ENV_MIRROR)
     if base:
         return (f"{base.rstrip('/')}/{dataset}/{remote.filename}",)
