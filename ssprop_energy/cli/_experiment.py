@@ -202,6 +202,7 @@ def print_results(summary: Any) -> None:
 
 def execute(args: argparse.Namespace, kind: str, **lists: Any) -> int:
     """Run a compare or sweep from parsed flags (or resume one) and print the result table."""
+    from ssprop_energy import ledger
     from ssprop_energy.cli.progress import RichProgress
     from ssprop_energy.experiment.runner import (
         Experiment, ExperimentHooks, default_run_dir, load_run_config, prepare_run_dir,
@@ -227,7 +228,22 @@ def execute(args: argparse.Namespace, kind: str, **lists: Any) -> int:
         if not args.resume:
             prepare_run_dir(run_dir)
         print_header(cfg, run_dir, resumed=bool(args.resume))
-        summary = experiment.run()
+        entry = ledger.start_entry(kind=cfg.kind, project=cfg.project, command=sys.argv, run_dir=run_dir)
+
+        def close_entry(status: str, note: str | None = None) -> None:
+            c = experiment.carbon
+            entry.finish(status, experiment.spent_components(), co2_g=None, intensity_g_per_kwh=c.g_per_kwh,
+                         pue=cfg.pue, intensity_source=c.source, note=note)
+
+        try:
+            summary = experiment.run()
+        except RunInterrupted:
+            close_entry("interrupted")
+            raise
+        except BaseException as exc:
+            close_entry("failed", note=f"{type(exc).__name__}: {exc}")
+            raise
+        close_entry("complete")
         print_results(summary)
         print(f"run record: {run_dir}")
         return 0

@@ -42,6 +42,14 @@ PAIRED_METRICS = ("energy_j", "co2_g", "wall_s", "flops_backward", "flops_backwa
                   "test_accuracy")
 
 
+def _phase_at(phases: Sequence[tuple[float, float, str]], t_s: float) -> str:
+    """The label of the phase holding time ``t_s`` (s since meter start); ``other`` between phases."""
+    for start, end, label in phases:
+        if start <= t_s <= end:
+            return label
+    return "other"
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -117,6 +125,8 @@ class Experiment:
         self.created_at = now_iso()
         self.environment: dict[str, Any] = {}
         self.idle_power_w: dict[str, float] = {}
+        # (component, source, device) -> J metered by this process, finished or not: what the ledger charges
+        self._spent_j: dict[tuple[str, str, str], float] = {}
 
     # ------------------------------------------------------------------------------------------ building
 
@@ -197,6 +207,11 @@ class Experiment:
         summary = self._finalise(results)
         return summary
 
+    def spent_components(self) -> list[EnergyComponent]:
+        """Energy metered by this process over every arm-run it ran (training, evaluation, interrupted runs
+        included): what the audit ledger charges to this invocation."""
+        return [EnergyComponent(component=k[0], source=k[1], device=k[2], energy_j=v) for k, v in self._spent_j.items()]
+
     def _result_path(self, arm: ArmSpec, seed: int, repeat: int) -> Path:
         return self.run_dir / "runs" / f"{arm.name}__s{seed}__r{repeat}.json"
 
@@ -220,7 +235,7 @@ class Experiment:
         if not self.environment:
             self.environment = self._environment(meter)
         meter.start()
-        t_start = time.monotonic()
+        t_start = time.perf_counter()  # the meter's clock: trace times are seconds since its start
         trainer = Trainer(
             model, self.data, train_cfg, self.device, schedule=schedule, meter=meter, flop_meter=flop_meter,
             callbacks=self.hooks.callbacks(arm, seed, repeat), checkpoint_path=self._checkpoint_path(arm, seed, repeat),
@@ -230,7 +245,11 @@ class Experiment:
             result = trainer.fit()
         finally:
             report = meter.stop()
-        wall_total_s = time.monotonic() - t_start
+            for c in report.components:
+                key = (c.component, c.source, c.device)
+                self._spent_j[key] = self._spent_j.get(key, 0.0) + c.energy_j
+        wall_total_s = time.perf_counter() - t_start
+        phases = [(a - t_start, b - t_start, label) for a, b, label in trainer.phase_log]
 
         comp_info = {c.component: c for c in report.components}
         components = [
@@ -258,7 +277,7 @@ class Experiment:
             "phases": {k: dict(v) for k, v in report.windows.items()},
             "unattributed_energy_j": report.unattributed_energy_j,
             "epochs": [asdict(e) for e in result.epochs],
-            "trace": [[s.t_s, s.component, s.power_w, s.source] for s in report.trace],
+            "trace": [[s.t_s, s.component, s.power_w, s.source, _phase_at(phases, s.t_s)] for s in report.trace],
             "layers": [
                 {"layer": layer.name, "type": layer.type, "flops_forward": layer.forward, "flops_backward": layer.backward}
                 for layer in layer_step.layers
@@ -368,8 +387,8 @@ class Experiment:
                 epoch_rows += [{"arm": name, "repeat": f"s{r['seed']}r{r['repeat']}", **e} for e in r["epochs"]]
                 trace_rows += [
                     {"arm": name, "repeat": f"s{r['seed']}r{r['repeat']}", "t_s": t, "component": c, "power_w": p,
-                     "source": s, "phase": ""}
-                    for t, c, p, s in r["trace"]
+                     "source": s, "phase": ph}
+                    for t, c, p, s, ph in r["trace"]
                 ]
             layer_rows += [{"arm": name, **row} for row in runs[0]["layers"]]
         write_csv_atomic(self.run_dir / EPOCHS_FILE, epoch_rows, EPOCH_COLUMNS)

@@ -133,6 +133,8 @@ class Trainer:
         )
         self.sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self.drop_rate = 0.0
+        # (start, end, label) on the time.perf_counter clock, the energy meter's clock: shades the power trace
+        self.phase_log: list[tuple[float, float, str]] = []
 
     # ------------------------------------------------------------------------------------------ helpers
 
@@ -249,12 +251,15 @@ class Trainer:
             t0 = time.perf_counter()
             loss, acc, f_fwd, f_bwd, f_bwd_conv = self._train_epoch(epoch)
             self.sync()
-            train_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            train_s = t1 - t0
+            self.phase_log.append((t0, t1, f"train drop {drop:g}" if self.schedule is not None else "train dense"))
             e1 = self._snapshot()
             with self._window("eval"):
-                t1 = time.perf_counter()
                 val_loss, val_acc = self.evaluate(self.data.val)
-                state["eval_wall_s"] += time.perf_counter() - t1
+            t2 = time.perf_counter()
+            state["eval_wall_s"] += t2 - t1
+            self.phase_log.append((t1, t2, "eval"))
             e2 = self._snapshot()
             if self.lr_schedule is not None:
                 self.lr_schedule.step()
@@ -286,7 +291,9 @@ class Trainer:
         with self._window("eval"):
             test_loss, test_acc = self.evaluate(self.data.test)
             noise_acc = {f"{s:g}": self.evaluate(self.data.test, s)[1] for s in self.config.eval_noise}
-        state["eval_wall_s"] += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        state["eval_wall_s"] += t1 - t0
+        self.phase_log.append((t0, t1, "eval"))
         e1 = self._snapshot()
         state["eval_energy_j"] += sum(max(0.0, e1.get(k, 0.0) - e0.get(k, 0.0)) for k in e1)
         self.callbacks.on_train_end(self)
