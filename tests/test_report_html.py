@@ -15,6 +15,7 @@ import report_fixtures as fx
 
 from ssprop_energy.cli import main
 from ssprop_energy.errors import ConfigError, RecordError
+from ssprop_energy.records import EnergyComponent
 from ssprop_energy.report import MAX_REPORT_BYTES, render_report
 
 
@@ -170,12 +171,27 @@ def test_estimated_energy_warns_at_the_top(rendered) -> None:
     warn = text.index('data-warning="estimated"')
     assert warn < text.index('id="run0-headline"')
     assert "70% of this run's energy is estimated" in text
-    assert "Energy (partly estimated) fell by" in text
+    assert "Energy (mostly estimated) fell by" in text
     mixed = rendered("mixed")
     assert 'data-warning="estimated"' not in mixed  # 30% estimated: noted, not a headline warning
     assert "cpu (AMD EPYC 7R13 (TDP 280 W x load)): estimated" in mixed
     assert "gpu:0 (NVIDIA H100 80GB HBM3): counter" in mixed
     assert "source: <b>mixed</b>" in mixed
+    assert "Energy (partly estimated) fell by" in mixed
+
+
+def test_measured_mixed_sources_are_not_called_estimated(tmp_path: Path) -> None:
+    """counter + sampled components sum to a 'mixed' total that is still entirely measured."""
+
+    def comps(energy_j: float) -> list[EnergyComponent]:
+        return [EnergyComponent("gpu:0", 0.8 * energy_j, "counter", "NVIDIA A100"),
+                EnergyComponent("cpu", 0.2 * energy_j, "sampled", "Intel Xeon")]
+
+    fx.make_run(tmp_path / "run", [fx.ArmSpec("dense", 0.0), fx.ArmSpec("ssprop", 0.8)], repeats=2, epochs=2,
+                components=comps, write_trace=False)
+    md = render_report([tmp_path / "run"], tmp_path / "r.md", fmt="md").read_text()
+    assert "| mixed |" in md and "estimated" not in md.replace("estimated share of energy 0.0%", "")
+    assert "Energy fell by" in md
 
 
 def test_interrupted_run_is_labelled(runs: dict[str, Path], rendered, tmp_path: Path) -> None:

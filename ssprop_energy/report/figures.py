@@ -14,7 +14,10 @@ from dataclasses import dataclass
 
 import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 from ssprop_energy.report.load import Run
 from ssprop_energy.report.savings import ArmComparison, pareto_front
@@ -85,8 +88,13 @@ def _colours(run: Run) -> dict[str, str]:
     if len(sparse) == 1:
         return {**out, sparse[0]: "#d9601a"}
     for i, name in enumerate(sparse):
-        out[name] = matplotlib.colors.to_hex(cmap(0.12 + 0.68 * i / max(1, len(sparse) - 1)))
+        out[name] = to_hex(cmap(0.12 + 0.68 * i / max(1, len(sparse) - 1)))
     return out
+
+
+def _integer_epochs(*axes) -> None:
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _legend(ax) -> None:
@@ -119,6 +127,7 @@ def accuracy_loss(run: Run) -> FigureData:
                 ax_loss.fill_between(x, lo["val_loss"], hi["val_loss"], color=col, alpha=0.15)
         ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy (solid: validation, dotted: train)")
         ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss (solid: validation, dotted: train)")
+        _integer_epochs(ax_acc, ax_loss)
         _legend(ax_acc)
     reps = int(run.epochs["repeat"].nunique()) if len(run.epochs) else 0
     band = f" Mean of {reps} repeats; shaded: min to max." if reps > 1 else ""
@@ -140,6 +149,7 @@ def drop_rate(run: Run) -> FigureData:
             offset = (i - (n - 1) / 2) * 0.008
             ax.step(x, [v + offset for v in y], where="mid", color=colours[name], lw=1.6, label=name)
         ax.set(xlabel="epoch", ylabel="drop rate", ylim=(-0.05, 1.0), title="Drop rate per epoch (the schedule)")
+        _integer_epochs(ax)
         _legend(ax)
     return _render(fig, "drop_rate", "Drop rate per epoch", "Drop rate of each epoch as recorded in summary.json.")
 
@@ -161,6 +171,7 @@ def energy_per_epoch(run: Run) -> FigureData:
         ax_c.set(xlabel="epoch", ylabel="energy (J)", title="Cumulative energy")
         ax_e.set_ylim(bottom=0)
         ax_c.set_ylim(bottom=0)
+        _integer_epochs(ax_e, ax_c)
         _legend(ax_c)
     return _render(fig, "energy_per_epoch", "Energy per epoch", provenance_line(run))
 
@@ -185,11 +196,13 @@ def power_trace(run: Run) -> FigureData | None:
             ax.set_ylabel("power (W)")
             ax.set_title(f"{name}", loc="left", fontsize=9)
             ax.set_ylim(bottom=0)
-            _legend(ax)
         axes[-1].set_xlabel("time since the arm started (s)")
-        if phase_col:
-            handles = [matplotlib.patches.Patch(color=c, alpha=0.25, label=p) for p, c in phase_col.items()]
-            fig.legend(handles=handles, loc="outside upper right", ncols=len(handles), title="phase")
+        handles, labels = axes[0].get_legend_handles_labels()
+        for phase, colour in phase_col.items():
+            handles.append(Patch(color=colour, alpha=0.25))
+            labels.append(f"phase: {phase}")
+        if handles:
+            fig.legend(handles, labels, loc="outside upper center", ncols=min(4, len(handles)))
     shown = "" if len(arms) == len([a for a in run.arms if (trace["arm"] == a).any()]) else (
         f" First {MAX_TRACE_ARMS} arms shown."
     )

@@ -83,6 +83,8 @@ def _accuracy_card(c: ArmComparison) -> str:
     a = c.accuracy
     if a.ci is None:
         cls, ci_text = "", "single pair: no interval" if a.n_pairs < 2 else "no interval recorded"
+    elif a.ci[0] == a.ci[1]:
+        cls, ci_text = "", f"identical in all {a.n_pairs} pairs (one seed): no interval"
     else:
         cls = "noise" if a.ci_spans_zero else ("good" if a.diff > 0 else "bad")
         ci_text = f"{T.fmt_ci_pp(a.ci, a.ci_level, 2)}{' (includes 0: noise)' if a.ci_spans_zero else ''}, {a.n_pairs} pairs"
@@ -143,13 +145,13 @@ def _headline(run: Run, comps: list[ArmComparison]) -> str:
     if not comps:
         return ('<p class="note">No comparison: the run has no baseline arm '
                 f"({_e(run.summary.baseline)!s}) or no sparse arm.</p>")
-    energy_source = T.estimate_source(run)
+    est = estimated_fraction(run.arms)
     if len(comps) == 1:
         c = comps[0]
-        return (_cards(c) + f'<p class="verdict" data-verdict="{_e(c.arm)}">{_e(T.verdict(c, energy_source))}</p>'
+        return (_cards(c) + f'<p class="verdict" data-verdict="{_e(c.arm)}">{_e(T.verdict(c, est))}</p>'
                 + _few_pairs(comps))
     verdicts = "".join(
-        f'<li data-verdict="{_e(c.arm)}">{_e(T.verdict(c, energy_source))}</li>' for c in comps
+        f'<li data-verdict="{_e(c.arm)}">{_e(T.verdict(c, est))}</li>' for c in comps
     )
     points = [(n, a.energy_j, a.test_accuracy) for n, a in run.arms.items() if math.isfinite(a.test_accuracy)]
     front = pareto_front(points)
@@ -231,7 +233,7 @@ def _table(df: pd.DataFrame, pct: Iterable[str] = (), scroll: bool = False, digi
             cells.append(f'<td class="{"text" if col in text_cols else ""}">{_e(shown)}</td>')
         rows.append(f"<tr>{''.join(cells)}</tr>")
     table = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-    return f'<div class="scroll">{table}</div>' if scroll else table
+    return f'<div class="{"scroll" if scroll else "wide"}">{table}</div>'
 
 
 def _arm_summary_table(run: Run) -> str:
@@ -300,7 +302,8 @@ def _phase_table(run: Run) -> str:
                          "wall_s": math.nan, "count": math.nan, "share": math.nan})
     if not rows:
         return '<p class="note">No per-phase energy recorded.</p>'
-    return ('<p class="sub">Share: fraction of the arm\'s training energy.</p>'
+    return ('<p class="sub">Phases are the meter\'s named windows; share = phase energy / the arm\'s training '
+            "energy. Windows outside training (evaluation) make the shares sum to more than 100%.</p>"
             + _table(pd.DataFrame(rows), pct=["share"], scroll=len(rows) > 14))
 
 

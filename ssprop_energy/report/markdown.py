@@ -49,7 +49,7 @@ def _acc_text(c: ArmComparison) -> str:
 def _headline(run: Run, comps: list[ArmComparison]) -> list[str]:
     if not comps:
         return [f"No comparison: the run has no baseline arm ({run.summary.baseline}) or no sparse arm."]
-    source = T.estimate_source(run)
+    est = estimated_fraction(run.arms)
     out = []
     if len(comps) == 1:
         c = comps[0]
@@ -63,7 +63,7 @@ def _headline(run: Run, comps: list[ArmComparison]) -> list[str]:
              f"{T.fmt_pct(c.accuracy.baseline, 2)} -> {T.fmt_pct(c.accuracy.value, 2)}", "measured"],
         ]
         out.append(md_table(["", f"{c.arm} vs {c.baseline_arm}", "values", "source"], rows))
-        out.append(f"**Verdict.** {T.verdict(c, source)}")
+        out.append(f"**Verdict.** {T.verdict(c, est)}")
         return out + _few_pairs(comps)
     rows = []
     for c in comps:
@@ -73,7 +73,7 @@ def _headline(run: Run, comps: list[ArmComparison]) -> list[str]:
     out.append(md_table(["arm", "drop rate", "avg drop", "energy", "CO2", "time", "backward FLOPs", "test accuracy"], rows))
     points = [(n, a.energy_j, a.test_accuracy) for n, a in run.arms.items() if math.isfinite(a.test_accuracy)]
     out.append(f"Energy-accuracy Pareto front: **{', '.join(pareto_front(points))}**.")
-    out.append("\n".join(f"- {T.verdict(c, source)}" for c in comps))
+    out.append("\n".join(f"- {T.verdict(c, est)}" for c in comps))
     return out + _few_pairs(comps)
 
 

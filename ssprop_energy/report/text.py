@@ -132,22 +132,38 @@ def _accuracy_clause(c: ArmComparison) -> str:
         suffix = "in a single pair of runs (no interval)" if a.n_pairs < 2 else "(no interval recorded)"
         return f"test accuracy changed by {fmt_pp(a.diff, 2)} {suffix}"
     ci = fmt_ci_pp(a.ci, a.ci_level, 2)
+    if a.ci[0] == a.ci[1]:
+        return (
+            f"test accuracy changed by {fmt_pp(a.diff, 2)}, identically in all {a.n_pairs} pairs: repeats of one "
+            "seed do not sample accuracy variation, so this is no interval (use several seeds for one)"
+        )
     if a.ci_spans_zero:
         return f"the test-accuracy difference ({fmt_pp(a.diff, 2)}, {ci}) is not distinguishable from noise"
     word = "rose" if a.diff > 0 else "fell"
     return f"test accuracy {word} by {fmt_pp(abs(a.diff), 2).lstrip('+')} ({ci}, {a.n_pairs} pairs)"
 
 
-def verdict(c: ArmComparison, energy_source: str) -> str:
-    """A plain-language verdict for one sparse arm that claims no more than its numbers."""
+def verdict(c: ArmComparison, estimated_frac: float) -> str:
+    """A plain-language verdict for one sparse arm that claims no more than its numbers.
+
+    ``estimated_frac`` is the fraction of the run's energy that comes from estimated components: a total
+    of counter and sampled components is measured, only estimated components make it an estimate.
+    """
     fb = c.flops_backward
     flops = (
         f"ssProp ({c.arm}) executed {less_or_more(fb.saved_frac)} backward FLOPs than {c.baseline_arm} "
         f"(counted; average drop rate {c.average_drop_rate:.2f})."
     )
-    energy_word = {"estimated": "estimated energy", "mixed": "energy (partly estimated)"}.get(energy_source, "energy")
+    if estimated_frac >= 1.0:
+        energy_word = "estimated energy"
+    elif estimated_frac > ESTIMATE_DOMINATES_FRACTION:
+        energy_word = "energy (mostly estimated)"
+    elif estimated_frac > 0.0:
+        energy_word = "energy (partly estimated)"
+    else:
+        energy_word = "energy"
     energy = _saving_clause(c.energy, energy_word, "fell by", "rose by")
-    if energy_source == "estimated":
+    if estimated_frac > ESTIMATE_DOMINATES_FRACTION:
         energy += "; an estimate follows the power model's assumptions, not the hardware"
     time = _saving_clause(c.time, "wall time", "fell by", "rose by")
     acc = _accuracy_clause(c)
@@ -191,12 +207,6 @@ def status_banner(run: Run) -> str | None:
         reason = s.failure_reason or "no reason recorded"
         return f"Failed run ({reason}): numbers cover {progress} and are not a finished result."
     return f"Run still in progress ({progress} so far): numbers are provisional."
-
-
-def estimate_source(run: Run) -> str:
-    """The provenance of the run's energy totals: the arms' common source, else ``mixed``."""
-    sources = {arm.energy_source for arm in run.arms.values()}
-    return sources.pop() if len(sources) == 1 else "mixed"
 
 
 def estimate_warning(run: Run) -> str | None:
