@@ -176,7 +176,7 @@ def test_estimated_energy_warns_at_the_top(rendered) -> None:
     assert 'data-warning="estimated"' not in mixed  # 30% estimated: noted, not a headline warning
     assert "cpu (AMD EPYC 7R13 (TDP 280 W x load)): estimated" in mixed
     assert "gpu:0 (NVIDIA H100 80GB HBM3): counter" in mixed
-    assert "source: <b>mixed</b>" in mixed
+    assert "source: <b>mixed (counter + estimated)</b>" in mixed
     assert "Energy (partly estimated) fell by" in mixed
 
 
@@ -190,7 +190,8 @@ def test_measured_mixed_sources_are_not_called_estimated(tmp_path: Path) -> None
     fx.make_run(tmp_path / "run", [fx.ArmSpec("dense", 0.0), fx.ArmSpec("ssprop", 0.8)], repeats=2, epochs=2,
                 components=comps, write_trace=False)
     md = render_report([tmp_path / "run"], tmp_path / "r.md", fmt="md").read_text()
-    assert "| mixed |" in md and "estimated" not in md.replace("estimated share of energy 0.0%", "")
+    assert "| mixed (counter + sampled) |" in md
+    assert "estimated" not in md.replace("estimated share of energy 0.0%", "")
     assert "Energy fell by" in md
 
 

@@ -37,6 +37,7 @@ _RC = {
     "legend.fontsize": 8,
     "legend.frameon": False,
 }
+# Phase shading uses these at low alpha; component lines use them at full strength.
 PHASE_COLOURS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
 
 
@@ -184,25 +185,27 @@ def power_trace(run: Run) -> FigureData | None:
     arms = [a for a in run.arms if (trace["arm"] == a).any()][:MAX_TRACE_ARMS]
     phases = [p for p in dict.fromkeys(trace["phase"]) if p]
     phase_col = {p: PHASE_COLOURS[i % len(PHASE_COLOURS)] for i, p in enumerate(phases)}
+    components = list(dict.fromkeys(trace["component"]))
+    comp_col = {c: PHASE_COLOURS[i % len(PHASE_COLOURS)] for i, c in enumerate(components)}
+    legend: dict[str, object] = {}
     with matplotlib.rc_context(_RC):
         fig, axes = _new(1.7 * len(arms) + 0.6, nrows=len(arms), sharex=True)
         for ax, name in zip(axes, arms):
             df = trace[trace["arm"] == name]
             df = df[df["repeat"] == df["repeat"].iloc[0]].sort_values("t_s", kind="stable")
             for comp, part in df.groupby("component", sort=False):
-                src = part["source"].iloc[0]
-                ax.plot(part["t_s"], part["power_w"], lw=0.9, label=f"{comp} ({src})")
+                label = f"{comp} ({part['source'].iloc[0]})"
+                (line,) = ax.plot(part["t_s"], part["power_w"], lw=0.9, color=comp_col[comp])
+                legend.setdefault(label, line)
             _shade_phases(ax, df.drop_duplicates("t_s"), phase_col)
             ax.set_ylabel("power (W)")
             ax.set_title(f"{name}", loc="left", fontsize=9)
             ax.set_ylim(bottom=0)
         axes[-1].set_xlabel("time since the arm started (s)")
-        handles, labels = axes[0].get_legend_handles_labels()
         for phase, colour in phase_col.items():
-            handles.append(Patch(color=colour, alpha=0.25))
-            labels.append(f"phase: {phase}")
-        if handles:
-            fig.legend(handles, labels, loc="outside upper center", ncols=min(4, len(handles)))
+            legend[f"phase: {phase}"] = Patch(color=colour, alpha=0.25)
+        if legend:
+            fig.legend(list(legend.values()), list(legend), loc="outside upper center", ncols=min(4, len(legend)))
     shown = "" if len(arms) == len([a for a in run.arms if (trace["arm"] == a).any()]) else (
         f" First {MAX_TRACE_ARMS} arms shown."
     )

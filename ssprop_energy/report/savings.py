@@ -127,7 +127,7 @@ def compare_arm(run: Run, arm_name: str) -> ArmComparison:
         raise ValueError(f"run {run.path} has no baseline arm")
     arm = run.arms[arm_name]
     stats = run.paired.get(arm_name, {})
-    energy_source = _pair_source(base.energy_source, arm.energy_source)
+    energy_source = _pair_source(base, arm)
 
     def make(metric: str, source: str) -> Saving:
         return saving(metric, float(getattr(base, metric)), float(getattr(arm, metric)), stats.get(metric), source)
@@ -179,8 +179,11 @@ def comparisons(run: Run) -> list[ArmComparison]:
     return [compare_arm(run, name) for name in run.sparse_arm_names]
 
 
-def _pair_source(a: str, b: str) -> str:
-    return a if a == b else "mixed"
+def _pair_source(base: ArmRecord, arm: ArmRecord) -> str:
+    """Provenance of a saving between two arms: one source, or ``mixed (counter + estimated)``."""
+    sources = sorted({c.source for a in (base, arm) for c in a.energy_components}
+                     or {base.energy_source, arm.energy_source})
+    return sources[0] if len(sources) == 1 else f"mixed ({' + '.join(sources)})"
 
 
 def estimated_fraction(arms: dict[str, ArmRecord]) -> float:

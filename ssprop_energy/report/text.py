@@ -19,7 +19,7 @@ SOURCE_WORDS = {
     "counter": "read from hardware energy counters",
     "sampled": "integrated from sampled power",
     "estimated": "estimated from a power model (not measured)",
-    "mixed": "partly measured, partly estimated",
+    "mixed": "combined from components of different provenance",
     "counted": "counted",
     "measured": "measured",
 }
