@@ -3,6 +3,7 @@
 Arms, interleaved in a fresh random order every round so drifting machine load hits all of them alike:
 
 - ``bare``:     the training step alone (forward, cross-entropy, backward, optimizer step);
+- ``bare-a/a``: the same again, an A/A control: its ratio to ``bare`` is the noise floor of the run;
 - ``sampler``:  the same with a started meter whose background thread samples every ``--period-s``;
 - ``windows``:  the sampler plus the harness's windows: ``step`` around ``forward``, ``backward`` and
   ``optimizer`` (four windows, eight edges, each reading the counters).
@@ -98,14 +99,15 @@ def main() -> None:
     for _ in range(2):  # warm-up: allocator and kernels
         step(no_window)
 
-    samples: dict[str, dict[str, list[float]]] = {a: {"wall": [], "cpu": []} for a in ("bare", "sampler", "windows")}
+    arm_names = ("bare", "bare-a/a", "sampler", "windows")
+    samples: dict[str, dict[str, list[float]]] = {a: {"wall": [], "cpu": []} for a in arm_names}
     rng = random.Random(args.seed)
     describe = None
     for _ in range(args.rounds):
         arms = list(samples)
         rng.shuffle(arms)
         for arm in arms:
-            if arm == "bare":
+            if arm.startswith("bare"):
                 wall, cpu = time_block(step, no_window, args.steps)
             else:
                 meter = open_meter(args.meter, sample_period_s=args.period_s)
@@ -123,10 +125,10 @@ def main() -> None:
     print(f"meter: {args.meter} -> {[s['kind'] for s in describe['sources']]}, period {args.period_s} s")
     print(f"ResNet18 (CIFAR), batch {args.batch_size}, {args.threads} thread(s), "
           f"{args.rounds} rounds x {args.steps} steps per arm, torch {torch.__version__}")
-    print(f"{'arm':<9} {'median wall s':>13} {'vs bare':>8} {'min wall s':>11} {'vs bare':>8} "
+    print(f"{'arm':<10} {'median wall s':>13} {'vs bare':>8} {'min wall s':>11} {'vs bare':>8} "
           f"{'median cpu s':>13} {'vs bare':>8}")
     for arm, m in med.items():
-        print(f"{arm:<9} {m['wall']:>13.4f} {m['wall'] / med['bare']['wall']:>8.3f} "
+        print(f"{arm:<10} {m['wall']:>13.4f} {m['wall'] / med['bare']['wall']:>8.3f} "
               f"{best[arm]:>11.4f} {best[arm] / best['bare']:>8.3f} "
               f"{m['cpu']:>13.4f} {m['cpu'] / med['bare']['cpu']:>8.3f}")
     print(f"isolated costs: one sample tick {tick_s * 1e6:.1f} us, one window open+close {window_s * 1e6:.1f} us")
