@@ -112,3 +112,38 @@ def test_gpu_selection(monkeypatch, clock):
     meter.close()
     with pytest.raises(MeterUnavailableError, match="does not exist"):
         open_meter("nvml", clock=clock, gpus=[5])
+
+
+def test_auto_sync_is_cuda_synchronize_and_torch_is_imported_only_by_windows(monkeypatch, clock):
+    import builtins
+    import types
+
+    p, e = sine(100.0, 10.0, 1.0)
+    install(monkeypatch, clock, [FakeGpu("A100", p, e)])
+    synced = []
+    fake_torch = types.ModuleType("torch")
+    fake_torch.cuda = types.SimpleNamespace(is_available=lambda: True, synchronize=lambda: synced.append(clock()))
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)
+    imported = []
+    real_import = builtins.__import__
+
+    def spy(name, *args, **kwargs):
+        if name == "torch":
+            imported.append(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", spy)
+    meter = open_meter("nvml", clock=clock, background=False)  # sync="auto"
+    meter.start()
+    clock.advance(0.5)
+    meter.snapshot()
+    assert imported == []  # the audit wrapper (no windows) never imports torch
+    with meter.window("forward"):
+        clock.advance(0.1)
+    meter.stop()
+    assert imported == ["torch"] and synced == [1000.5, 1000.6]
+
+
+def test_bad_sync_argument(monkeypatch, clock):
+    with pytest.raises(MeterError, match="sync must be"):
+        open_meter("fake", sync="always")

@@ -109,6 +109,8 @@ class EnergyMeter:
             raise MeterError("an energy meter needs at least one power source")
         if not sample_period_s > 0:
             raise MeterError(f"sample period must be positive, got {sample_period_s} s")
+        if not (sync is None or callable(sync) or sync == "auto"):
+            raise MeterError(f"sync must be a callable, None or 'auto', got {sync!r}")
         self.kind = kind
         self.sample_period_s = float(sample_period_s)
         self._sources = list(sources)
@@ -116,7 +118,8 @@ class EnergyMeter:
         self._sleep = sleep
         self._background = background
         self._sync_arg = sync
-        self._sync: Callable[[], None] | None = None
+        # resolved at the first window, so that code without windows (the audit wrapper) never imports torch
+        self._sync: Callable[[], None] | None | str = "unresolved"
         self.unavailable = dict(unavailable or {})
 
         self.specs: dict[str, ComponentSpec] = {}
@@ -180,8 +183,6 @@ class EnergyMeter:
     def _resolve_sync(self) -> Callable[[], None] | None:
         if self._sync_arg is None or callable(self._sync_arg):
             return self._sync_arg
-        if self._sync_arg != "auto":
-            raise MeterError(f"sync must be a callable, None or 'auto', got {self._sync_arg!r}")
         if not any(src.kind == "nvml" for src in self._sources):
             return None
         try:
@@ -196,7 +197,6 @@ class EnergyMeter:
         """Start measuring: read the counters, take the first sample, start the sampling thread."""
         if self._state != "new":
             raise MeterError(f"energy meter already {self._state}; open a new one for a new interval")
-        self._sync = self._resolve_sync()
         for src in self._sources:
             src.start()
             src.refresh()
@@ -257,6 +257,8 @@ class EnergyMeter:
         window that launched it.
         """
         self._check_running()
+        if self._sync == "unresolved":
+            self._sync = self._resolve_sync()
         sync = self._sync
         if sync is not None:
             sync()
