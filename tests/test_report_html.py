@@ -287,3 +287,21 @@ def test_cli(runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit) as info:
         main(["report", str(runs["compare"]), "--format", "pdf"])
     assert info.value.code == 2
+
+
+def test_failed_run_without_arms(tmp_path: Path) -> None:
+    from ssprop_energy.records import (CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, RunSummary, write_csv_atomic,
+                                       write_json_atomic, write_summary)
+
+    run_dir = tmp_path / "run"
+    write_summary(run_dir, RunSummary(kind="compare", status="failed", created_at="2026-11-25T15:00:00+00:00",
+                                      config={"model": "cnn", "dataset": "digits", "epochs": 3}, environment={},
+                                      carbon={}, arms={}, failure_reason="CUDA out of memory"))
+    write_json_atomic(run_dir / CONFIG_FILE, {"model": "cnn"})
+    write_csv_atomic(run_dir / EPOCHS_FILE, [], EPOCH_COLUMNS)
+    text = html.unescape(render_report([run_dir], tmp_path / "r.html").read_text())
+    assert "Failed run (CUDA out of memory): numbers cover 0 of 3 epochs" in text
+    assert "No arm recorded: nothing to plot." in text and "<img" not in text
+    md = render_report([run_dir], tmp_path / "r.md", fmt="md").read_text()
+    assert "Carbon intensity not recorded; PUE not recorded" in md
+    assert "no energy or carbon to state" in md

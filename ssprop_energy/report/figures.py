@@ -348,7 +348,9 @@ def pareto(run: Run) -> FigureData:
 
 
 def run_figures(run: Run, comps: list[ArmComparison]) -> list[FigureData]:
-    """Every figure for one run, in reading order."""
+    """Every figure for one run, in reading order (none when no arm was recorded)."""
+    if not run.arms:
+        return []
     figs = [accuracy_loss(run), drop_rate(run), energy_per_epoch(run)]
     trace = power_trace(run)
     if trace is not None:

@@ -238,6 +238,8 @@ def _table(df: pd.DataFrame, pct: Iterable[str] = (), scroll: bool = False, digi
 
 def _arm_summary_table(run: Run) -> str:
     """Fields as rows, arms as columns: a sweep's arms fit side by side and each field reads across."""
+    if not run.arms:
+        return '<p class="note">No arm recorded.</p>'
     df = arm_table(run).set_index("arm")
     pct = {"test_accuracy", "best_val_accuracy", *[c for c in df.columns if c.startswith("noise_accuracy_")]}
     fmt = _fmt_float(4)
@@ -381,7 +383,7 @@ def _run_article(run: Run, idx: int, multi: bool) -> str:
     reps = max((repeat_count(a) for a in run.arms.values()), default=1)
     sub = (f"{_e(s.kind)} run, {len(run.arms)} arms, {reps} repeat{'s' if reps != 1 else ''}, status "
            f"<b>{_e(s.status)}</b>; created {_e(s.created_at)}; {_e(str(run.path))}")
-    figs = "".join(_figure(f) for f in run_figures(run, comps))
+    figs = "".join(_figure(f) for f in run_figures(run, comps)) or '<p class="note">No arm recorded: nothing to plot.</p>'
     sec = lambda name: f"{anchor}-{name}"  # noqa: E731
     h = "h3" if multi else "h2"
     toc = "".join(f'<a href="#{sec(k)}">{t}</a>' for k, t in (

@@ -97,6 +97,8 @@ def _paper(comps: list[ArmComparison]) -> str:
 
 
 def _arms(run: Run) -> str:
+    if not run.arms:
+        return "No arm recorded."
     rows = []
     for name, a in run.arms.items():
         rows.append([name, f"{a.drop_rate:g}", a.schedule, f"{a.average_drop_rate:.2f}", T.fmt_pct(a.test_accuracy, 2),
@@ -142,13 +144,11 @@ def _run_md(run: Run, multi: bool) -> str:
     parts += [f"{h2} Headline", *_headline(run, comps), T.provenance_line(run)]
     if comps:
         parts += [f"{h2} The paper's claim and this run", _paper(comps)]
-    ci = T.carbon_info(run)
     parts += [
         f"{h2} Per arm", _arms(run),
         f"{h2} Per phase energy", _phases(run),
         f"{h2} Provenance", _components(run),
-        f"Carbon intensity {T.fmt_number(ci['g_per_kwh'])} g CO2e/kWh ({ci['source']}"
-        f"{', ' + ci['region'] if ci['region'] else ''}); PUE {T.fmt_number(ci['pue'])} ({ci['pue_source']}); "
+        f"{T.intensity_text(run)}; "
         f"estimated share of energy {T.fmt_pct(estimated_fraction(run.arms))}.",
         f"{h2} Carbon statement", "> " + T.carbon_statement(run, comps),
         "Figures, per-epoch and per-layer tables: see the HTML report (`ssprop-energy report RUN_DIR`).",

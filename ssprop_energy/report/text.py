@@ -256,12 +256,19 @@ def provenance_line(run: Run) -> str:
     parts = [f"{comp} ({dev}): {src}" for comp, dev, src in hardware(run.arms)]
     if not parts:
         parts = [f"{name}: {arm.energy_source}" for name, arm in run.arms.items()]
+    return f"Energy: {'; '.join(parts) or 'no components recorded'}. {intensity_text(run)}."
+
+
+def intensity_text(run: Run) -> str:
+    """``Carbon intensity 380 g CO2e/kWh (source, region); PUE 1.2 (source)``, saying what is not recorded."""
     ci = carbon_info(run)
     region = f", {ci['region']}" if ci["region"] else ""
-    return (
-        f"Energy: {'; '.join(parts)}. Carbon intensity {fmt_number(ci['g_per_kwh'])} g CO2e/kWh "
-        f"({ci['source']}{region}); PUE {fmt_number(ci['pue'])} ({ci['pue_source']})."
+    intensity = (
+        f"{fmt_number(ci['g_per_kwh'])} g CO2e/kWh ({ci['source']}{region})"
+        if fmt_number(ci["g_per_kwh"]) != "not recorded" else "not recorded"
     )
+    pue = f"{fmt_number(ci['pue'])} ({ci['pue_source']})" if fmt_number(ci["pue"]) != "not recorded" else "not recorded"
+    return f"Carbon intensity {intensity}; PUE {pue}"
 
 
 def fmt_number(value: Any) -> str:
@@ -294,6 +301,8 @@ def run_totals(run: Run) -> tuple[float, float, float]:
 
 def carbon_statement(run: Run, comps: list[ArmComparison]) -> str:
     """A paragraph that can be pasted into a paper's compute/carbon statement."""
+    if not run.arms:
+        return "No training was recorded in this run, so there is no energy or carbon to state."
     energy_j, eval_j, co2 = run_totals(run)
     cfg = run.summary.config or run.config
     n_trainings = sum(repeat_count(a) for a in run.arms.values())
@@ -311,7 +320,8 @@ def carbon_statement(run: Run, comps: list[ArmComparison]) -> str:
         f"{len(run.arms)} arm{'s' if len(run.arms) != 1 else ''}"
         f"{f', {epochs} epochs each' if epochs else ''}) used {fmt_energy(energy_j)} of electricity{eval_text}, "
         f"{source_text}, on {', '.join(devices)}. At a carbon intensity of {fmt_number(ci['g_per_kwh'])} g CO2e/kWh"
-        f"{region} ({ci['source']}) and a PUE of {fmt_number(ci['pue'])}, this corresponds to {fmt_co2(co2)}."
+        f"{region} ({ci['source']}) and a PUE of {fmt_number(ci['pue'])}, the training energy corresponds to "
+        f"{fmt_co2(co2)}."
     )
     if len(comps) == 1:
         c = comps[0]
@@ -319,7 +329,7 @@ def carbon_statement(run: Run, comps: list[ArmComparison]) -> str:
         text += (
             f" Scheduled sparse back-propagation (ssProp, drop rate {run.arms[c.arm].drop_rate:g}, "
             f"{run.arms[c.arm].schedule} schedule) used {less_or_more(c.energy.saved_frac, 'energy')}{ci_text} "
-            f"than dense training, with a test-accuracy difference of {fmt_pp(c.accuracy.diff)}."
+            f"than dense training, with a test-accuracy difference of {fmt_pp(c.accuracy.diff, 2)}."
         )
     text += " Measured with ssprop-energy."
     return text
