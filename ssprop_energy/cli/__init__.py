@@ -83,7 +83,10 @@ def _write_crash_log() -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ssprop-energy`` script. Returns the process exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a bad flag (already reported in one line)
+        return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
     _configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)

@@ -185,7 +185,10 @@ class Experiment:
         try:
             if self.cfg.idle_s > 0:
                 meter = self._open_meter()
-                self.idle_power_w = dict(meter.measure_idle(self.cfg.idle_s))
+                try:
+                    self.idle_power_w = dict(meter.measure_idle(self.cfg.idle_s))
+                finally:
+                    meter.close()
             results = {}
             for arm, seed, repeat in self.plan():
                 path = self._result_path(arm, seed, repeat)

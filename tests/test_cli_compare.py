@@ -1,0 +1,135 @@
+"""`ssprop-energy compare` / `sweep` through the CLI: bad input gets one line and exit 2, nothing written."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from ssprop_energy.cli import main
+
+TINY = ["--model", "cnn", "--dataset", "synthetic:1x8x8:4:64", "--epochs", "2", "--batch-size", "32",
+        "--meter", "fake", "--quiet"]
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--drop-rate", "1.5"], "drop rate 1.5"),
+        (["--drop-rate", "-0.1"], "drop rate -0.1"),
+        (["--drop-rate", "abc"], "--drop-rate"),
+        (["--model", "resnet9000"], "resnet9000"),
+        (["--dataset", "imagenet"], "imagenet"),
+        (["--schedule", "zigzag"], "zigzag"),
+        (["--epochs", "0"], "--epochs"),
+        (["--epochs", "two"], "--epochs"),
+        (["--batch-size", "-4"], "--batch-size"),
+        (["--lr", "nan"], "--lr"),
+        (["--pue", "0.5"], "--pue"),
+        (["--seeds", "1,x"], "--seeds"),
+        (["--country", "XXX"], "XXX"),
+        (["--layers", "attention"], "attention"),
+        (["--warmup-epochs", "2"], "warmup"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    args: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    rc = main(["compare", *TINY, "--out", str(out), *args])
+    assert rc == 2
+    assert needle in _one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_argparse_errors_exit_2_without_usage_block(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", "--epochs", "x"]) == 2
+    assert "invalid int value" in _one_line_error(capsys)
+
+
+def test_unwritable_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert main(["compare", *TINY, "--out", str(blocker / "run")]) == 2
+    assert "not writable" in _one_line_error(capsys)
+
+
+def test_out_that_holds_files_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "keep.txt").write_text("precious")
+    assert main(["compare", *TINY, "--out", str(tmp_path)]) == 2
+    assert "--resume" in _one_line_error(capsys)
+    assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+def test_resume_of_a_non_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", "--resume", str(tmp_path)]) == 2
+    assert "not a run directory" in _one_line_error(capsys)
+
+
+def test_corrupt_dataset_file_is_reported_with_its_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    (data / "mnist").mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (data / "mnist" / name).write_bytes(gzip.compress(b"garbage"))
+    monkeypatch.setenv("SSPROP_ENERGY_MIRROR", "http://127.0.0.1:9")  # never reached, and nothing listens
+    out = tmp_path / "run"
+    rc = main(["compare", "--model", "cnn", "--dataset", "mnist", "--data-dir", str(data), "--meter", "fake",
+               "--quiet", "--out", str(out)])
+    assert rc == 2
+    line = _one_line_error(capsys)
+    assert str(data / "mnist") in line
+    assert not out.exists()
+
+
+def test_internal_error_exits_1_with_a_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ssprop_energy.experiment import runner
+
+    def boom(self: object) -> None:
+        raise ZeroDivisionError("simulated bug")
+
+    monkeypatch.setattr(runner.Experiment, "run", boom)
+    rc = main(["compare", *TINY, "--out", str(tmp_path / "run")])
+    assert rc == 1
+    line = _one_line_error(capsys)
+    assert "internal error" in line and "simulated bug" in line
+    log = Path(line.rsplit("traceback in ", 1)[1].rstrip(")"))
+    assert "ZeroDivisionError" in log.read_text()
+
+
+def test_compare_end_to_end_prints_table_and_writes_records(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert main(["compare", *TINY, "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "dense" in stdout and "ssprop" in stdout and "drop_rates=[0.8]" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "complete"
+    assert summary["config"]["schedules"] == ["bar"] and summary["config"]["drop_rates"] == [0.8]
+    for key in ("test_accuracy", "wall_s", "flops_forward", "flops_backward", "energy_j", "energy_components",
+                "co2_g", "carbon_intensity_g_per_kwh", "epochs"):
+        assert key in summary["arms"]["ssprop"], key
+    for epoch in summary["arms"]["ssprop"]["epochs"]:
+        for key in ("train_loss", "val_accuracy", "drop_rate", "flops_backward", "energy_j", "wall_s"):
+            assert key in epoch
+    # the run appended itself to the (test-local) ledger as complete
+    from ssprop_energy.ledger import load_entries
+
+    rows = load_entries()
+    assert list(rows["status"]) == ["complete"]
+    assert rows["run_dir"].iloc[0] == str(out)
