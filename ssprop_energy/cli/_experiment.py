@@ -196,8 +196,24 @@ def print_results(summary: Any) -> None:
         "changes are relative to dense" + (" with 95% bootstrap CIs" if any(
             a.paired.get("energy_j", {}).get("saving_ci") for a in others) else "")
     )
-    if any(a.energy_source in ("estimated", "mixed") for a in summary.arms.values()):
-        console.print("[yellow]note: energy includes estimated figures (no hardware counter); see the report.[/]")
+    sources = {c.source for a in summary.arms.values() for c in a.energy_components}
+    if "estimated" in sources:
+        what = "is estimated" if sources == {"estimated"} else "includes estimated components"
+        console.print(f"[yellow]note: energy {what} (no hardware counter for them); see the report.[/]")
+
+
+def _write_report(run_dir: Path) -> Path | None:
+    """Render ``RUN_DIR/report.html``; a report failure never costs the run its records."""
+    import logging
+
+    from ssprop_energy.errors import SSPropEnergyError
+    from ssprop_energy.report import render_report
+
+    try:
+        return render_report([run_dir], run_dir / "report.html")
+    except SSPropEnergyError as exc:
+        logging.getLogger(__name__).warning("report not written: %s (records are in %s)", exc, run_dir)
+        return None
 
 
 def execute(args: argparse.Namespace, kind: str, **lists: Any) -> int:
@@ -239,13 +255,15 @@ def execute(args: argparse.Namespace, kind: str, **lists: Any) -> int:
             summary = experiment.run()
         except RunInterrupted:
             close_entry("interrupted")
+            _write_report(run_dir)
             raise
         except BaseException as exc:
             close_entry("failed", note=f"{type(exc).__name__}: {exc}")
             raise
         close_entry("complete")
         print_results(summary)
-        print(f"run record: {run_dir}")
+        report = _write_report(run_dir)
+        print(f"run record: {run_dir}" + (f"\nreport: {report}" if report else ""))
         return 0
 
     return run_with_signals(body, run_dir)

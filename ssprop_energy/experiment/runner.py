@@ -208,6 +208,10 @@ class Experiment:
             self._write_summary("failed", self._partial_arms(), failure_reason=reason)
             raise
         summary = self._finalise(results)
+        try:
+            (self.run_dir / "checkpoints").rmdir()  # empty once every arm-run finished
+        except OSError:
+            pass
         return summary
 
     def spent_components(self) -> list[EnergyComponent]:
