@@ -53,10 +53,6 @@ class FigureData:
     width_px: int
     height_px: int
 
-    @property
-    def size_bytes(self) -> int:
-        return len(self.uri)
-
 
 def _render(fig: Figure, key: str, title: str, caption: str, fmt: str = "svg") -> FigureData:
     FigureCanvasAgg(fig)
