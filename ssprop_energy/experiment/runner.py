@@ -127,6 +127,7 @@ class Experiment:
         self.idle_power_w: dict[str, float] = {}
         # (component, source, device) -> J metered by this process, finished or not: what the ledger charges
         self._spent_j: dict[tuple[str, str, str], float] = {}
+        self._meters_opened = 0
 
     # ------------------------------------------------------------------------------------------ building
 
@@ -157,7 +158,19 @@ class Experiment:
     def _open_meter(self) -> Any:
         from ssprop_energy.energy import open_meter
 
-        return open_meter(self.cfg.meter, sample_period_s=self.cfg.sample_period_s)
+        if self._meters_opened == 0:
+            meter = open_meter(self.cfg.meter, sample_period_s=self.cfg.sample_period_s)
+        else:
+            # Every arm-run gets a fresh meter; its fallback warnings were already shown for the first one.
+            energy_log = logging.getLogger("ssprop_energy.energy")
+            level = energy_log.level
+            energy_log.setLevel(logging.ERROR)
+            try:
+                meter = open_meter(self.cfg.meter, sample_period_s=self.cfg.sample_period_s)
+            finally:
+                energy_log.setLevel(level)
+        self._meters_opened += 1
+        return meter
 
     # ------------------------------------------------------------------------------------------ running
 
