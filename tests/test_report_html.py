@@ -143,7 +143,7 @@ def test_paper_claim_beside_counted_savings(compare_html: str) -> None:
 
 def test_verdict_and_provenance(compare_html: str) -> None:
     verdict = re.search(r'<p class="verdict" data-verdict="ssprop">(.*?)</p>', compare_html).group(1)
-    assert "executed 40.0% less backward FLOPs than dense (counted" in verdict
+    assert "executed 40.0% fewer backward FLOPs than dense (counted" in verdict
     assert "Energy fell by 11." in verdict and "3 pairs" in verdict
     assert "not distinguishable" not in verdict
     assert "only 3 pairs" in compare_html  # few pairs: the interval is called rough

@@ -283,7 +283,9 @@ def _layer_table(run: Run) -> str:
                 out[f"backward saved ({arm})"] = (b - wide[("flops_backward", arm)]) / b.where(b > 0)
     out = out.reset_index()
     pct = [c for c in out.columns if str(c).startswith("backward saved")]
-    return (f'<p class="sub">As recorded in {LAYERS_FILE} (FLOPs; conv layers are the ones ssProp sparsifies).</p>'
+    return (f'<p class="sub">FLOPs as recorded in {LAYERS_FILE}: the harness records one training step per sample '
+            "at the arm's nominal drop rate, so &ldquo;backward saved&rdquo; is the saving of a sparse step, not of the "
+            "whole schedule. Conv layers are the ones ssProp sparsifies.</p>"
             + _table(out, pct=pct, scroll=len(out) > 14))
 
 

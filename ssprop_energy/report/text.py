@@ -151,7 +151,8 @@ def verdict(c: ArmComparison, estimated_frac: float) -> str:
     """
     fb = c.flops_backward
     flops = (
-        f"ssProp ({c.arm}) executed {less_or_more(fb.saved_frac)} backward FLOPs than {c.baseline_arm} "
+        f"ssProp ({c.arm}) executed {fmt_pct(abs(fb.saved_frac))} {'fewer' if fb.saved_frac >= 0 else 'more'} "
+        f"backward FLOPs than {c.baseline_arm} "
         f"(counted; average drop rate {c.average_drop_rate:.2f})."
     )
     if estimated_frac >= 1.0:
