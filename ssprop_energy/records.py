@@ -4,9 +4,15 @@ A run directory holds:
 
 - ``config.json``       the full configuration, every default filled in;
 - ``summary.json``      a :class:`RunSummary` (``schema_version``, config, environment, carbon, arms, paired);
-- ``epochs.csv``        one row per (arm, repeat, epoch), the columns of :class:`EpochRecord` plus ``arm``/``repeat``;
-- ``power_trace.csv``   one row per power sample: ``arm, repeat, t_s, component, power_w, source, phase``;
-- ``layers.csv``        per-layer FLOPs per arm (``arm, layer, type, flops_forward, flops_backward``).
+- ``epochs.csv``        one row per (arm, repeat, epoch), the columns of :class:`EpochRecord` plus ``arm`` and
+                        ``repeat`` (a text label ``s<seed>r<repeat>``); epochs are numbered from 0;
+- ``power_trace.csv``   one row per power sample: ``arm, repeat, t_s, component, power_w, source, phase``
+                        (``t_s`` since that arm-run's meter start; ``phase`` ``train dense``, ``train drop D``,
+                        ``eval`` or ``other``);
+- ``layers.csv``        per-layer FLOPs per arm (``arm, layer, type, flops_forward, flops_backward``): FLOPs per
+                        sample of one training step at the arm's nominal drop rate (not the schedule average).
+
+Accuracies are fractions in [0, 1].
 
 This module never imports torch. Every write is atomic (temporary file in the same directory, fsync,
 rename), so a reader sees either the old file or the whole new one, never half of it.

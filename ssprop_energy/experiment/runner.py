@@ -425,7 +425,8 @@ class Experiment:
             kind=self.cfg.kind, status=status, created_at=self.created_at, config=self.cfg.to_dict(),
             environment=self.environment,
             carbon={"intensity_g_per_kwh": self.carbon.g_per_kwh, "source": self.carbon.source,
-                    "region": self.carbon.region, "pue": self.cfg.pue},
+                    "region": self.carbon.region, "pue": self.cfg.pue,
+                    "pue_source": "--pue" if self.cfg.pue != 1.0 else "default 1.0 (no data-centre overhead)"},
             arms=arms or {}, paired=paired or {}, failure_reason=failure_reason,
             finished_at=None if status == "running" else now_iso(),
         )
