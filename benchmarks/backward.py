@@ -157,8 +157,8 @@ def peak_step_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     return peak
 
 
-def interleaved(names: list[str], repeats: int, run: Callable[[str], float], seed: int = 0) -> dict[str, float]:
-    """Median of ``run(name)`` per name; every repeat visits all names in a fresh random order."""
+def interleaved(names: list[str], repeats: int, run: Callable[[str], float], seed: int = 0) -> dict[str, list[float]]:
+    """Samples of ``run(name)`` per name; every repeat visits all names in a fresh random order."""
     rng = random.Random(seed)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(repeats):
@@ -166,7 +166,12 @@ def interleaved(names: list[str], repeats: int, run: Callable[[str], float], see
         rng.shuffle(order)
         for n in order:
             samples[n].append(run(n))
-    return {n: statistics.median(v) for n, v in samples.items()}
+    return samples
+
+
+def paired_speedup(samples: dict[str, list[float]], base: str, name: str) -> float:
+    """Median over repeats of base_time / name_time, both taken in the same repeat (same load period)."""
+    return statistics.median(b / t for b, t in zip(samples[base], samples[name]))
 
 
 def layer_shapes(batch: int) -> list[tuple[str, nn.Conv2d, tuple[int, ...], bool]]:
@@ -193,15 +198,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=9, help="timed repeats per variant (median reported)")
     parser.add_argument("--layer-repeats", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--channels-last", action="store_true", help="run every variant in channels_last")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (batch 8, 2 repeats)")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_size, args.repeats, args.layer_repeats = 8, 2, 2
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
-          f"{'channels_last' if args.channels_last else 'NCHW'}, median of {args.repeats} interleaved repeats")
+          f"{'channels_last' if args.channels_last else 'NCHW'}, median of {args.repeats} interleaved repeats; "
+          "speedups are medians of per-repeat ratios to dense")
 
     # ---- per-layer conv backward
     print("\nPer-layer conv backward time, ms (speedup vs nn.Conv2d; FLOP-ideal = C_out / kept)")
@@ -227,16 +236,16 @@ def main(argv: list[str] | None = None) -> int:
         names = [v.name for v in layer_variants]
         for n in names:  # warm-up
             run_layer(n)
-        med = interleaved(names, args.layer_repeats, run_layer)
-        base = med[names[0]]
+        samples = interleaved(names, args.layer_repeats, run_layer)
         cells = []
         for v in layer_variants:
-            ms = med[v.name] * 1e3
+            ms = statistics.median(samples[v.name]) * 1e3
             if v.drop_rate is None:
                 cells.append(f"{ms:>22.2f}")
             else:
                 kept = keep_count(v.drop_rate, conv.out_channels)
-                cells.append(f"{ms:>9.2f} ({base / med[v.name]:.2f}x/{conv.out_channels / kept:.1f})")
+                speed = paired_speedup(samples, names[0], v.name)
+                cells.append(f"{ms:>9.2f} ({speed:.2f}x/{conv.out_channels / kept:.1f})")
         print(f"{name:<24}{''.join(cells)}")
 
     # ---- whole step
@@ -256,24 +265,24 @@ def main(argv: list[str] | None = None) -> int:
     names = [v.name for v in VARIANTS]
     for n in names:
         run_step(n)
-    med = interleaved(names, args.repeats, run_step, seed=1)
+    samples = interleaved(names, args.repeats, run_step, seed=1)
     peaks = {}
     for v in VARIANTS:
         v.apply(model)
         peaks[v.name] = peak_step_bytes(model, x, y)
     densify(model)
 
-    dense_s = med["dense nn.Conv2d"]
+    base = "dense nn.Conv2d"
     print("\nWhole training step (forward + cross-entropy + backward)")
     print(f"{'variant':<26}{'median ms':>11}{'speedup':>9}{'FLOP-ideal':>12}{'realized/ideal':>16}{'peak MiB':>10}{'mem/dense':>11}")
     for v in VARIANTS:
         ideal = 1.0 if v.drop_rate is None else flop_ideal_speedup(convs, linear_macs, v.drop_rate)
-        speed = dense_s / med[v.name]
-        print(f"{v.name:<26}{med[v.name] * 1e3:>11.1f}{speed:>9.3f}{ideal:>12.3f}{speed / ideal:>16.3f}"
+        speed = paired_speedup(samples, base, v.name)
+        print(f"{v.name:<26}{statistics.median(samples[v.name]) * 1e3:>11.1f}{speed:>9.3f}{ideal:>12.3f}{speed / ideal:>16.3f}"
               f"{peaks[v.name] / 2**20:>10.1f}{peaks[v.name] / peaks['dense nn.Conv2d']:>11.3f}")
-    overhead = med["ssprop d=0"] / dense_s - 1.0
+    overhead = 1.0 / paired_speedup(samples, base, "ssprop d=0") - 1.0
     print(f"\ndrop 0 overhead vs nn.Conv2d: {overhead * 100:+.1f}% (target <= +3%)")
-    best = max(dense_s / med[f"ssprop d=0.8 {s}"] for s in SELECTIONS)
+    best = max(paired_speedup(samples, base, f"ssprop d=0.8 {s}") for s in SELECTIONS)
     print(f"best whole-step speedup at drop 0.8: {best:.2f}x (target >= 1.9x)")
     return 0
 

@@ -128,6 +128,19 @@ def select_channels(scores: Tensor, k: int, selection: str) -> Tensor:
     return (cols + offsets).reshape(-1)
 
 
+def _gather(t: Tensor, dim: int, index: Tensor) -> Tensor:
+    """``t.index_select(dim, index)`` that keeps a channels_last tensor channels_last.
+
+    A plain ``index_select`` returns NCHW-contiguous output; feeding that next to channels_last operands
+    would make the convolution backward convert layouts (an extra full copy). Selecting on the permuted
+    NHWC view allocates the result directly in channels_last order.
+    """
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        nhwc_dim = (0, 3, 1, 2)[dim]
+        return t.permute(0, 2, 3, 1).index_select(nhwc_dim, index).permute(0, 3, 1, 2)
+    return t.index_select(dim, index)
+
+
 def _pair(value: int | Sequence[int]) -> list[int]:
     if isinstance(value, int):
         return [value, value]
@@ -210,13 +223,13 @@ class _SparseConv2dFn(torch.autograd.Function):
             )
             return (grads[0], grads[1], grads[2] if has_bias else None, *tail)
 
-        grad_out_k = grad_output.index_select(1, kept)
-        weight_k = weight.index_select(0, kept)
+        grad_out_k = _gather(grad_output, 1, kept)
+        weight_k = _gather(weight, 0, kept)
         n_kept = kept.numel()
         if depthwise:
             per_group = input.shape[1] // groups
             in_idx = (kept.unsqueeze(1) * per_group + torch.arange(per_group, device=kept.device)).reshape(-1)
-            input_k = input.index_select(1, in_idx)
+            input_k = _gather(input, 1, in_idx)
             groups_k = n_kept
         else:
             input_k = input
