@@ -24,6 +24,10 @@ _LAZY = {
     "DropSchedule": "ssprop_energy.sparse.schedules",
     "get_model": "ssprop_energy.models",
     "load_dataset": "ssprop_energy.data",
+    "count_step": "ssprop_energy.flops",
+    "FlopMeter": "ssprop_energy.flops",
+    "open_meter": "ssprop_energy.energy",
+    "render_report": "ssprop_energy.report",
 }
 
 __all__ = ["__version__", *_LAZY]
