@@ -82,6 +82,7 @@ CONV_GRID = [
     (4, 10, 3, 1, 1, 1, 1, True, "replicate"),
     (4, 10, 3, 1, 1, 1, 1, True, "circular"),
     (4, 10, 1, 1, 0, 1, 1, True, "zeros"),
+    (4, 1, 3, 1, 1, 1, 1, True, "zeros"),  # one output channel: k = max(1, ...) = 1 keeps it, dense path
 ]
 
 
@@ -96,12 +97,12 @@ def test_conv_matches_masked_dense_reference_float64(config: tuple, drop_rate: f
     dy = torch.randn_like(out)
     out.backward(dy)
     kept = layer.kept_channels
-    if drop_rate == 0.0:
+    m = c_out // g
+    per_row = c_out if g == 1 or g == c_out else m
+    rows_k = keep_count(drop_rate, per_row)
+    if rows_k == per_row:  # nothing to drop (drop 0, or a single channel): the dense backward ran
         assert kept is None
     else:
-        m = c_out // g
-        depthwise = g > 1 and m == 1
-        rows_k = keep_count(drop_rate, c_out if g == 1 or depthwise else m)
         assert kept.tolist() == true_topk(dy, g, rows_k)
     gx, gw, gb = reference_conv_grads(layer, x, dy, kept)
     assert torch.allclose(x.grad, gx, rtol=1e-10, atol=1e-12)

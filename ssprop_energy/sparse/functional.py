@@ -207,12 +207,11 @@ class _SparseConv2dFn(torch.autograd.Function):
         c_out = weight.shape[0]
         m = c_out // groups
         depthwise = groups > 1 and m == 1
-        k = keep_count(drop_rate, c_out if (groups == 1 or depthwise) else m)
-        dense = k == (c_out if (groups == 1 or depthwise) else m)
-        if kept is None and not dense:
-            scores = channel_scores(grad_output)
-            shaped = scores.reshape(1, c_out) if (groups == 1 or depthwise) else scores.reshape(groups, m)
-            kept = select_channels(shaped, k, selection)
+        # Selection runs over all channels (one row) or within each group (one row per group).
+        per_row = c_out if (groups == 1 or depthwise) else m
+        k = keep_count(drop_rate, per_row)
+        if kept is None and k < per_row:
+            kept = select_channels(channel_scores(grad_output).reshape(-1, per_row), k, selection)
         if record is not None:
             record.kept = kept
         tail = (None,) * 8
@@ -248,7 +247,7 @@ class _SparseConv2dFn(torch.autograd.Function):
         return (grad_input if need_input else None, grad_weight, grad_bias, *tail)
 
 
-def _check_fixed_kept(kept: Tensor, channels: int, groups: int, drop_rate: float) -> Tensor:
+def _check_fixed_kept(kept: Tensor, channels: int, groups: int) -> Tensor:
     """Validate a caller-fixed kept set (tests, gradcheck): ascending, in range, group structure intact."""
     kept = torch.as_tensor(kept, dtype=torch.long).reshape(-1)
     if kept.numel() == 0 or kept.min() < 0 or kept.max() >= channels or not bool((kept.diff() > 0).all()):
@@ -295,7 +294,7 @@ def ssprop_conv2d(
     dilation_l = _pair(dilation)
     input, padding_l = _resolve_padding(input, weight, padding, dilation_l)
     if kept is not None:
-        kept = _check_fixed_kept(kept, weight.shape[0], groups, drop_rate).to(weight.device)
+        kept = _check_fixed_kept(kept, weight.shape[0], groups).to(weight.device)
     cast = _autocast_args(input.device.type, input, weight, bias)
     args = (_pair(stride), padding_l, dilation_l, groups, drop_rate, selection, kept, record)
     if cast is None:
@@ -371,7 +370,7 @@ def ssprop_linear(
     if drop_rate == 0.0 and kept is None:
         return F.linear(input, weight, bias)
     if kept is not None:
-        kept = _check_fixed_kept(kept, weight.shape[0], 1, drop_rate).to(weight.device)
+        kept = _check_fixed_kept(kept, weight.shape[0], 1).to(weight.device)
     cast = _autocast_args(input.device.type, input, weight, bias)
     if cast is None:
         return _SparseLinearFn.apply(input, weight, bias, drop_rate, selection, kept, record)
