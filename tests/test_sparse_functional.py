@@ -134,7 +134,9 @@ class _ConvBackwardShapes(TorchDispatchMode):
     ("c_in", "c_out", "groups", "expected_channels"),
     [(4, 10, 1, 2), (4, 20, 2, 4), (10, 10, 10, 2)],  # global 2 of 10; 2 of 10 per group; depthwise 2 of 10
 )
-def test_backward_really_runs_on_the_kept_channels_only(c_in: int, c_out: int, groups: int, expected_channels: int) -> None:
+def test_backward_really_runs_on_the_kept_channels_only(
+    c_in: int, c_out: int, groups: int, expected_channels: int
+) -> None:
     layer = SSPropConv2d(c_in, c_out, 3, padding=1, groups=groups, drop_rate=0.8)
     x = torch.randn(2, c_in, 6, 6, requires_grad=True)
     out = layer(x)
@@ -158,7 +160,9 @@ def test_grad_input_and_frozen_weight_are_skipped() -> None:
     (0.8, 10, 2), (0.8, 64, 12), (0.4, 64, 38), (0.0, 7, 7), (0.99, 10, 1), (0.7, 10, 3), (0.9, 10, 1),
     (0.5, 1, 1), (0.8, 512, 102),
 ])
-def test_keep_count_floors_without_losing_a_channel_to_float_error(drop_rate: float, channels: int, expected: int) -> None:
+def test_keep_count_floors_without_losing_a_channel_to_float_error(
+    drop_rate: float, channels: int, expected: int
+) -> None:
     # (1 - 0.8) * 10 == 1.9999999999999996 and (1 - 0.7) * 10 == 3.0000000000000004 in binary floating point.
     assert keep_count(drop_rate, channels) == expected
 

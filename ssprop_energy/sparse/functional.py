@@ -251,7 +251,9 @@ def _check_fixed_kept(kept: Tensor, channels: int, groups: int) -> Tensor:
     """Validate a caller-fixed kept set (tests, gradcheck): ascending, in range, group structure intact."""
     kept = torch.as_tensor(kept, dtype=torch.long).reshape(-1)
     if kept.numel() == 0 or kept.min() < 0 or kept.max() >= channels or not bool((kept.diff() > 0).all()):
-        raise ConfigError(f"kept must hold ascending, distinct channel indices in [0, {channels}), got {kept.tolist()}")
+        raise ConfigError(
+            f"kept must hold ascending, distinct channel indices in [0, {channels}), got {kept.tolist()}"
+        )
     m = channels // groups
     if groups > 1 and m > 1:
         counts = torch.bincount(kept // m, minlength=groups)
