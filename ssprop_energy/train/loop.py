@@ -191,8 +191,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ main loop
 
-    def _train_epoch(self, epoch: int) -> tuple[float, float, float, float, float]:
-        """One pass over the training data. Returns (loss, accuracy, flops_fwd, flops_bwd, flops_bwd_conv)."""
+    def _train_epoch(self, epoch: int) -> tuple[float, float, float, float, float, float]:
+        """One pass over the training data.
+
+        Returns:
+            (mean loss, accuracy, forward FLOPs, backward FLOPs, conv-backward FLOPs, mean drop rate), the
+            drop rate averaged over samples (it varies per batch under an iteration schedule).
+        """
         model, opt = self.model, self.optimizer
         model.train()
         torch.manual_seed(epoch_seed(self.config.seed, epoch))
@@ -200,7 +205,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         n = 0
-        flops_fwd = flops_bwd = flops_bwd_conv = 0.0
+        flops_fwd = flops_bwd = flops_bwd_conv = drop_sum = 0.0
         batches = iter(self.train_loader)
         batch_idx = 0
         while True:
@@ -210,6 +215,7 @@ class Trainer:
                 break
             x, y = batch
             drop = self._set_drop_rate(epoch, batch_idx)
+            drop_sum += drop * len(y)
             if self.flop_meter is not None:
                 step = self.flop_meter.per_sample(drop)
                 flops_fwd += step.forward * len(y)
@@ -235,7 +241,8 @@ class Trainer:
             batch_idx += 1
             if self.stop_requested():
                 raise RunInterrupted(f"stopped during epoch {epoch + 1}")
-        return float(loss_sum) / max(n, 1), float(correct) / max(n, 1), flops_fwd, flops_bwd, flops_bwd_conv
+        mean_drop = drop_sum / max(n, 1)
+        return float(loss_sum) / max(n, 1), float(correct) / max(n, 1), flops_fwd, flops_bwd, flops_bwd_conv, mean_drop
 
     def fit(self) -> TrainResult:
         """Train for ``config.epochs`` epochs (resuming from the checkpoint if one exists) and test.
@@ -249,11 +256,11 @@ class Trainer:
             self.callbacks.on_epoch_start(self, epoch, drop)
             e0 = self._snapshot()
             t0 = time.perf_counter()
-            loss, acc, f_fwd, f_bwd, f_bwd_conv = self._train_epoch(epoch)
+            loss, acc, f_fwd, f_bwd, f_bwd_conv, mean_drop = self._train_epoch(epoch)
             self.sync()
             t1 = time.perf_counter()
             train_s = t1 - t0
-            self.phase_log.append((t0, t1, f"train drop {drop:g}" if self.schedule is not None else "train dense"))
+            self.phase_log.append((t0, t1, f"train drop {mean_drop:.2g}" if mean_drop > 0 else "train dense"))
             e1 = self._snapshot()
             with self._window("eval"):
                 val_loss, val_acc = self.evaluate(self.data.val)
@@ -268,7 +275,7 @@ class Trainer:
                 state["energy_by_component_j"][k] = state["energy_by_component_j"].get(k, 0.0) + v
             state["eval_energy_j"] += sum(max(0.0, e2.get(k, 0.0) - e1.get(k, 0.0)) for k in e2)
             record = EpochRecord(
-                epoch=epoch, drop_rate=drop, train_loss=loss, train_accuracy=acc, val_loss=val_loss,
+                epoch=epoch, drop_rate=mean_drop, train_loss=loss, train_accuracy=acc, val_loss=val_loss,
                 val_accuracy=val_acc, flops_forward=f_fwd, flops_backward=f_bwd, energy_j=sum(energy.values()),
                 wall_s=train_s, lr=float(self.optimizer.param_groups[0]["lr"]),
             )
