@@ -183,3 +183,14 @@ def test_eval_noise_is_reported_per_level(tmp_path: Path) -> None:
     for arm in summary.arms.values():
         assert set(arm.noise_accuracy) == {"0.1", "5"}
         assert all(0.0 <= v <= 1.0 and not math.isnan(v) for v in arm.noise_accuracy.values())
+
+
+def test_iteration_schedule_flops_follow_each_batch(tmp_path: Path) -> None:
+    # bar by iteration with period 2: batches alternate dense, 0.8, dense, 0.8 (32 samples each)
+    summary = run(tiny_config(tmp_path / "run", epochs=1, schedule_by="iteration", period=2))
+    sparse = summary.arms["ssprop"]
+    _, bwd_dense, _ = _cnn_step_flops_per_sample(None)
+    _, bwd_sparse, _ = _cnn_step_flops_per_sample(25)
+    assert sparse.epochs[0].drop_rate == pytest.approx(0.4)
+    assert sparse.flops_backward == 64 * bwd_dense + 64 * bwd_sparse
+    assert sparse.average_drop_rate == pytest.approx(0.4)
