@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import platform
 import socket
 import time
@@ -35,6 +36,7 @@ from ssprop_energy.records import (
     write_json_atomic, write_summary,
 )
 from ssprop_energy.train import Callback, TrainConfig, Trainer, resolve_device
+from ssprop_energy.train.optim import make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +253,13 @@ class Experiment:
             weight_decay=cfg.weight_decay, lr_schedule=cfg.lr_schedule, seed=seed, amp=cfg.amp,
             eval_noise=tuple(cfg.eval_noise),
         )
+        # Count FLOPs for every drop rate the schedule will apply, and warm up, before the meter starts: a
+        # count or a first-call initialisation inside the measured window would be charged to the arm.
+        n_batches = math.ceil(len(self.data.train) / cfg.batch_size)
+        rates = sorted({schedule.rate(e, i) for e in range(cfg.epochs) for i in range(n_batches)}) if schedule else [0.0]
+        for rate in rates:
+            flop_meter.per_sample(rate)
+        self._warm_up(model, rates if arm.sparse else [])
         meter = self._open_meter()
         if not self.environment:
             self.environment = self._environment(meter)
@@ -305,6 +314,28 @@ class Experiment:
             "flops_per_sample": {"forward": layer_step.forward, "backward": layer_step.backward,
                                  "convention": getattr(layer_step, "convention", "")},
         }
+
+    def _warm_up(self, model: torch.nn.Module, sparse_rates: Sequence[float]) -> None:
+        """One forward+backward per configuration on a copy of the model (the model itself is untouched), so
+        that one-off costs (thread pools, allocator growth, kernel selection) fall outside the measurement."""
+        import torch.nn.functional as F
+
+        from ssprop_energy.data import BatchLoader
+        from ssprop_energy.sparse import set_drop_rate
+
+        twin = copy.deepcopy(model).to(self.device).train()
+        loader = BatchLoader(self.data.train, self.cfg.batch_size, shuffle=False, mean=self.data.mean,
+                             std=self.data.std, device=self.device)
+        optimizer = make_optimizer(self.cfg.optimizer, twin.parameters(), self.cfg.lr, self.cfg.weight_decay)
+        x, y = next(iter(loader))
+        for rate in sparse_rates or [None]:
+            if rate is not None:
+                set_drop_rate(twin, rate)
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(twin(x), y).backward()
+            optimizer.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _environment(self, meter: Any) -> dict[str, Any]:
         env = {
