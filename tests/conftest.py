@@ -20,5 +20,6 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Two cores here; more torch threads than cores only adds contention noise to tests.
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    # Tests use tiny tensors: waking an OpenMP pool costs far more than the work (25-50 ms per tiny conv
+    # with 2 threads on a loaded 2-core VM, measured), so the suite runs torch single-threaded.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
