@@ -171,7 +171,7 @@ def print_results(summary: Any) -> None:
     others = [a for name, a in summary.arms.items() if name != "dense"]
     table = Table(title=f"{summary.kind}: {summary.config['model']} on {summary.config['dataset']}", show_lines=False)
     table.add_column("arm")
-    table.add_column("drop (avg)", justify="right")
+    table.add_column("drop rate (avg)", justify="right")
     table.add_column("test acc", justify="right")
     table.add_column("train time", justify="right")
     table.add_column("bwd FLOPs (counted)", justify="right")
@@ -181,7 +181,7 @@ def print_results(summary: Any) -> None:
         p = arm.paired
         table.add_row(
             arm.name,
-            f"{arm.drop_rate:g} {arm.schedule if arm.name != 'dense' else ''} ({arm.average_drop_rate:.2f})",
+            "dense" if arm.name == "dense" else f"{arm.drop_rate:g} {arm.schedule} ({arm.average_drop_rate:.2f})",
             f"{arm.test_accuracy:.2%}" + (f"\n{_fmt_change(p.get('test_accuracy'), True)}" if p else ""),
             f"{arm.wall_s:.1f} s" + (f"\n{_fmt_change(p.get('wall_s'))}" if p else ""),
             _fmt_flops(arm.flops_backward) + (f"\n{_fmt_change(p.get('flops_backward'))}" if p else ""),
@@ -199,7 +199,7 @@ def print_results(summary: Any) -> None:
     sources = {c.source for a in summary.arms.values() for c in a.energy_components}
     if "estimated" in sources:
         what = "is estimated" if sources == {"estimated"} else "includes estimated components"
-        console.print(f"[yellow]note: energy {what} (no hardware counter for them); see the report.[/]")
+        console.print(f"[yellow]note: energy {what} from a power model, not a hardware counter; see the report.[/]")
 
 
 def _write_report(run_dir: Path) -> Path | None:
