@@ -195,3 +195,28 @@ def make_splits(
         std=tuple(std),
         info=info,
     )
+
+
+# The paper's public code splits the official training set 80/20 into train/validation.
+TRAIN_VAL_SPLIT = (0.8, 0.2)
+
+
+def official_split(
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, seed: int
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
+    """Seeded 80/20 train/validation split of an official training set, the official test set as test.
+
+    Returns:
+        ``(parts, split_info)``: ``{"train"|"val"|"test": (images, labels)}`` and the split's description
+        for the run record.
+    """
+    train_idx, val_idx = random_split_indices(train_x.shape[0], TRAIN_VAL_SPLIT, seed)
+    tx, ty = torch.from_numpy(train_x), torch.from_numpy(train_y)
+    train, val = take(tx, ty, train_idx), take(tx, ty, val_idx)
+    parts = {
+        "train": (train.images, train.labels),
+        "val": (val.images, val.labels),
+        "test": (torch.from_numpy(np.ascontiguousarray(test_x)), torch.from_numpy(test_y)),
+    }
+    info = {"method": "random", "train_val_fractions": list(TRAIN_VAL_SPLIT), "seed": seed, "test": "official"}
+    return parts, info

@@ -16,11 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from ssprop_energy.data.base import DatasetSplits, make_splits, random_split_indices, take
+from ssprop_energy.data.base import DatasetSplits, make_splits, official_split
 from ssprop_energy.data.download import RemoteFile, ensure_file
-from ssprop_energy.data.idx import TRAIN_VAL_SPLIT
 from ssprop_energy.errors import DataError
 
 # URLs and published MD5s of the tarballs, as torchvision lists them (torchvision/datasets/cifar.py:
@@ -158,18 +156,11 @@ def load_cifar_dataset(
     remote = CIFAR_DATASETS[name]
     path = ensure_file(name, remote, data_dir, mirror=mirror, download=download)
     train_x, train_y, test_x, test_y = read_cifar_tarball(path, name)
-    train_idx, val_idx = random_split_indices(train_x.shape[0], TRAIN_VAL_SPLIT, seed)
-    tx, ty = torch.from_numpy(train_x), torch.from_numpy(train_y)
-    train, val = take(tx, ty, train_idx), take(tx, ty, val_idx)
-    parts = {
-        "train": (train.images, train.labels),
-        "val": (val.images, val.labels),
-        "test": (torch.from_numpy(np.ascontiguousarray(test_x)), torch.from_numpy(test_y)),
-    }
+    parts, split_info = official_split(train_x, train_y, test_x, test_y, seed)
     info = {
         "source": remote.urls[0],
         "files": [{"name": remote.filename, "md5": remote.md5, "path": str(path)}],
-        "split": {"method": "random", "train_val_fractions": list(TRAIN_VAL_SPLIT), "seed": seed, "test": "official"},
+        "split": split_info,
     }
     size = 32 if image_size is None else int(image_size)
     num_classes = CIFAR_LAYOUT[name][4]

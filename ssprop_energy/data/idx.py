@@ -11,14 +11,10 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from ssprop_energy.data.base import DatasetSplits, make_splits, random_split_indices, take
+from ssprop_energy.data.base import DatasetSplits, make_splits, official_split
 from ssprop_energy.data.download import RemoteFile, ensure_file
 from ssprop_energy.errors import DataError
-
-# The paper's validation split: 80/20 of the official training set (train_classifier.py, random_split).
-TRAIN_VAL_SPLIT = (0.8, 0.2)
 
 # IDX type code -> numpy dtype (big-endian where multi-byte)
 IDX_DTYPES: dict[int, np.dtype] = {
@@ -137,18 +133,11 @@ def load_idx_dataset(
     for path, labels in ((paths[1], train_y), (paths[3], test_y)):
         if labels.size and (labels.min() < 0 or labels.max() > 9):
             raise DataError(f"{path}: labels outside 0..9")
-    train_idx, val_idx = random_split_indices(train_x.shape[0], TRAIN_VAL_SPLIT, seed)
-    tx, ty = torch.from_numpy(train_x), torch.from_numpy(train_y)
-    train, val = take(tx, ty, train_idx), take(tx, ty, val_idx)
-    parts = {
-        "train": (train.images, train.labels),
-        "val": (val.images, val.labels),
-        "test": (torch.from_numpy(np.ascontiguousarray(test_x)), torch.from_numpy(test_y)),
-    }
+    parts, split_info = official_split(train_x, train_y, test_x, test_y, seed)
     info = {
         "source": remotes[0].urls[0].rsplit("/", 1)[0] + "/",
         "files": [{"name": r.filename, "md5": r.md5, "path": str(p)} for r, p in zip(remotes, paths)],
-        "split": {"method": "random", "train_val_fractions": list(TRAIN_VAL_SPLIT), "seed": seed, "test": "official"},
+        "split": split_info,
     }
     size = int(train_x.shape[-1]) if image_size is None else int(image_size)
     return make_splits(name, parts, 10, size, IDX_NORMALIZATION[name], info, "paper's public code (train_classifier.py)")
