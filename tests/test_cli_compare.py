@@ -94,6 +94,22 @@ def test_corrupt_dataset_file_is_reported_with_its_path(
     assert not out.exists()
 
 
+def test_unavailable_meter_is_a_user_error_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ssprop_energy.errors import MeterUnavailableError
+    from ssprop_energy.experiment import runner
+
+    def no_rapl(kind: str, **kwargs: object) -> None:
+        raise MeterUnavailableError(f"{kind}: energy_uj is not readable; run sudo chmod o+r ...")
+
+    monkeypatch.setattr(runner, "open_meter", no_rapl)
+    out = tmp_path / "run"
+    assert main(["compare", *TINY, "--meter", "rapl", "--out", str(out)]) == 2
+    assert "chmod" in _one_line_error(capsys)
+    assert not out.exists()
+
+
 def test_internal_error_exits_1_with_a_log(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -25,16 +25,24 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ssprop_energy import __version__
+from ssprop_energy.data import BatchLoader, load_dataset
+from ssprop_energy.energy import EnergyMeter, open_meter
+from ssprop_energy.energy.carbon import co2_g, resolve_intensity
 from ssprop_energy.errors import ConfigError, RecordError, RunInterrupted
 from ssprop_energy.experiment.config import ArmSpec, ExperimentConfig
 from ssprop_energy.experiment.stats import paired_stats
+from ssprop_energy.flops import FlopMeter
+from ssprop_energy.models import get_model
 from ssprop_energy.records import (
     CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, LAYER_COLUMNS, LAYERS_FILE, SUMMARY_FILE, TRACE_COLUMNS, TRACE_FILE,
     ArmRecord, EnergyComponent, EpochRecord, RunSummary, read_json, total_energy, write_csv_atomic,
     write_json_atomic, write_summary,
 )
+from ssprop_energy.sparse import set_drop_rate, sparsify
+from ssprop_energy.sparse.schedules import DropSchedule
 from ssprop_energy.train import Callback, TrainConfig, Trainer, resolve_device
 from ssprop_energy.train.optim import make_optimizer
 
@@ -62,7 +70,6 @@ class ExperimentHooks:
 
     callbacks: Callable[[ArmSpec, int, int], Sequence[Callback]] = lambda arm, seed, repeat: ()
     stop_requested: Callable[[], bool] = lambda: False
-    on_arm_start: Callable[[ArmSpec, int, int], None] = lambda arm, seed, repeat: None
 
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:
@@ -108,9 +115,6 @@ class Experiment:
     """Runs all arm-runs of a configuration into a run directory and writes the summary."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, hooks: ExperimentHooks | None = None) -> None:
-        from ssprop_energy.data import load_dataset
-        from ssprop_energy.energy.carbon import resolve_intensity
-
         self.cfg = cfg
         self.run_dir = run_dir
         self.hooks = hooks or ExperimentHooks()
@@ -130,12 +134,12 @@ class Experiment:
         # (component, source, device) -> J metered by this process, finished or not: what the ledger charges
         self._spent_j: dict[tuple[str, str, str], float] = {}
         self._meters_opened = 0
+        # An unavailable --meter is a user error: find out now (its fallback warnings show once, here).
+        self._open_meter().close()
 
     # ------------------------------------------------------------------------------------------ building
 
     def _build_model(self, seed: int, dropout: float) -> torch.nn.Module:
-        from ssprop_energy.models import get_model
-
         torch.manual_seed(seed)  # identical initial weights for every arm of a seed
         return get_model(
             self.cfg.model, num_classes=self.data.num_classes, in_channels=self.data.in_channels,
@@ -143,23 +147,17 @@ class Experiment:
         )
 
     def _sparse_model(self, seed: int, dropout: float) -> torch.nn.Module:
-        from ssprop_energy.sparse import sparsify
-
         # Built at drop 0; the schedule sets the rate each epoch/iteration.
         return sparsify(self._build_model(seed, dropout), drop_rate=0.0, layers=tuple(self.cfg.layers),
                         selection=self.cfg.selection)
 
-    def _schedule(self, arm: ArmSpec) -> Any:
-        from ssprop_energy.sparse.schedules import DropSchedule
-
+    def _schedule(self, arm: ArmSpec) -> DropSchedule:
         return DropSchedule.from_name(
             arm.schedule, drop_rate=arm.drop_rate, total_epochs=self.cfg.epochs,
             warmup_epochs=self.cfg.warmup_epochs, by=self.cfg.schedule_by, period=self.cfg.period,
         )
 
-    def _open_meter(self) -> Any:
-        from ssprop_energy.energy import open_meter
-
+    def _open_meter(self) -> EnergyMeter:
         if self._meters_opened == 0:
             meter = open_meter(self.cfg.meter, sample_period_s=self.cfg.sample_period_s)
         else:
@@ -210,7 +208,6 @@ class Experiment:
                 if path.exists():
                     results[(arm.name, seed, repeat)] = read_json(path)
                     continue
-                self.hooks.on_arm_start(arm, seed, repeat)
                 results[(arm.name, seed, repeat)] = self._run_arm(arm, seed, repeat)
                 write_json_atomic(path, results[(arm.name, seed, repeat)])
                 ckpt = self._checkpoint_path(arm, seed, repeat)
@@ -241,8 +238,6 @@ class Experiment:
         return self.run_dir / "checkpoints" / f"{arm.name}__s{seed}__r{repeat}.pt"
 
     def _run_arm(self, arm: ArmSpec, seed: int, repeat: int) -> dict[str, Any]:
-        from ssprop_energy.flops import FlopMeter
-
         cfg = self.cfg
         model = self._sparse_model(seed, arm.dropout) if arm.sparse else self._build_model(seed, arm.dropout)
         schedule = self._schedule(arm) if arm.sparse else None
@@ -318,11 +313,6 @@ class Experiment:
     def _warm_up(self, model: torch.nn.Module, sparse_rates: Sequence[float]) -> None:
         """One forward+backward per configuration on a copy of the model (the model itself is untouched), so
         that one-off costs (thread pools, allocator growth, kernel selection) fall outside the measurement."""
-        import torch.nn.functional as F
-
-        from ssprop_energy.data import BatchLoader
-        from ssprop_energy.sparse import set_drop_rate
-
         twin = copy.deepcopy(model).to(self.device).train()
         loader = BatchLoader(self.data.train, self.cfg.batch_size, shuffle=False, mean=self.data.mean,
                              std=self.data.std, device=self.device)
@@ -355,8 +345,6 @@ class Experiment:
     # ------------------------------------------------------------------------------------------ summary
 
     def _co2_g(self, energy_j: float) -> float:
-        from ssprop_energy.energy.carbon import co2_g
-
         return co2_g(energy_j, self.carbon.g_per_kwh, self.cfg.pue)
 
     def _arm_record(self, arm: ArmSpec, runs: list[dict[str, Any]]) -> ArmRecord:
