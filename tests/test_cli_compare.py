@@ -149,3 +149,37 @@ def test_compare_end_to_end_prints_table_and_writes_records(
     rows = load_entries()
     assert list(rows["status"]) == ["complete"]
     assert rows["run_dir"].iloc[0] == str(out)
+
+
+def test_sigterm_saves_interrupted_and_resume_completes(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    # ~1 s per epoch: after the first checkpoint, seconds of work remain for the signal to interrupt
+    args = ["compare", "--model", "cnn", "--dataset", "synthetic:1x8x8:4:2048", "--epochs", "3",
+            "--batch-size", "64", "--meter", "fake", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ssprop_energy", *args, "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    checkpoint = out / "checkpoints" / "dense__s0__r0.pt"
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert checkpoint.exists(), proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+
+    resumed = subprocess.run([sys.executable, "-m", "ssprop_energy", "compare", "--resume", str(out), "--quiet"],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "complete"
+    assert len(summary["arms"]["dense"]["epochs"]) == 3
