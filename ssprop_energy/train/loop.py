@@ -11,7 +11,7 @@ import contextlib
 import copy
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -32,9 +32,6 @@ if TYPE_CHECKING:
     from ssprop_energy.sparse.schedules import DropSchedule
 
 log = logging.getLogger(__name__)
-
-# The phases a training step is split into; each is an energy window.
-PHASES = ("data", "forward", "backward", "optimizer", "eval")
 
 
 @dataclass
@@ -77,7 +74,6 @@ class TrainResult:
     flops_backward_conv: float
     train_energy_by_component_j: dict[str, float]
     eval_energy_j: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
