@@ -259,7 +259,7 @@ def _epoch_table(run: Run) -> str:
         return '<p class="note">No completed epoch recorded.</p>'
     df = pd.DataFrame(rows)
     reps = run.epochs["repeat"].nunique() if len(run.epochs) else 1
-    note = f'<p class="sub">Means over {reps} repeats (summary.json); every repeat is in {EPOCHS_FILE}.</p>' if reps > 1 else ""
+    note = f'<p class="sub">Means over {reps} runs per arm (summary.json); every run is in {EPOCHS_FILE}.</p>' if reps > 1 else ""
     return note + _table(df, pct=["train_accuracy", "val_accuracy"], scroll=len(df) > 14)
 
 
@@ -383,7 +383,9 @@ def _run_article(run: Run, idx: int, multi: bool) -> str:
     if warn:
         banners.append(f'<div class="banner" data-warning="estimated">{_e(warn)}</div>')
     reps = max((repeat_count(a) for a in run.arms.values()), default=1)
-    sub = (f"{_e(s.kind)} run, {len(run.arms)} arms, {reps} repeat{'s' if reps != 1 else ''}, status "
+    seeds = len(s.config.get("seeds") or [0])
+    runs_per_arm = f"{reps} run{'s' if reps != 1 else ''} per arm" + (f" ({seeds} seeds)" if seeds > 1 else "")
+    sub = (f"{_e(s.kind)} run, {len(run.arms)} arms, {_e(runs_per_arm)}, status "
            f"<b>{_e(s.status)}</b>; created {_e(s.created_at)}; {_e(str(run.path))}")
     figs = "".join(_figure(f) for f in run_figures(run, comps)) or '<p class="note">No arm recorded: nothing to plot.</p>'
     sec = lambda name: f"{anchor}-{name}"  # noqa: E731
