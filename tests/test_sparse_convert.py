@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Iterator
 
 import pytest
 import torch
@@ -12,15 +11,6 @@ from torch import nn
 from ssprop_energy import SSPropConv2d, SSPropLinear, densify, set_drop_rate, sparsify
 from ssprop_energy.errors import ConfigError
 from ssprop_energy.sparse import ssprop_layers
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: a second OpenMP thread only adds wake-up latency, tens of ms per op on a loaded CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Tiny(nn.Module):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Iterator
 
 import pytest
 import torch
@@ -22,15 +21,6 @@ from ssprop_energy.sparse.functional import (
 from ssprop_energy.sparse.layers import SSPropConv2d, SSPropLinear
 
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: a second OpenMP thread only adds wake-up latency, tens of ms per op on a loaded CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def reference_conv_grads(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Iterator
 
 import pytest
 import torch
@@ -10,15 +9,6 @@ from torch import nn
 
 from ssprop_energy import SSPropConv2d, SSPropLinear
 from ssprop_energy.errors import ConfigError
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: a second OpenMP thread only adds wake-up latency, tens of ms per op on a loaded CPU.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_conv_has_the_same_parameters_and_state_dict_keys_as_nn_conv2d() -> None:

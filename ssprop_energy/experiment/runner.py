@@ -275,12 +275,11 @@ class Experiment:
         wall_total_s = time.perf_counter() - t_start
         phases = [(a - t_start, b - t_start, label) for a, b, label in trainer.phase_log]
 
+        # Snapshots and the report name the same components; each keeps the provenance the meter gave it.
         comp_info = {c.component: c for c in report.components}
         components = [
-            EnergyComponent(
-                component=name, energy_j=energy_j, source=comp_info[name].source if name in comp_info else "estimated",
-                device=comp_info[name].device if name in comp_info else "",
-            )
+            EnergyComponent(component=name, energy_j=energy_j, source=comp_info[name].source,
+                            device=comp_info[name].device)
             for name, energy_j in sorted(result.train_energy_by_component_j.items())
         ]
         energy_j, energy_source = total_energy(components)
