@@ -19,8 +19,13 @@ rename), so a reader sees either the old file or the whole new one, never half o
 
 Provenance vocabulary (``source`` fields): ``counted`` (FLOPs counted at dispatch), ``counter`` (a hardware
 energy counter: RAPL, NVML total energy), ``sampled`` (power samples integrated over time), ``estimated``
-(a model such as TDP x utilisation), ``mixed`` (a total over components of different sources; never used
-for a single component).
+(a model such as TDP x utilisation), ``fake`` (a synthetic trace from the fake meter: no hardware was
+read), ``mixed`` (a total over components of different measured/estimated sources; never used for a single
+component, never for a total that holds a ``fake`` component, which is ``fake``).
+
+Schema version 2 (this one) adds ``interleave``, per-arm ``interference`` and ``epoch_intervals``, types
+``carbon`` and ``paired``, and drops version 1's write-only ``flops_per_sample`` / ``meter_components`` and
+its duplicate ``eval_energy_j`` (evaluation energy is ``phases["eval"]``). Version 1 directories still load.
 """
 
 from __future__ import annotations
@@ -37,9 +42,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from ssprop_energy.errors import RecordError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 
-SOURCES = ("counted", "counter", "sampled", "estimated")
+SOURCES = ("counted", "counter", "sampled", "estimated", "fake")
 RUN_STATUSES = ("running", "complete", "interrupted", "failed")
 
 SUMMARY_FILE = "summary.json"
@@ -147,7 +153,7 @@ class EnergyComponent:
     Attributes:
         component: ``gpu:0``, ``cpu:package-0``, ``dram:package-0``, ``cpu``, ``ram``, ...
         energy_j: energy in joules, never negative.
-        source: ``counter``, ``sampled`` or ``estimated``.
+        source: ``counter``, ``sampled``, ``estimated`` or ``fake``.
         device: human-readable hardware name (e.g. ``NVIDIA H100 80GB HBM3``, ``Intel Xeon ...``).
         sampled_energy_j: for components that have both a counter and a sampled integral (NVML), the
             sampled figure kept beside the counter one so that their agreement is visible; else None.
@@ -171,18 +177,35 @@ def total_energy(components: Sequence[EnergyComponent]) -> tuple[float, str]:
 
     Returns:
         ``(energy_j, source)`` where source is the components' common source, or ``mixed`` when they differ
-        (a measured and an estimated figure are then added, and the record says so).
+        (a measured and an estimated figure are then added, and the record says so). A synthetic component
+        makes the whole sum ``fake``: a total that holds any synthetic joule is synthetic.
     """
     sources = {c.source for c in components}
     energy_j = float(sum(c.energy_j for c in components))
     if not sources:
         return 0.0, "estimated"
+    if "fake" in sources:
+        return energy_j, "fake"
     return energy_j, sources.pop() if len(sources) == 1 else "mixed"
+
+
+def add_components(*groups: Iterable[EnergyComponent], scale: float = 1.0) -> list[EnergyComponent]:
+    """Sum components over several intervals by (component, source, device), each energy x ``scale``."""
+    sums: dict[tuple[str, str, str], float] = {}
+    for group in groups:
+        for c in group:
+            key = (c.component, c.source, c.device)
+            sums[key] = sums.get(key, 0.0) + c.energy_j * scale
+    return [EnergyComponent(component=k[0], source=k[1], device=k[2], energy_j=v) for k, v in sums.items()]
 
 
 @dataclass
 class EpochRecord:
-    """One epoch of one arm. FLOPs are counted per epoch (``counted``), energy per the meter's sources."""
+    """One epoch of one arm. FLOPs are counted per epoch (``counted``), energy per the meter's sources.
+
+    ``energy_j`` and ``wall_s`` cover the epoch's training window only (its validation is in the ``eval``
+    phase); ``energy_j`` is what the meter's window over that epoch's training returned.
+    """
 
     epoch: int
     drop_rate: float
@@ -202,15 +225,171 @@ TRACE_COLUMNS = ["arm", "repeat", "t_s", "component", "power_w", "source", "phas
 LAYER_COLUMNS = ["arm", "layer", "type", "flops_forward", "flops_backward"]
 
 
+@dataclass(frozen=True)
+class PairedStat:
+    """Paired statistics of one metric, an arm against the baseline (``experiment.stats.paired_stats``).
+
+    Attributes:
+        n: number of pairs.
+        baseline_mean, arm_mean: the two arms' means, in the metric's unit (None in version-1 records that
+            did not keep them).
+        delta_mean: mean of (arm - baseline), in the metric's unit.
+        delta_ci: interval of ``delta_mean`` or None (fewer than 2 pairs).
+        saving_fraction: 1 - mean(arm) / mean(baseline), or None when the baseline mean is 0.
+        saving_ci: interval of ``saving_fraction`` or None.
+        confidence: the intervals' confidence level.
+    """
+
+    n: int
+    delta_mean: float
+    delta_ci: tuple[float, float] | None
+    saving_fraction: float | None
+    saving_ci: tuple[float, float] | None
+    confidence: float = 0.95
+    baseline_mean: float | None = None
+    arm_mean: float | None = None
+
+
+WITHIN_RUN_LABEL = "within-run machine noise, not seed-to-seed variation"
+
+
+@dataclass(frozen=True)
+class EpochInterval:
+    """A single-run interval of a time or energy change, from per-epoch paired ratios.
+
+    Each epoch e of the arm is paired with epoch e of the baseline (the same schedule phase: a dense epoch of
+    a bar schedule pairs with a dense-arm epoch, a sparse one likewise). ``change`` is
+    ``sum(arm) / sum(baseline) - 1`` over all paired epochs (negative: the arm spent less); ``ci`` is a
+    stratified bootstrap interval that resamples epochs within each drop-rate phase, so the schedule's mix
+    of phases is kept. It measures how much the machine's noise within this run moves the figure, not how
+    much a different seed would (``--seeds`` measures that).
+
+    Attributes:
+        metric: ``wall_s`` or ``energy_j``.
+        n_epochs: paired epochs used.
+        phases: epochs per phase, e.g. ``{"0": 2, "0.8": 2}`` (phase = the arm's drop rate in that epoch).
+        change: the point estimate (fraction).
+        ci: ``[low, high]`` of ``change`` or None (fewer than 2 epochs in every phase).
+        confidence: the interval's level.
+        label: what the interval measures, for every place that shows it.
+    """
+
+    metric: str
+    n_epochs: int
+    phases: dict[str, int]
+    change: float
+    ci: tuple[float, float] | None
+    confidence: float = 0.95
+    label: str = WITHIN_RUN_LABEL
+
+
+@dataclass(frozen=True)
+class CarbonBlock:
+    """The carbon figures of a run: one intensity and PUE for every CO2 number in it."""
+
+    intensity_g_per_kwh: float
+    source: str
+    region: str = ""
+    pue: float = 1.0
+    pue_source: str = ""
+
+
+@dataclass
+class Interference:
+    """What else the machine was doing while an arm ran, per epoch window and summarised.
+
+    ``epochs`` holds one reading per (seed, repeat, epoch) window: the monitor's unit-named fields
+    (``foreign_cpu_cores_mean``, ``foreign_cpu_cores_max``, ``cpu_freq_mhz_mean``, ``gpu_*``...) plus
+    ``seed``, ``repeat`` and ``epoch``. ``affected_epochs`` names the windows where the foreign load was
+    material, as ``s<seed>r<repeat>e<epoch>`` labels with epochs counted from 1.
+    """
+
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    foreign_cpu_cores_mean: float | None = None
+    foreign_cpu_cores_max: float | None = None
+    affected_epochs: list[str] = field(default_factory=list)
+    threshold_cores: float = 0.25
+
+
+@dataclass
+class RepeatFigures:
+    """The headline figures of one (seed, repeat) arm-run, kept beside the arm's means."""
+
+    seed: int
+    repeat: int
+    test_accuracy: float
+    wall_s: float
+    energy_j: float
+    co2_g: float
+    flops_forward: float
+    flops_backward: float
+    flops_backward_conv: float
+
+
+@dataclass
+class ArmRun:
+    """One arm trained once (one seed, one repeat): what ``runs/<arm>__s<seed>__r<repeat>.json`` holds.
+
+    Energy is the sum of the meter's training windows of this arm (``energy_components``); ``phases`` maps
+    the meter's window names (``train``, ``eval``, ``data``, ``forward``, ``backward``, ``optimizer``) to
+    ``{"energy_j", "wall_s", "count"}``. ``trace`` rows are ``[t_s, component, power_w, source, phase]``
+    (t_s since the meter started), ``layers`` per-layer FLOPs per sample at the arm's nominal drop rate.
+    """
+
+    arm: str
+    seed: int
+    repeat: int
+    test_accuracy: float
+    test_loss: float
+    best_epoch: int
+    best_val_accuracy: float
+    wall_s: float
+    eval_wall_s: float
+    flops_forward: float
+    flops_backward: float
+    flops_backward_conv: float
+    average_drop_rate: float
+    energy_components: list[EnergyComponent]
+    epochs: list[EpochRecord]
+    phases: dict[str, dict[str, float]] = field(default_factory=dict)
+    noise_accuracy: dict[str, float] = field(default_factory=dict)
+    interference: list[dict[str, Any]] = field(default_factory=list)
+    trace: list[list[Any]] = field(default_factory=list)
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def energy_j(self) -> float:
+        return total_energy(self.energy_components)[0]
+
+    @property
+    def energy_source(self) -> str:
+        return total_energy(self.energy_components)[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self, default=_json_default))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "arm-run") -> ArmRun:
+        try:
+            kwargs = {k: v for k, v in data.items() if k in _ARM_RUN_FIELDS}
+            kwargs["energy_components"] = [EnergyComponent(**c) for c in data.get("energy_components", [])]
+            kwargs["epochs"] = [EpochRecord(**e) for e in data.get("epochs", [])]
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise RecordError(f"{where}: malformed arm-run record ({exc})") from None
+
+
+_ARM_RUN_FIELDS = {f.name for f in fields(ArmRun)}
+
+
 @dataclass
 class ArmRecord:
-    """The result of one arm (dense, or one ssProp setting), averaged over its repeats.
+    """The result of one arm (dense, or one ssProp setting), averaged over its (seed, repeat) runs.
 
     FLOPs are whole-run totals (training steps only; evaluation is reported separately), energy in joules
-    over the training phase, CO2 in grams CO2e (energy x intensity x PUE). ``repeats`` holds the per-run
-    figures (one dict per (seed, repeat)); ``paired`` (non-baseline arms) maps a metric to
-    ``experiment.stats.paired_stats`` of this arm against the dense baseline: ``n``, ``baseline_mean``,
-    ``arm_mean``, ``delta_mean``, ``delta_ci``, ``saving_fraction``, ``saving_ci`` (CIs None below 2 pairs).
+    over the training windows, CO2 in grams CO2e (energy x intensity x PUE). ``repeats`` holds the per-run
+    figures; ``paired`` (non-baseline arms) maps a metric to its :class:`PairedStat` against the dense
+    baseline; ``epoch_intervals`` maps ``wall_s`` / ``energy_j`` to the single-run :class:`EpochInterval`.
     """
 
     name: str
@@ -236,31 +415,42 @@ class ArmRecord:
     noise_accuracy: dict[str, float] = field(default_factory=dict)
     phases: dict[str, dict[str, float]] = field(default_factory=dict)
     unattributed_energy_j: float = 0.0
-    eval_energy_j: float = 0.0
     idle_power_w: dict[str, float] = field(default_factory=dict)
-    repeats: list[dict[str, Any]] = field(default_factory=list)
-    paired: dict[str, dict[str, Any]] = field(default_factory=dict)
+    repeats: list[RepeatFigures] = field(default_factory=list)
+    paired: dict[str, PairedStat] = field(default_factory=dict)
+    epoch_intervals: dict[str, EpochInterval] = field(default_factory=dict)
+    interference: Interference | None = None
     status: str = "complete"
 
     @property
     def flops_total(self) -> float:
         return self.flops_forward + self.flops_backward
 
+    @property
+    def eval_energy_j(self) -> float:
+        """Energy of the evaluation windows (validation each epoch and the final test), J; not in ``energy_j``."""
+        return float(self.phases.get("eval", {}).get("energy_j", 0.0))
+
 
 @dataclass
 class RunSummary:
     """Everything ``summary.json`` holds. ``arms`` maps arm name (``dense``, ``ssprop``, ``ssprop-d0.4-bar``...)
-    to its :class:`ArmRecord`; ``paired`` maps a metric to paired-delta statistics of (ssprop - dense)."""
+    to its :class:`ArmRecord`; ``paired`` maps a metric to paired-delta statistics of (ssprop - dense).
+
+    ``interleave`` says how arms were ordered in time: ``epoch`` (each epoch of every arm back to back, the
+    order alternating ABBA epoch by epoch) or ``none`` (one arm-run after the other, ABBA by pair).
+    """
 
     kind: str
     status: str
     created_at: str
     config: dict[str, Any]
     environment: dict[str, Any]
-    carbon: dict[str, Any]
+    carbon: CarbonBlock
     arms: dict[str, ArmRecord]
     baseline: str = "dense"
-    paired: dict[str, dict[str, Any]] = field(default_factory=dict)
+    paired: dict[str, PairedStat] = field(default_factory=dict)
+    interleave: str = "none"
     failure_reason: str | None = None
     finished_at: str | None = None
     schema_version: int = SCHEMA_VERSION
@@ -269,28 +459,143 @@ class RunSummary:
         return json.loads(json.dumps(self, default=_json_default))
 
 
-def _arm_from_dict(name: str, data: Mapping[str, Any], where: str) -> ArmRecord:
+# --------------------------------------------------------------------------------------------- parsing
+
+
+def _number(value: Any, where: str) -> float | None:
+    """A finite number, or None for null/NaN/inf (the JSON writer turns non-finite numbers into null)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecordError(f"{where}: expected a number, got {value!r}")
+    return float(value) if math.isfinite(value) else None
+
+
+def _interval(value: Any, where: str) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    if not (isinstance(value, (list, tuple)) and len(value) == 2):
+        raise RecordError(f"{where}: expected [low, high] or null, got {value!r}")
+    low, high = _number(value[0], where), _number(value[1], where)
+    if low is None or high is None:
+        return None
+    if low > high:
+        raise RecordError(f"{where}: low {low} is above high {high}")
+    return (low, high)
+
+
+def paired_stat_from_dict(data: Any, where: str) -> PairedStat:
+    """Validate one paired statistic; raises :class:`RecordError` naming ``where``."""
+    if not isinstance(data, Mapping):
+        raise RecordError(f"{where}: expected an object of paired statistics, got {data!r}")
+    delta = _number(data.get("delta_mean"), f"{where}.delta_mean")
+    if delta is None:
+        raise RecordError(f"{where}: 'delta_mean' is missing or not finite")
+    n = data.get("n")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise RecordError(f"{where}: 'n' must be a positive integer, got {n!r}")
+    level = _number(data.get("confidence", 0.95), f"{where}.confidence")
+    if level is None or not 0.0 < level < 1.0:
+        raise RecordError(f"{where}: confidence must be in (0, 1), got {data.get('confidence')!r}")
+    return PairedStat(
+        n=n,
+        delta_mean=delta,
+        delta_ci=_interval(data.get("delta_ci"), f"{where}.delta_ci"),
+        saving_fraction=_number(data.get("saving_fraction"), f"{where}.saving_fraction"),
+        saving_ci=_interval(data.get("saving_ci"), f"{where}.saving_ci"),
+        confidence=level,
+        baseline_mean=_number(data.get("baseline_mean"), f"{where}.baseline_mean"),
+        arm_mean=_number(data.get("arm_mean"), f"{where}.arm_mean"),
+    )
+
+
+def _paired_from_dict(data: Any, where: str) -> dict[str, PairedStat]:
+    if not isinstance(data, Mapping):
+        raise RecordError(f"{where}: expected an object mapping metrics to statistics")
+    return {metric: paired_stat_from_dict(stat, f"{where}.{metric}") for metric, stat in data.items()}
+
+
+def _epoch_interval_from_dict(data: Any, where: str) -> EpochInterval:
+    if not isinstance(data, Mapping) or "change" not in data:
+        raise RecordError(f"{where}: expected an epoch interval object, got {data!r}")
+    change = _number(data["change"], f"{where}.change")
+    if change is None:
+        raise RecordError(f"{where}: 'change' is not a finite number")
+    try:
+        return EpochInterval(
+            metric=str(data["metric"]), n_epochs=int(data["n_epochs"]), phases=dict(data.get("phases", {})),
+            change=change, ci=_interval(data.get("ci"), f"{where}.ci"),
+            confidence=float(data.get("confidence", 0.95)), label=str(data.get("label", WITHIN_RUN_LABEL)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RecordError(f"{where}: malformed epoch interval ({exc})") from None
+
+
+_V1_REPEAT_DROPPED = ("eval_energy_j", "meter_components")  # written by version 1, never read
+
+
+def _arm_from_dict(name: str, data: Mapping[str, Any], where: str, version: int) -> ArmRecord:
+    if not isinstance(data, Mapping):
+        raise RecordError(f"{where}: arm {name!r} must be an object")
     try:
         comps = [EnergyComponent(**c) for c in data.get("energy_components", [])]
         epochs = [EpochRecord(**e) for e in data.get("epochs", [])]
-        known = {f.name for f in fields(ArmRecord)}
-        kwargs = {k: v for k, v in data.items() if k in known and k not in ("energy_components", "epochs")}
+        repeat_fields = {f.name for f in fields(RepeatFigures)}
+        repeats = [RepeatFigures(**{k: v for k, v in r.items() if k in repeat_fields}) for r in data.get("repeats", [])]
+        interference = None
+        if data.get("interference") is not None:
+            interference = Interference(**data["interference"])
+        kwargs = {k: v for k, v in data.items() if k in _ARM_FIELDS and k not in _ARM_NESTED}
         kwargs = {k: (float("nan") if v is None and k in _FLOAT_FIELDS else v) for k, v in kwargs.items()}
-        return ArmRecord(energy_components=comps, epochs=epochs, **kwargs)
+        record = ArmRecord(energy_components=comps, epochs=epochs, repeats=repeats, interference=interference,
+                           **kwargs)
     except TypeError as exc:
         raise RecordError(f"{where}: arm {name!r} is malformed ({exc})") from None
+    record.paired = _paired_from_dict(data.get("paired") or {}, f"{where}: arms.{name}.paired")
+    record.epoch_intervals = {
+        m: _epoch_interval_from_dict(v, f"{where}: arms.{name}.epoch_intervals.{m}")
+        for m, v in (data.get("epoch_intervals") or {}).items()
+    }
+    if version == 1 and "eval" not in record.phases and data.get("eval_energy_j"):
+        # version 1 kept evaluation energy twice; when its phases lack it, keep the duplicate's figure
+        record.phases["eval"] = {"energy_j": float(data["eval_energy_j"]), "wall_s": math.nan, "count": math.nan}
+    return record
 
 
+_ARM_FIELDS = {f.name for f in fields(ArmRecord)}
+_ARM_NESTED = {"energy_components", "epochs", "repeats", "paired", "epoch_intervals", "interference"}
 _FLOAT_FIELDS = {f.name for f in fields(ArmRecord) if f.type in ("float", float)}
 
 
+def _carbon_from_dict(data: Any, where: str) -> CarbonBlock:
+    if isinstance(data, CarbonBlock):
+        return data
+    if not isinstance(data, Mapping):
+        raise RecordError(f"{where}: 'carbon' must be an object")
+    intensity = data.get("intensity_g_per_kwh", data.get("g_per_kwh"))
+    value = _number(intensity, f"{where}: carbon.intensity_g_per_kwh")
+    pue = _number(data.get("pue", 1.0), f"{where}: carbon.pue")
+    return CarbonBlock(
+        intensity_g_per_kwh=math.nan if value is None else value, source=str(data.get("source") or ""),
+        region=str(data.get("region") or data.get("country") or ""), pue=math.nan if pue is None else pue,
+        pue_source=str(data.get("pue_source") or ""),
+    )
+
+
 def summary_from_dict(data: Any, where: str = "summary.json") -> RunSummary:
-    """Validate and convert a parsed ``summary.json``; raises :class:`RecordError` naming ``where``."""
+    """Validate and convert a parsed ``summary.json`` (schema version 1 or 2); raises :class:`RecordError`.
+
+    Version 1 (before the typed records) is read into the same types: its write-only fields are dropped,
+    its duplicate evaluation energy folded into ``phases``, and ``interleave`` is ``none`` (it had none).
+    """
     if not isinstance(data, dict):
         raise RecordError(f"{where}: expected a JSON object")
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise RecordError(f"{where}: unsupported schema_version {version!r} (expected {SCHEMA_VERSION})")
+    if version not in READABLE_SCHEMA_VERSIONS:
+        raise RecordError(
+            f"{where}: unsupported schema_version {version!r} (this version reads "
+            f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))})"
+        )
     missing = [k for k in ("kind", "status", "created_at", "config", "environment", "carbon", "arms") if k not in data]
     if missing:
         raise RecordError(f"{where}: missing field(s) {', '.join(missing)}")
@@ -298,10 +603,14 @@ def summary_from_dict(data: Any, where: str = "summary.json") -> RunSummary:
         raise RecordError(f"{where}: unknown status {data['status']!r}")
     if not isinstance(data["arms"], dict):
         raise RecordError(f"{where}: 'arms' must be an object")
-    arms = {name: _arm_from_dict(name, arm, where) for name, arm in data["arms"].items()}
+    arms = {name: _arm_from_dict(name, arm, where, version) for name, arm in data["arms"].items()}
     known = {f.name for f in fields(RunSummary)}
-    rest = {k: v for k, v in data.items() if k in known and k != "arms"}
-    return RunSummary(arms=arms, **rest)
+    rest = {k: v for k, v in data.items() if k in known and k not in ("arms", "carbon", "paired", "schema_version")}
+    return RunSummary(
+        arms=arms, carbon=_carbon_from_dict(data["carbon"], where),
+        paired=_paired_from_dict(data.get("paired") or {}, f"{where}: paired"), schema_version=version,
+        **rest,
+    )
 
 
 def load_summary(run_dir: str | os.PathLike[str]) -> RunSummary:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from ssprop_energy.energy.base import ComponentSpec, EnergyReport, PowerSample, PowerSource
 from ssprop_energy.energy.carbon import CarbonIntensity, co2_g, resolve_intensity
 from ssprop_energy.energy.fake import Constant, FakeChannel, Ramp, Sine, Step
-from ssprop_energy.energy.meter import EnergyMeter
-from ssprop_energy.energy.select import KINDS, available_sources, open_meter
+from ssprop_energy.energy.meter import EnergyMeter, WindowEnergy
+from ssprop_energy.energy.select import KINDS, MeterChoice, available_sources, open_meter, resolve_meter
 
 __all__ = [
     "KINDS",
@@ -21,13 +21,16 @@ __all__ = [
     "EnergyMeter",
     "EnergyReport",
     "FakeChannel",
+    "MeterChoice",
     "PowerSample",
     "PowerSource",
     "Ramp",
     "Sine",
     "Step",
+    "WindowEnergy",
     "available_sources",
     "co2_g",
     "open_meter",
     "resolve_intensity",
+    "resolve_meter",
 ]

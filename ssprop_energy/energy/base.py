@@ -25,7 +25,7 @@ class ComponentSpec:
 
     Attributes:
         component: component name, e.g. ``gpu:0``.
-        source: provenance of the energy figure: ``counter``, ``sampled`` or ``estimated``.
+        source: provenance of the energy figure: ``counter``, ``sampled``, ``estimated`` or ``fake``.
         device: human-readable hardware name.
         counter: the source has a cumulative energy reading (J) for it.
         power: the source has an instantaneous power reading (W) for it.

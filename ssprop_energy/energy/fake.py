@@ -2,7 +2,8 @@
 
 Each channel is a trace ``power_w(t)`` (t in seconds since the source's clock origin) and, optionally, an
 energy counter that is its exact integral (analytic for the built-in shapes, composite Simpson for a user
-function). Components are named like real ones so that code downstream cannot tell the difference.
+function). Components are named like real ones so that the code downstream runs unchanged, but every
+figure they give carries the source ``fake``, so no record or report can mistake it for a measurement.
 """
 
 from __future__ import annotations
@@ -187,7 +188,9 @@ class FakeSource(PowerSource):
 
     def components(self) -> list[ComponentSpec]:
         return [
-            ComponentSpec(ch.component, "counter" if ch.counter else "sampled", ch.device, ch.counter, True)
+            # Synthetic energy is labelled ``fake`` whether it is read like a counter or a power trace: no
+            # downstream total may present it as a measurement.
+            ComponentSpec(ch.component, "fake", ch.device, ch.counter, True)
             for ch in self._channels
         ]
 

@@ -66,6 +66,19 @@ class _PowerTrace:
         return self.cum_j[k] + 0.5 * (p_k + p_t) * (t - t_k)
 
 
+@dataclass(frozen=True)
+class WindowEnergy:
+    """What the closed windows of one (scope, name) held: energy per component (J), wall time (s), count."""
+
+    components_j: dict[str, float]
+    wall_s: float
+    count: int
+
+    @property
+    def energy_j(self) -> float:
+        return float(sum(self.components_j.values()))
+
+
 @dataclass
 class _WindowTotals:
     count: int = 0
@@ -139,11 +152,13 @@ class EnergyMeter:
         self._last_counter: dict[str, float] = {}
         self._last_counter_t = 0.0
         self._traces: dict[str, _PowerTrace] = {c: _PowerTrace() for c, s in self.specs.items() if s.power}
-        # a power reading is "sampled" unless it comes from a model (the RAM estimate)
-        self._power_label = {c: "estimated" if s.source == "estimated" else "sampled" for c, s in self.specs.items()}
+        # a power reading is "sampled" unless it comes from a model (the RAM estimate) or is synthetic
+        self._power_label = {c: s.source if s.source in ("estimated", "fake") else "sampled"
+                             for c, s in self.specs.items()}
         self._samples: list[PowerSample] = []
         self._stack: list[tuple[str, float, dict[str, float]]] = []
         self._windows: dict[str, _WindowTotals] = {}
+        self._scoped: dict[tuple[str, str], _WindowTotals] = {}
         self._top = _WindowTotals()
         self._idle_w: dict[str, float] = {}
 
@@ -249,12 +264,13 @@ class EnergyMeter:
         return out
 
     @contextlib.contextmanager
-    def window(self, name: str) -> Iterator[None]:
-        """Attribute the energy spent inside the block to ``name``.
+    def window(self, name: str, scope: str = "") -> Iterator[None]:
+        """Attribute the energy spent inside the block to ``name`` (and to ``(scope, name)``).
 
-        Windows nest; a name's totals are summed over every time it is opened. The sync function (e.g.
-        ``torch.cuda.synchronize``) runs before each edge is timed, so queued GPU work is charged to the
-        window that launched it.
+        Windows nest; a name's totals are summed over every time it is opened, and separately per scope
+        (e.g. ``dense/e3``: one arm's epoch), which :meth:`scope_energy` reads while the meter runs. The
+        sync function (e.g. ``torch.cuda.synchronize``) runs before each edge is timed, so queued GPU work is
+        charged to the window that launched it.
         """
         self._check_running()
         if self._sync == "unresolved":
@@ -277,7 +293,8 @@ class EnergyMeter:
                 c_b = self._read_counters()
             self._stack.pop()
             totals = self._windows.setdefault(name, _WindowTotals())
-            for tot in (totals, self._top) if top_level else (totals,):
+            scoped = self._scoped.setdefault((scope, name), _WindowTotals())
+            for tot in (totals, scoped, self._top) if top_level else (totals, scoped):
                 tot.count += 1
                 tot.wall_s += t_b - t_a
                 tot.intervals.append((t_a, t_b))
@@ -351,6 +368,32 @@ class EnergyMeter:
             out[comp] = max(0.0, sum(trace.energy_to(b) - trace.energy_to(a) for a, b in tot.intervals))
         return out
 
+    def scope_energy(self, scope: str) -> dict[str, WindowEnergy]:
+        """The closed windows of ``scope`` so far: ``{name: WindowEnergy}`` (J per component, s, count).
+
+        Sampled components are integrated up to a sample taken now when the trace does not yet reach the
+        windows' end, so a window can be read as soon as it closes.
+        """
+        self._check_running()
+        with self._lock:
+            ends = [b for (sc, _), tot in self._scoped.items() if sc == scope for _, b in tot.intervals]
+            if self._traces and ends and self._last_counter_t < max(ends):
+                self._take_sample()
+            out = {}
+            for (sc, name), tot in self._scoped.items():
+                if sc == scope:
+                    comps = self._window_energy(tot)
+                    out[name] = WindowEnergy(components_j=comps, wall_s=tot.wall_s, count=tot.count)
+            return out
+
+    def component_info(self) -> dict[str, ComponentSpec]:
+        """Every component's spec (source, device), for turning window energies into records."""
+        return dict(self.specs)
+
+    def intervals(self) -> dict[tuple[str, str], list[tuple[float, float]]]:
+        """``{(scope, name): [(start_s, end_s), ...]}`` of every closed window, in seconds since start."""
+        return {key: [(a - self._t0, b - self._t0) for a, b in tot.intervals] for key, tot in self._scoped.items()}
+
     def _report(self, t_end: float) -> EnergyReport:
         components = []
         for comp, spec in self.specs.items():
@@ -407,6 +450,11 @@ class EnergyMeter:
             self._state = "stopped"
             for src in self._sources:
                 src.close()
+
+    @property
+    def source_kinds(self) -> tuple[str, ...]:
+        """The kinds of the sources read (``nvml``, ``rapl``, ``estimate``, ``fake``), in order."""
+        return tuple(src.kind for src in self._sources)
 
     @property
     def running(self) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from ssprop_energy.energy.base import PowerSource
@@ -22,6 +23,38 @@ from ssprop_energy.errors import ConfigError, MeterUnavailableError
 logger = logging.getLogger(__name__)
 
 KINDS = ("auto", "nvml", "rapl", "estimate", "fake")
+
+
+@dataclass(frozen=True)
+class MeterChoice:
+    """The sources a run measures with, decided once (:func:`resolve_meter`) and reused for every meter of
+    the run, so that the fallback chain runs, and warns, once.
+
+    Attributes:
+        kind: what was asked for (``auto``, ``nvml``, ...).
+        sources: the source kinds to open, e.g. ``("nvml", "estimate")``.
+        unavailable: ``{kind: reason}`` of the sources tried and not used.
+    """
+
+    kind: str
+    sources: tuple[str, ...]
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_meter(
+    kind: str = "auto", sysfs_root: str | os.PathLike[str] | None = None, *, gpus: Sequence[int] | None = None,
+    **kwargs: Any,
+) -> MeterChoice:
+    """Run the fallback chain of ``kind`` once (warnings included) and return the decision.
+
+    Raises:
+        ConfigError, MeterUnavailableError: as :func:`open_meter`.
+    """
+    meter = open_meter(kind, sysfs_root=sysfs_root, gpus=gpus, **kwargs)
+    try:
+        return MeterChoice(kind, meter.source_kinds, dict(meter.unavailable))
+    finally:
+        meter.close()
 
 
 def _open_nvml(gpus: Sequence[int] | None) -> PowerSource:
@@ -54,6 +87,7 @@ def open_meter(
     sync: SyncArg = "auto",
     fake_channels: list[FakeChannel] | None = None,
     estimate_options: dict[str, Any] | None = None,
+    choice: MeterChoice | None = None,
 ) -> EnergyMeter:
     """Open an :class:`EnergyMeter` on the sources of ``kind``.
 
@@ -69,17 +103,34 @@ def open_meter(
         fake_channels: components of the ``fake`` source; a GPU with a counter and a sampled CPU by default.
         estimate_options: keyword arguments of :class:`~ssprop_energy.energy.estimate.EstimateSource`
             (``cpu_model``, ``cpu_tdp_w``, ``ram_power_w``, ...).
+        choice: a decision from :func:`resolve_meter`: open exactly its sources, with no fallback (and so no
+            repeated warning); ``kind`` is then ignored.
 
     Raises:
         ConfigError: unknown kind.
         MeterUnavailableError: a specific kind cannot be used here; the message names the fix.
     """
+    if choice is not None:
+        kind = choice.kind
     if kind not in KINDS:
         raise ConfigError(f"unknown meter {kind!r}; choose one of {', '.join(KINDS)}")
     est = dict(estimate_options or {})
     sources: list[PowerSource] = []
     unavailable: dict[str, str] = {}
-    if kind == "nvml":
+    if choice is not None:
+        openers: dict[str, Callable[[], PowerSource]] = {
+            "nvml": lambda: _open_nvml(gpus), "rapl": lambda: _open_rapl(sysfs_root),
+            "estimate": lambda: _open_estimate(est), "fake": lambda: FakeSource(fake_channels, clock),
+        }
+        unavailable = dict(choice.unavailable)
+        try:
+            for name in choice.sources:
+                sources.append(openers[name]())
+        except BaseException:
+            for src in sources:
+                src.close()
+            raise
+    elif kind == "nvml":
         sources.append(_open_nvml(gpus))
     elif kind == "rapl":
         sources.append(_open_rapl(sysfs_root))
