@@ -12,6 +12,7 @@ import pytest
 
 from ssprop_energy.errors import RunInterrupted
 from ssprop_energy.experiment.config import ExperimentConfig
+from ssprop_energy.experiment.execute import Executor
 from ssprop_energy.experiment.runner import Experiment, ExperimentHooks, load_run_config, prepare_run_dir
 from ssprop_energy.records import load_summary, read_csv_rows
 
@@ -65,7 +66,7 @@ def _cnn_step_flops_per_sample(keep: int | None, width: int = 128, in_ch: int = 
 def test_compare_records_and_flops_follow_the_schedule(tmp_path: Path) -> None:
     summary = run(tiny_config(tmp_path / "run", epochs=4))  # bar 0.8: dense, sparse, dense, sparse
     loaded = load_summary(tmp_path / "run")
-    assert loaded.status == "complete" and loaded.schema_version == 1
+    assert loaded.status == "complete" and loaded.schema_version == 2 and loaded.interleave == "epoch"
     assert set(loaded.arms) == {"dense", "ssprop"}
 
     fwd, bwd_dense, conv_dense = _cnn_step_flops_per_sample(None)
@@ -80,19 +81,20 @@ def test_compare_records_and_flops_follow_the_schedule(tmp_path: Path) -> None:
     # the paper's "~40% fewer conv-backward FLOPs" under bar 0.8 (k = 25 of 128 keeps 19.5%, so slightly more)
     saving = 1 - sparse.flops_backward_conv / dense.flops_backward_conv
     assert saving == pytest.approx(0.5 * (1 - 25 / 128), rel=1e-3)
-    assert sparse.paired["flops_backward_conv"]["saving_fraction"] == pytest.approx(saving)
+    assert sparse.paired["flops_backward_conv"].saving_fraction == pytest.approx(saving)
 
     for arm in (dense, sparse):
         assert arm.energy_j > 0 and arm.energy_components
-        assert {c.source for c in arm.energy_components} <= {"counter", "sampled", "estimated"}
+        assert {c.source for c in arm.energy_components} == {"fake"}
         assert arm.energy_j == pytest.approx(sum(c.energy_j for c in arm.energy_components))
         assert arm.energy_j == pytest.approx(sum(e.energy_j for e in arm.epochs))
         assert arm.co2_g == pytest.approx(arm.energy_j / 3.6e6 * arm.carbon_intensity_g_per_kwh * arm.pue)
         assert arm.wall_s == pytest.approx(sum(e.wall_s for e in arm.epochs))
         assert 0.0 <= arm.test_accuracy <= 1.0
         assert "backward" in arm.phases and arm.phases["backward"]["energy_j"] > 0
-    # the fake meter mixes a counter GPU and a sampled CPU: the total must say so
-    assert dense.energy_source == "mixed"
+    # the fake meter reads a counter GPU and a sampled CPU, both synthetic: the total says fake, never mixed
+    assert dense.energy_source == "fake"
+    assert "eval" in dense.phases and dense.eval_energy_j == dense.phases["eval"]["energy_j"] > 0
 
     epochs = read_csv_rows(tmp_path / "run" / "epochs.csv")
     assert len(epochs) == 8 and {r["arm"] for r in epochs} == {"dense", "ssprop"}
@@ -110,18 +112,21 @@ class _StopAfter:
         return self.left < 0
 
 
-def test_resume_ends_with_the_uninterrupted_result(tmp_path: Path) -> None:
-    straight = run(tiny_config(tmp_path / "a", epochs=3))
+@pytest.mark.parametrize("interleave, finished", [("none", ["dense"]), ("epoch", [])])
+def test_resume_ends_with_the_uninterrupted_result(tmp_path: Path, interleave: str, finished: list[str]) -> None:
+    straight = run(tiny_config(tmp_path / "a", epochs=3, interleave="none"))
 
-    cfg = tiny_config(tmp_path / "b", epochs=3)
-    # 4 batches per epoch: stop inside the second arm's second epoch (after 3 + 1 epochs + 2 batches)
+    cfg = tiny_config(tmp_path / "b", epochs=3, interleave=interleave)
+    # 4 batches per epoch: stop 2 batches into the 5th epoch trained (sequential: the second arm's second
+    # epoch; interleaved dense, ssprop | ssprop, dense | dense...: dense's third epoch)
     with pytest.raises(RunInterrupted):
         run(cfg, ExperimentHooks(stop_requested=_StopAfter(4 * 4 + 2)))
     interrupted = load_summary(tmp_path / "b")
     assert interrupted.status == "interrupted"
-    assert list(interrupted.arms) == ["dense"]
+    assert list(interrupted.arms) == finished
 
     resumed_cfg = load_run_config(tmp_path / "b")
+    assert resumed_cfg.interleave == interleave
     resumed = Experiment(resumed_cfg, tmp_path / "b").run()
     assert resumed.status == "complete"
     for name in ("dense", "ssprop"):
@@ -140,7 +145,7 @@ def test_failure_marks_the_run_failed(tmp_path: Path, monkeypatch: pytest.Monkey
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(Experiment, "_run_arm", boom)
+    monkeypatch.setattr(Executor, "run_group", boom)
     with pytest.raises(RuntimeError):
         exp.run()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -148,14 +153,14 @@ def test_failure_marks_the_run_failed(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_repeats_run_abba_and_give_intervals(tmp_path: Path) -> None:
-    cfg = tiny_config(tmp_path / "run", epochs=2, repeats=2)
+    cfg = tiny_config(tmp_path / "run", epochs=2, repeats=2, interleave="none")
     exp = Experiment(cfg, tmp_path / "run")
-    order = [(arm.name, repeat) for arm, _, repeat in exp.plan()]
+    order = [(key.arm.name, key.repeat) for key in exp.plan()]
     assert order == [("dense", 0), ("ssprop", 0), ("ssprop", 1), ("dense", 1)]
     prepare_run_dir(tmp_path / "run")
     summary = exp.run()
     stats = summary.paired["energy_j"]
-    assert stats["n"] == 2 and stats["delta_ci"] is not None
+    assert stats.n == 2 and stats.delta_ci is not None
     assert len(summary.arms["ssprop"].repeats) == 2
 
 
@@ -165,7 +170,7 @@ def test_sweep_shares_one_dense_baseline(tmp_path: Path) -> None:
     summary = run(cfg)
     b04, b08 = summary.arms["constant-d0.4"], summary.arms["constant-d0.8"]
     assert summary.arms["dense"].flops_backward > b04.flops_backward > b08.flops_backward
-    assert b08.paired["flops_backward"]["saving_fraction"] > b04.paired["flops_backward"]["saving_fraction"] > 0
+    assert b08.paired["flops_backward"].saving_fraction > b04.paired["flops_backward"].saving_fraction > 0
 
 
 def test_stop_flag_catches_sigterm() -> None:

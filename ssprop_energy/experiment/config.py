@@ -9,12 +9,20 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from ssprop_energy.energy.select import KINDS as METERS
 from ssprop_energy.errors import ConfigError
+from ssprop_energy.sparse.convert import LAYER_KINDS
+from ssprop_energy.sparse.functional import SELECTIONS
+from ssprop_energy.sparse.schedules import SCHEDULES
 
-SCHEDULES = ("bar", "constant", "linear", "cosine")
-SELECTIONS = ("topk", "random", "quantile")
-METERS = ("auto", "nvml", "rapl", "estimate", "fake")
-LAYER_KINDS = ("conv", "linear")
+# Each vocabulary has one owner (the schedules, selections, layer kinds and meters are the sparse and energy
+# packages' own); the names are re-exported here for the CLI's choices.
+__all__ = ["INTERLEAVES", "LAYER_KINDS", "METERS", "SCHEDULES", "SELECTIONS", "ArmSpec", "ExperimentConfig"]
+
+# How arms share the machine in time: ``epoch`` runs epoch e of every arm back to back (ABBA order epoch by
+# epoch), so slow changes of the machine hit every arm alike; ``none`` runs each arm-run to the end before
+# the next (needs one model in memory at a time).
+INTERLEAVES = ("epoch", "none")
 
 # Defaults chosen so that `compare --model resnet18` on the embedded digits data finishes in a few minutes on a
 # 2-core CPU: 4 epochs (an even number, so the bar schedule has 2 dense and 2 sparse epochs), batch 64, Adam.
@@ -71,6 +79,7 @@ class ExperimentConfig:
     country: str | None = None
     pue: float = 1.0
     eval_noise: list[float] = field(default_factory=list)
+    interleave: str = "epoch"
     project: str | None = None
     out: str | None = None
 
@@ -98,6 +107,8 @@ class ExperimentConfig:
             raise ConfigError("--layers needs at least one layer kind")
         if self.schedule_by not in ("epoch", "iteration"):
             raise ConfigError(f"unknown --schedule-by {self.schedule_by!r}; choose from epoch, iteration")
+        if self.interleave not in INTERLEAVES:
+            raise ConfigError(f"unknown interleave {self.interleave!r}; choose from {', '.join(INTERLEAVES)}")
         if self.meter not in METERS:
             raise ConfigError(f"unknown meter {self.meter!r}; choose from {', '.join(METERS)}")
         positive_ints = {"epochs": self.epochs, "batch_size": self.batch_size, "repeats": self.repeats,

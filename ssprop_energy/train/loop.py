@@ -1,8 +1,15 @@
-"""The training loop of one arm: drop-rate stepping, FLOP and energy metering, evaluation, checkpoints.
+"""The training loop of one arm: drop-rate stepping, energy windows, evaluation, checkpoints.
 
-Determinism is what makes the dense-vs-sparse pairing and resume exact: the data order depends only on
-(seed, epoch) (``BatchLoader.set_epoch``) and the torch RNG (dropout, random channel selection) is re-seeded
-from (seed, epoch) at the start of every epoch, so both arms, and a resumed run, see the same randomness.
+Determinism is what makes the dense-vs-sparse pairing, interleaving and resume exact: the data order depends
+only on (seed, epoch) (``BatchLoader.set_epoch``) and the torch RNG (dropout, random channel selection) is
+re-seeded from (seed, epoch) at the start of every epoch, so both arms, an interleaved run and a resumed run
+all see the same randomness. Nothing else global is touched here.
+
+Energy has one channel: the meter's windows. Each epoch opens ``train`` (with ``data``, ``forward``,
+``backward`` and ``optimizer`` nested) and ``eval`` in the scope ``<scope>/e<epoch>``; the final test runs in
+``<scope>/test``. An epoch's energy and the per-phase totals are what the meter returns for those windows.
+The trainer can be driven one epoch at a time (:meth:`Trainer.begin`, :meth:`Trainer.run_epoch`,
+:meth:`Trainer.finish`), which is how the experiment interleaves arms; :meth:`Trainer.fit` runs them all.
 """
 
 from __future__ import annotations
@@ -16,19 +23,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ssprop_energy.errors import RunInterrupted
-from ssprop_energy.records import EpochRecord
+from ssprop_energy.records import EnergyComponent, EpochRecord
 from ssprop_energy.train.callbacks import Callback, CallbackList
 from ssprop_energy.train.checkpoint import load_checkpoint, save_checkpoint
 from ssprop_energy.train.optim import make_lr_schedule, make_optimizer
+from ssprop_energy.train.tasks import ClassificationTask, Task
 
 if TYPE_CHECKING:
-    from ssprop_energy.data import DatasetSplits, TensorSplit
+    from ssprop_energy.data import DatasetSplits
     from ssprop_energy.energy.meter import EnergyMeter
-    from ssprop_energy.flops import FlopMeter
+    from ssprop_energy.flops.integrate import EpochFlops
     from ssprop_energy.sparse.schedules import DropSchedule
 
 log = logging.getLogger(__name__)
@@ -59,7 +66,8 @@ class EpochResult:
 
 @dataclass
 class TrainResult:
-    """What one arm's training produced. FLOPs and energy cover training steps only; evaluation is separate."""
+    """What one arm's training produced. FLOPs and energy cover training windows only; evaluation energy is
+    the ``eval`` entry of ``phases``."""
 
     epochs: list[EpochRecord]
     test_accuracy: float
@@ -72,8 +80,8 @@ class TrainResult:
     flops_forward: float
     flops_backward: float
     flops_backward_conv: float
-    train_energy_by_component_j: dict[str, float]
-    eval_energy_j: float
+    energy_components: list[EnergyComponent]
+    phases: dict[str, dict[str, float]]
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -82,7 +90,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 class Trainer:
-    """Trains one model on in-memory data, metering FLOPs and energy.
+    """Trains one model on in-memory data, metering energy through windows.
 
     Args:
         model: the network (already sparsified for an ssProp arm).
@@ -90,11 +98,14 @@ class Trainer:
         config: hyper-parameters.
         device: where to train.
         schedule: drop-rate schedule for ssProp arms; None for the dense arm.
-        meter: an energy meter, already started; None to skip energy.
-        flop_meter: a FLOP meter for this model; None to skip FLOP counting.
+        meter: an energy meter, already started (it may be shared with other arms: windows are scoped);
+            None to skip energy.
+        epoch_flops: the counted FLOPs of every epoch (``FlopMeter.for_schedule``); None to skip FLOPs.
         callbacks: progress bars and the like.
         checkpoint_path: where to save a checkpoint after every epoch (and resume from, if present).
         stop_requested: polled after each batch; when true, the run stops with :class:`RunInterrupted`.
+        task: the loss and metrics (classification by default).
+        scope: prefix of this run's meter windows (the arm-run's name), so several arms can share a meter.
     """
 
     def __init__(
@@ -105,10 +116,12 @@ class Trainer:
         device: torch.device,
         schedule: DropSchedule | None = None,
         meter: EnergyMeter | None = None,
-        flop_meter: FlopMeter | None = None,
+        epoch_flops: Sequence[EpochFlops] | None = None,
         callbacks: Sequence[Callback] = (),
         checkpoint_path: Path | None = None,
         stop_requested: Callable[[], bool] = lambda: False,
+        task: Task | None = None,
+        scope: str = "run",
     ) -> None:
         from ssprop_energy.data import BatchLoader
 
@@ -118,10 +131,12 @@ class Trainer:
         self.device = device
         self.schedule = schedule
         self.meter = meter
-        self.flop_meter = flop_meter
+        self.epoch_flops = list(epoch_flops) if epoch_flops is not None else None
         self.callbacks = CallbackList(callbacks)
         self.checkpoint_path = checkpoint_path
         self.stop_requested = stop_requested
+        self.task: Task = task or ClassificationTask(self._autocast)
+        self.scope = scope
         self.optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay)
         self.lr_schedule = make_lr_schedule(config.lr_schedule, self.optimizer, config.epochs)
         self.train_loader = BatchLoader(
@@ -129,19 +144,15 @@ class Trainer:
         )
         self.sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self.drop_rate = 0.0
-        # (start, end, label) on the time.perf_counter clock, the energy meter's clock: shades the power trace
-        self.phase_log: list[tuple[float, float, str]] = []
+        self.state: dict[str, Any] | None = None
+        self._window_scope = scope
 
     # ------------------------------------------------------------------------------------------ helpers
 
     def _window(self, name: str) -> Any:
         if self.meter is None:
             return contextlib.nullcontext()
-        return self.meter.window(name)
-
-    def _snapshot(self) -> dict[str, float]:
-        self.sync()
-        return dict(self.meter.snapshot()) if self.meter is not None else {}
+        return self.meter.window(name, scope=self._window_scope)
 
     def _set_drop_rate(self, epoch: int, iteration: int) -> float:
         if self.schedule is not None:
@@ -153,55 +164,42 @@ class Trainer:
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    @torch.no_grad()
-    def evaluate(self, split: TensorSplit, noise_std: float = 0.0) -> tuple[float, float]:
-        """Mean cross-entropy and accuracy (fraction) on a split; optional Gaussian input noise.
+    def evaluate(self, split: Any, noise_std: float = 0.0) -> tuple[float, float]:
+        """Mean loss and headline metric of the model on a split (see the task)."""
+        return self.task.evaluate(self.model, split, self.data, self.config.batch_size, self.device, noise_std)
 
-        The noise is added to pixel values on the [0, 1] scale before normalisation, with a fixed generator,
-        so every arm is evaluated on the same noisy inputs.
-        """
-        from ssprop_energy.data import BatchLoader
-
-        self.model.eval()
-        loader = BatchLoader(
-            split, max(self.config.batch_size, 256), shuffle=False, seed=0, mean=self.data.mean,
-            std=self.data.std, device=self.device,
-        )
-        gen = torch.Generator(device="cpu").manual_seed(1234)
-        std = torch.as_tensor(self.data.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        correct = torch.zeros((), device=self.device, dtype=torch.int64)
-        n = 0
-        for x, y in loader:
-            if noise_std > 0:
-                # x is normalised: (p - mean) / std, so pixel noise of sigma becomes sigma / std.
-                noise = torch.randn(x.shape, generator=gen).to(self.device)
-                x = x + noise * (noise_std / std)
-            with self._autocast():
-                out = self.model(x)
-            loss_sum += F.cross_entropy(out.float(), y, reduction="sum").double()
-            correct += (out.argmax(1) == y).sum()
-            n += len(y)
-        self.model.train()
-        return float(loss_sum) / max(n, 1), float(correct) / max(n, 1)
+    def _collect_energy(self, scope: str) -> dict[str, float]:
+        """Add the windows of ``scope`` to the run's phase totals; returns the ``train`` J per component."""
+        if self.meter is None:
+            return {}
+        assert self.state is not None
+        info = self.meter.component_info()
+        phases = self.state["phases"]
+        train: dict[str, float] = {}
+        for name, w in self.meter.scope_energy(scope).items():
+            p = phases.setdefault(name, {"energy_j": 0.0, "wall_s": 0.0, "count": 0})
+            p["energy_j"] += w.energy_j
+            p["wall_s"] += w.wall_s
+            p["count"] += w.count
+            if name == "train":
+                train = dict(w.components_j)
+        for comp, energy_j in train.items():
+            self.state["energy_by_component_j"][comp] = self.state["energy_by_component_j"].get(comp, 0.0) + energy_j
+            self.state["component_info"][comp] = [info[comp].source, info[comp].device]
+        return train
 
     # ------------------------------------------------------------------------------------------ main loop
 
-    def _train_epoch(self, epoch: int) -> tuple[float, float, float, float, float, float]:
-        """One pass over the training data.
-
-        Returns:
-            (mean loss, accuracy, forward FLOPs, backward FLOPs, conv-backward FLOPs, mean drop rate), the
-            drop rate averaged over samples (it varies per batch under an iteration schedule).
-        """
+    def _train_epoch(self, epoch: int) -> tuple[float, float, float]:
+        """One pass over the training data: (mean loss, metric, mean drop rate over samples)."""
         model, opt = self.model, self.optimizer
         model.train()
         torch.manual_seed(epoch_seed(self.config.seed, epoch))
         self.train_loader.set_epoch(epoch)
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        metric_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         n = 0
-        flops_fwd = flops_bwd = flops_bwd_conv = drop_sum = 0.0
+        drop_sum = 0.0
         batches = iter(self.train_loader)
         batch_idx = 0
         while True:
@@ -212,15 +210,8 @@ class Trainer:
             x, y = batch
             drop = self._set_drop_rate(epoch, batch_idx)
             drop_sum += drop * len(y)
-            if self.flop_meter is not None:
-                step = self.flop_meter.per_sample(drop)
-                flops_fwd += step.forward * len(y)
-                flops_bwd += step.backward * len(y)
-                flops_bwd_conv += step.backward_conv * len(y)
             with self._window("forward"):
-                with self._autocast():
-                    out = model(x)
-                    loss = F.cross_entropy(out.float(), y)
+                loss, metric = self.task.batch_loss(model, x, y)
                 self.sync()
             with self._window("backward"):
                 opt.zero_grad(set_to_none=True)
@@ -231,76 +222,94 @@ class Trainer:
                 self.sync()
             # accumulate on device: a .item() per step would force a GPU sync every step
             loss_sum += loss.detach().double() * len(y)
-            correct += (out.detach().argmax(1) == y).sum()
+            metric_sum += metric.double()
             n += len(y)
             self.callbacks.on_batch_end(self, epoch, batch_idx)
             batch_idx += 1
             if self.stop_requested():
                 raise RunInterrupted(f"stopped during epoch {epoch + 1}")
-        mean_drop = drop_sum / max(n, 1)
-        return float(loss_sum) / max(n, 1), float(correct) / max(n, 1), flops_fwd, flops_bwd, flops_bwd_conv, mean_drop
+        return float(loss_sum) / max(n, 1), float(metric_sum) / max(n, 1), drop_sum / max(n, 1)
+
+    @property
+    def next_epoch(self) -> int:
+        assert self.state is not None, "call begin() first"
+        return int(self.state["next_epoch"])
+
+    @property
+    def done(self) -> bool:
+        return self.next_epoch >= self.config.epochs
+
+    def begin(self) -> None:
+        """Load the checkpoint if there is one and tell the callbacks that training starts."""
+        self.state = self._resume_state()
+        self.callbacks.on_train_start(self)
+
+    def run_epoch(self) -> EpochRecord:
+        """Train the next epoch, validate, checkpoint; returns its record."""
+        assert self.state is not None, "call begin() first"
+        state = self.state
+        epoch = int(state["next_epoch"])
+        self._window_scope = f"{self.scope}/e{epoch}"
+        drop = self._set_drop_rate(epoch, 0)
+        self.callbacks.on_epoch_start(self, epoch, drop)
+        t0 = time.perf_counter()
+        with self._window("train"):
+            loss, acc, mean_drop = self._train_epoch(epoch)
+            self.sync()
+        train_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        with self._window("eval"):
+            val_loss, val_acc = self.evaluate(self.data.val)
+        state["eval_wall_s"] += time.perf_counter() - t1
+        if self.lr_schedule is not None:
+            self.lr_schedule.step()
+        energy = self._collect_energy(self._window_scope)
+        flops = self.epoch_flops[epoch] if self.epoch_flops is not None else None
+        record = EpochRecord(
+            epoch=epoch, drop_rate=mean_drop, train_loss=loss, train_accuracy=acc, val_loss=val_loss,
+            val_accuracy=val_acc, flops_forward=flops.flops_forward if flops else 0.0,
+            flops_backward=flops.flops_backward if flops else 0.0, energy_j=float(sum(energy.values())),
+            wall_s=train_s, lr=float(self.optimizer.param_groups[0]["lr"]),
+        )
+        state["epochs"].append(record)
+        state["flops_backward_conv"] += flops.flops_backward_conv if flops else 0.0
+        better = val_acc > state["best_val_accuracy"] if self.task.higher_is_better else val_acc < state["best_val_accuracy"]
+        if state["best_epoch"] < 0 or better:
+            state["best_val_accuracy"], state["best_epoch"] = val_acc, epoch
+            state["best_state"] = copy.deepcopy(self.model.state_dict())
+        state["next_epoch"] = epoch + 1
+        if self.checkpoint_path is not None:
+            self._save(state)
+        self.callbacks.on_epoch_end(self, EpochResult(record, energy))
+        return record
 
     def fit(self) -> TrainResult:
-        """Train for ``config.epochs`` epochs (resuming from the checkpoint if one exists) and test.
+        """Train for ``config.epochs`` epochs (resuming from the checkpoint if one exists) and test."""
+        self.begin()
+        while not self.done:
+            self.run_epoch()
+        return self.finish()
 
-        The test accuracy is that of the weights at the best validation epoch, as in the paper's code.
-        """
-        state = self._resume_state()
-        self.callbacks.on_train_start(self)
-        for epoch in range(state["next_epoch"], self.config.epochs):
-            drop = self._set_drop_rate(epoch, 0)
-            self.callbacks.on_epoch_start(self, epoch, drop)
-            e0 = self._snapshot()
-            t0 = time.perf_counter()
-            loss, acc, f_fwd, f_bwd, f_bwd_conv, mean_drop = self._train_epoch(epoch)
-            self.sync()
-            t1 = time.perf_counter()
-            train_s = t1 - t0
-            self.phase_log.append((t0, t1, f"train drop {mean_drop:.2g}" if mean_drop > 0 else "train dense"))
-            e1 = self._snapshot()
-            with self._window("eval"):
-                val_loss, val_acc = self.evaluate(self.data.val)
-            t2 = time.perf_counter()
-            state["eval_wall_s"] += t2 - t1
-            self.phase_log.append((t1, t2, "eval"))
-            e2 = self._snapshot()
-            if self.lr_schedule is not None:
-                self.lr_schedule.step()
-            energy = {k: max(0.0, e1.get(k, 0.0) - e0.get(k, 0.0)) for k in e1}
-            for k, v in energy.items():
-                state["energy_by_component_j"][k] = state["energy_by_component_j"].get(k, 0.0) + v
-            state["eval_energy_j"] += sum(max(0.0, e2.get(k, 0.0) - e1.get(k, 0.0)) for k in e2)
-            record = EpochRecord(
-                epoch=epoch, drop_rate=mean_drop, train_loss=loss, train_accuracy=acc, val_loss=val_loss,
-                val_accuracy=val_acc, flops_forward=f_fwd, flops_backward=f_bwd, energy_j=sum(energy.values()),
-                wall_s=train_s, lr=float(self.optimizer.param_groups[0]["lr"]),
-            )
-            state["epochs"].append(record)
-            state["flops_backward_conv"] += f_bwd_conv
-            if val_acc > state["best_val_accuracy"]:
-                state["best_val_accuracy"], state["best_epoch"] = val_acc, epoch
-                state["best_state"] = copy.deepcopy(self.model.state_dict())
-            state["next_epoch"] = epoch + 1
-            if self.checkpoint_path is not None:
-                self._save(state)
-            self.callbacks.on_epoch_end(self, EpochResult(record, energy))
-        return self._finish(state)
-
-    def _finish(self, state: dict[str, Any]) -> TrainResult:
+    def finish(self) -> TrainResult:
+        """Test the weights of the best validation epoch (as in the paper's code) and return the result."""
+        assert self.state is not None, "call begin() first"
+        state = self.state
         if state["best_state"] is not None:
             self.model.load_state_dict(state["best_state"])
-        e0 = self._snapshot()
+        self._window_scope = f"{self.scope}/test"
         t0 = time.perf_counter()
         with self._window("eval"):
             test_loss, test_acc = self.evaluate(self.data.test)
             noise_acc = {f"{s:g}": self.evaluate(self.data.test, s)[1] for s in self.config.eval_noise}
-        t1 = time.perf_counter()
-        state["eval_wall_s"] += t1 - t0
-        self.phase_log.append((t0, t1, "eval"))
-        e1 = self._snapshot()
-        state["eval_energy_j"] += sum(max(0.0, e1.get(k, 0.0) - e0.get(k, 0.0)) for k in e1)
+        state["eval_wall_s"] += time.perf_counter() - t0
+        self._collect_energy(self._window_scope)
         self.callbacks.on_train_end(self)
         epochs = state["epochs"]
+        components = [
+            EnergyComponent(component=comp, energy_j=energy_j, source=state["component_info"][comp][0],
+                            device=state["component_info"][comp][1])
+            for comp, energy_j in sorted(state["energy_by_component_j"].items())
+        ]
         return TrainResult(
             epochs=epochs,
             test_accuracy=test_acc,
@@ -313,8 +322,8 @@ class Trainer:
             flops_forward=sum(e.flops_forward for e in epochs),
             flops_backward=sum(e.flops_backward for e in epochs),
             flops_backward_conv=state["flops_backward_conv"],
-            train_energy_by_component_j=state["energy_by_component_j"],
-            eval_energy_j=state["eval_energy_j"],
+            energy_components=components,
+            phases={k: dict(v) for k, v in state["phases"].items()},
         )
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -322,7 +331,8 @@ class Trainer:
     def _resume_state(self) -> dict[str, Any]:
         fresh: dict[str, Any] = {
             "next_epoch": 0, "epochs": [], "best_val_accuracy": -1.0, "best_epoch": -1, "best_state": None,
-            "energy_by_component_j": {}, "eval_energy_j": 0.0, "eval_wall_s": 0.0, "flops_backward_conv": 0.0,
+            "energy_by_component_j": {}, "component_info": {}, "phases": {}, "eval_wall_s": 0.0,
+            "flops_backward_conv": 0.0,
         }
         if self.checkpoint_path is None or not self.checkpoint_path.exists():
             return fresh
@@ -348,4 +358,3 @@ class Trainer:
                 "state": plain,
             },
         )
-

@@ -1,0 +1,243 @@
+"""Execute: build each arm-run's model, count its FLOPs, warm it up, and train a group of arm-runs.
+
+A group's arm-runs (see ``plan.py``) share one energy meter, opened from the run's meter choice, and the
+run's interference monitor. Each arm-run keeps its own model, optimizer, schedule, data order, RNG stream
+(re-seeded per epoch by the trainer) and checkpoint, so an interleaved group computes bit for bit what the
+same arm-runs compute one after the other. Its energy is the sum of its own meter windows; the energy the
+meter saw in total (windows of every arm, and the gaps between them) is kept for the ledger.
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ssprop_energy.data import BatchLoader, DatasetSplits
+from ssprop_energy.energy import open_meter
+from ssprop_energy.energy.select import MeterChoice
+from ssprop_energy.experiment.config import ArmSpec, ExperimentConfig
+from ssprop_energy.experiment.plan import ArmRunKey, Group, epoch_order
+from ssprop_energy.flops import FlopMeter
+from ssprop_energy.models import get_model
+from ssprop_energy.records import ArmRun, EnergyComponent, read_json, write_json_atomic
+from ssprop_energy.sparse import set_drop_rate, sparsify
+from ssprop_energy.sparse.schedules import DropSchedule
+from ssprop_energy.train import Callback, TrainConfig, Trainer
+from ssprop_energy.train.loop import TrainResult
+from ssprop_energy.train.optim import make_optimizer
+
+if TYPE_CHECKING:
+    from ssprop_energy.energy.base import EnergyReport
+
+log = logging.getLogger(__name__)
+
+
+class _Dense:
+    """The dense arm's "schedule" for FLOP integration: drop rate 0 for every batch."""
+
+    def rate(self, epoch: int, iteration: int) -> float:
+        return 0.0
+
+
+class Executor:
+    """Builds and trains arm-runs into typed :class:`ArmRun` records.
+
+    Args:
+        cfg: the experiment configuration.
+        data: the dataset splits (shared by every arm-run).
+        device: where to train.
+        meter_choice: the sources every meter of this run opens (resolved once by the experiment).
+        monitor: the run's interference monitor (started), or None to record no interference.
+        checkpoint_dir: where arm-runs in progress keep their checkpoints.
+        callbacks: progress callbacks per arm-run.
+        stop_requested: polled after each batch.
+    """
+
+    def __init__(
+        self, cfg: ExperimentConfig, data: DatasetSplits, device: torch.device, meter_choice: MeterChoice,
+        monitor: Any, checkpoint_dir: Path, callbacks: Callable[[ArmSpec, int, int], Sequence[Callback]],
+        stop_requested: Callable[[], bool],
+    ) -> None:
+        self.cfg = cfg
+        self.data = data
+        self.device = device
+        self.meter_choice = meter_choice
+        self.monitor = monitor
+        self.checkpoint_dir = checkpoint_dir
+        self.callbacks = callbacks
+        self.stop_requested = stop_requested
+        # every meter report's components, finished or interrupted: what this process metered in total
+        self.metered: list[list[EnergyComponent]] = []
+
+    # ------------------------------------------------------------------------------------------ building
+
+    def build_model(self, arm: ArmSpec, seed: int) -> torch.nn.Module:
+        """The arm's model: identical initial weights for every arm of a seed; ssProp layers built at drop 0
+        (the schedule sets the rate each epoch/iteration)."""
+        torch.manual_seed(seed)
+        model = get_model(
+            self.cfg.model, num_classes=self.data.num_classes, in_channels=self.data.in_channels,
+            image_size=self.data.image_size, dropout=arm.dropout,
+        )
+        if arm.sparse:
+            model = sparsify(model, drop_rate=0.0, layers=tuple(self.cfg.layers), selection=self.cfg.selection)
+        return model
+
+    def schedule(self, arm: ArmSpec) -> DropSchedule | None:
+        if not arm.sparse:
+            return None
+        return DropSchedule.from_name(
+            arm.schedule, drop_rate=arm.drop_rate, total_epochs=self.cfg.epochs,
+            warmup_epochs=self.cfg.warmup_epochs, by=self.cfg.schedule_by, period=self.cfg.period,
+        )
+
+    def _warm_up(self, model: torch.nn.Module, sparse_rates: Sequence[float]) -> None:
+        """One forward+backward per configuration on a copy of the model (the model itself is untouched), so
+        that one-off costs (thread pools, allocator growth, kernel selection) fall outside the measurement."""
+        twin = copy.deepcopy(model).to(self.device).train()
+        loader = BatchLoader(self.data.train, self.cfg.batch_size, shuffle=False, mean=self.data.mean,
+                             std=self.data.std, device=self.device)
+        optimizer = make_optimizer(self.cfg.optimizer, twin.parameters(), self.cfg.lr, self.cfg.weight_decay)
+        x, y = next(iter(loader))
+        for rate in sparse_rates or [None]:
+            if rate is not None:
+                set_drop_rate(twin, rate)
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(twin(x), y).backward()
+            optimizer.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def checkpoint_path(self, key: ArmRunKey) -> Path:
+        return self.checkpoint_dir / f"{key.name}.pt"
+
+    def _interference_path(self, key: ArmRunKey) -> Path:
+        return self.checkpoint_dir / f"{key.name}.interference.json"
+
+    def _prepare(self, key: ArmRunKey) -> dict[str, Any]:
+        """Build, FLOP-count and warm up one arm-run, before any meter starts (neither is charged to it)."""
+        cfg = self.cfg
+        model = self.build_model(key.arm, key.seed)
+        schedule = self.schedule(key.arm)
+        input_shape = (self.data.in_channels, self.data.image_size, self.data.image_size)
+        flop_meter = FlopMeter(copy.deepcopy(model), input_shape, self.data.num_classes)
+        run_flops = flop_meter.for_schedule(schedule or _Dense(), cfg.epochs, len(self.data.train), cfg.batch_size)
+        n_batches = math.ceil(len(self.data.train) / cfg.batch_size)
+        rates = sorted({schedule.rate(e, i) for e in range(cfg.epochs) for i in range(n_batches)}) if schedule else []
+        self._warm_up(model, rates)
+        layer_step = flop_meter.per_sample(key.arm.drop_rate if key.arm.sparse else 0.0)
+        train_cfg = TrainConfig(
+            epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
+            weight_decay=cfg.weight_decay, lr_schedule=cfg.lr_schedule, seed=key.seed, amp=cfg.amp,
+            eval_noise=tuple(cfg.eval_noise),
+        )
+        interference = []
+        if self._interference_path(key).exists() and self.checkpoint_path(key).exists():
+            interference = list(read_json(self._interference_path(key)))
+        return {
+            "model": model, "schedule": schedule, "train_cfg": train_cfg, "run_flops": run_flops,
+            "layers": [{"layer": layer.name, "type": layer.type, "flops_forward": layer.forward,
+                        "flops_backward": layer.backward} for layer in layer_step.layers],
+            "interference": interference,
+        }
+
+    # ------------------------------------------------------------------------------------------ running
+
+    def run_group(self, group: Group, pending: Sequence[ArmRunKey],
+                  on_finished: Callable[[ArmRun], None]) -> None:
+        """Train the group's ``pending`` arm-runs, interleaved epoch by epoch in ABBA order; ``on_finished``
+        receives each arm-run's record as soon as all of the group's epochs are done."""
+        cfg = self.cfg
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        prepared = {key.name: self._prepare(key) for key in pending}
+        meter = open_meter(choice=self.meter_choice, sample_period_s=cfg.sample_period_s)
+        trainers: dict[str, Trainer] = {}
+        report: EnergyReport | None = None
+        meter.start()
+        try:
+            for key in pending:
+                p = prepared[key.name]
+                trainers[key.name] = Trainer(
+                    p["model"], self.data, p["train_cfg"], self.device, schedule=p["schedule"], meter=meter,
+                    epoch_flops=p["run_flops"].epochs, callbacks=self.callbacks(key.arm, key.seed, key.repeat),
+                    checkpoint_path=self.checkpoint_path(key), stop_requested=self.stop_requested, scope=key.name,
+                )
+                trainers[key.name].begin()
+            pending_set = {key.name for key in pending}
+            for epoch in range(cfg.epochs):
+                for key in epoch_order(group, epoch):
+                    if key.name not in pending_set:
+                        continue
+                    trainer = trainers[key.name]
+                    if trainer.next_epoch > epoch:
+                        continue  # resumed past this epoch
+                    token = self.monitor.begin() if self.monitor is not None else None
+                    trainer.run_epoch()
+                    if self.monitor is not None:
+                        reading = self.monitor.end(token)
+                        prepared[key.name]["interference"].append(
+                            {"seed": key.seed, "repeat": key.repeat, "epoch": epoch, **reading.to_dict()})
+                        write_json_atomic(self._interference_path(key), prepared[key.name]["interference"])
+            results = {key.name: trainers[key.name].finish() for key in pending}
+        finally:
+            if meter.running:
+                report = meter.stop()
+                self.metered.append(list(report.components))
+        assert report is not None
+        traces = self._split_trace(report, meter.intervals(), pending, results)
+        for key in pending:
+            run = self._arm_run(key, trainers[key.name], results[key.name], prepared[key.name], traces[key.name])
+            on_finished(run)
+            self.checkpoint_path(key).unlink(missing_ok=True)  # the record is saved; the checkpoint served resume
+            self._interference_path(key).unlink(missing_ok=True)
+
+    def _arm_run(self, key: ArmRunKey, trainer: Trainer, result: TrainResult, prepared: dict[str, Any],
+                 trace: list[list[Any]]) -> ArmRun:
+        schedule = prepared["schedule"]
+        return ArmRun(
+            arm=key.arm.name, seed=key.seed, repeat=key.repeat, test_accuracy=result.test_accuracy,
+            test_loss=result.test_loss, best_epoch=result.best_epoch, best_val_accuracy=result.best_val_accuracy,
+            wall_s=result.train_wall_s, eval_wall_s=result.eval_wall_s, flops_forward=result.flops_forward,
+            flops_backward=result.flops_backward, flops_backward_conv=result.flops_backward_conv,
+            average_drop_rate=(schedule.average_drop_rate(self.cfg.epochs, len(trainer.train_loader))
+                               if schedule is not None else 0.0),
+            energy_components=result.energy_components, epochs=result.epochs, phases=result.phases,
+            noise_accuracy=result.noise_accuracy, interference=prepared["interference"], trace=trace,
+            layers=prepared["layers"],
+        )
+
+    @staticmethod
+    def _split_trace(report: EnergyReport, intervals: dict[tuple[str, str], list[tuple[float, float]]],
+                     pending: Sequence[ArmRunKey], results: dict[str, TrainResult]) -> dict[str, list[list[Any]]]:
+        """Give each arm-run the power samples taken inside its own top-level windows, labelled with the
+        phase (``train dense``, ``train drop D``, ``eval``); a lone arm-run also keeps the rest as ``other``."""
+        spans: list[tuple[float, float, str, str]] = []
+        for key in pending:
+            drops = {e.epoch: e.drop_rate for e in results[key.name].epochs}
+            for (scope, name), ivs in intervals.items():
+                run, _, part = scope.partition("/")
+                if run != key.name or name not in ("train", "eval"):
+                    continue
+                label = "eval"
+                if name == "train":
+                    drop = drops.get(int(part[1:]), 0.0) if part.startswith("e") else 0.0
+                    label = f"train drop {drop:.2g}" if drop > 0 else "train dense"
+                spans += [(a, b, key.name, label) for a, b in ivs]
+        spans.sort()
+        starts = [s[0] for s in spans]
+        out: dict[str, list[list[Any]]] = {key.name: [] for key in pending}
+        lone = pending[0].name if len(pending) == 1 else None
+        for s in report.trace:
+            k = bisect.bisect_right(starts, s.t_s) - 1
+            if k >= 0 and s.t_s <= spans[k][1]:
+                out[spans[k][2]].append([s.t_s, s.component, s.power_w, s.source, spans[k][3]])
+            elif lone is not None:
+                out[lone].append([s.t_s, s.component, s.power_w, s.source, "other"])
+        return out

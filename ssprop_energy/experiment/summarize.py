@@ -1,0 +1,178 @@
+"""Summarize: arm-runs -> per-arm means, paired statistics, single-run intervals, interference, CSVs.
+
+Everything here works on typed records (:class:`~ssprop_energy.records.ArmRun`) and computes each figure in
+one place: CO2 through ``energy.carbon.co2_g`` only, paired statistics through ``stats.paired_stats``, the
+within-run interval through ``stats.epoch_interval``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from ssprop_energy.energy.carbon import co2_g
+from ssprop_energy.experiment.config import ArmSpec
+from ssprop_energy.experiment.stats import epoch_interval, paired_stats
+from ssprop_energy.records import (
+    EPOCH_COLUMNS, EPOCHS_FILE, LAYER_COLUMNS, LAYERS_FILE, TRACE_COLUMNS, TRACE_FILE, ArmRecord, ArmRun,
+    CarbonBlock, EpochInterval, EpochRecord, Interference, PairedStat, RepeatFigures, add_components,
+    total_energy, write_csv_atomic,
+)
+
+PAIRED_METRICS = ("energy_j", "co2_g", "wall_s", "flops_backward", "flops_backward_conv", "flops_total",
+                  "test_accuracy")
+INTERVAL_METRICS = ("wall_s", "energy_j")
+MATERIAL_CORES = 0.25  # foreign CPU load (busy cores not ours) from which a time/energy figure is flagged
+
+
+def _co2(energy_j: float, carbon: CarbonBlock) -> float:
+    return co2_g(energy_j, carbon.intensity_g_per_kwh, carbon.pue)
+
+
+def _value(run: ArmRun, metric: str, carbon: CarbonBlock) -> float:
+    if metric == "co2_g":
+        return _co2(run.energy_j, carbon)
+    if metric == "flops_total":
+        return run.flops_forward + run.flops_backward
+    if metric == "energy_j":
+        return run.energy_j
+    return float(getattr(run, metric))
+
+
+def arm_record(arm: ArmSpec, runs: Sequence[ArmRun], carbon: CarbonBlock,
+               idle_power_w: dict[str, float] | None = None) -> ArmRecord:
+    """The arm's means over its arm-runs (energy per component, epochs, phases) with per-run figures."""
+    n = len(runs)
+
+    def mean(metric: str) -> float:
+        return sum(_value(r, metric, carbon) for r in runs) / n
+
+    components = add_components(*(r.energy_components for r in runs), scale=1.0 / n)
+    energy_j, source = total_energy(components)
+    n_epochs = min(len(r.epochs) for r in runs)
+    epochs = [
+        EpochRecord(**{
+            f: (i if f == "epoch" else sum(getattr(r.epochs[i], f) for r in runs) / n)
+            for f in EpochRecord.__dataclass_fields__
+        })
+        for i in range(n_epochs)
+    ]
+    phases: dict[str, dict[str, float]] = {}
+    for r in runs:
+        for name, w in r.phases.items():
+            p = phases.setdefault(name, {})
+            for k, v in w.items():
+                p[k] = p.get(k, 0.0) + float(v) / n
+    noise = {k: sum(r.noise_accuracy[k] for r in runs) / n for k in runs[0].noise_accuracy}
+    return ArmRecord(
+        name=arm.name, drop_rate=arm.drop_rate, schedule=arm.schedule, average_drop_rate=mean("average_drop_rate"),
+        test_accuracy=mean("test_accuracy"), wall_s=mean("wall_s"), flops_forward=mean("flops_forward"),
+        flops_backward=mean("flops_backward"), flops_backward_conv=mean("flops_backward_conv"),
+        energy_j=energy_j, energy_source=source, energy_components=components, co2_g=_co2(energy_j, carbon),
+        carbon_intensity_g_per_kwh=carbon.intensity_g_per_kwh, pue=carbon.pue, epochs=epochs,
+        test_loss=mean("test_loss"), best_val_accuracy=mean("best_val_accuracy"),
+        best_epoch=int(round(mean("best_epoch"))), dropout=arm.dropout, noise_accuracy=noise, phases=phases,
+        idle_power_w=dict(idle_power_w or {}),
+        repeats=[RepeatFigures(seed=r.seed, repeat=r.repeat, test_accuracy=r.test_accuracy, wall_s=r.wall_s,
+                               energy_j=r.energy_j, co2_g=_co2(r.energy_j, carbon), flops_forward=r.flops_forward,
+                               flops_backward=r.flops_backward, flops_backward_conv=r.flops_backward_conv)
+                 for r in runs],
+    )
+
+
+def paired(base: Sequence[ArmRun], arm: Sequence[ArmRun], carbon: CarbonBlock) -> dict[str, PairedStat]:
+    """Paired statistics of every metric, pairing runs by (seed, repeat)."""
+    b, a = _matched(base, arm)
+    return {m: paired_stats([_value(r, m, carbon) for r in b], [_value(r, m, carbon) for r in a])
+            for m in PAIRED_METRICS}
+
+
+def _matched(base: Sequence[ArmRun], arm: Sequence[ArmRun]) -> tuple[list[ArmRun], list[ArmRun]]:
+    by_key = {(r.seed, r.repeat): r for r in base}
+    pairs = [(by_key[(r.seed, r.repeat)], r) for r in arm if (r.seed, r.repeat) in by_key]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def epoch_intervals(base: Sequence[ArmRun], arm: Sequence[ArmRun]) -> dict[str, EpochInterval]:
+    """Single-run intervals of the time and energy change from per-epoch pairs (epoch e of the arm with
+    epoch e of the baseline, same seed and repeat), stratified by the arm's drop rate that epoch."""
+    out: dict[str, EpochInterval] = {}
+    b_runs, a_runs = _matched(base, arm)
+    for metric in INTERVAL_METRICS:
+        bv: list[float] = []
+        av: list[float] = []
+        phases: list[str] = []
+        for rb, ra in zip(b_runs, a_runs):
+            for eb, ea in zip(rb.epochs, ra.epochs):
+                bv.append(getattr(eb, metric))
+                av.append(getattr(ea, metric))
+                phases.append(f"{ea.drop_rate:.3g}")
+        interval = epoch_interval(metric, bv, av, phases)
+        if interval is not None:
+            out[metric] = interval
+    return out
+
+
+def interference(by_arm: dict[str, Sequence[ArmRun]], baseline: str = "dense",
+                 threshold_cores: float = MATERIAL_CORES) -> dict[str, Interference]:
+    """Per arm: the epoch readings, their mean and max, and the epochs where foreign load was material:
+    a mean of ``threshold_cores`` or more, or a difference of that much from the baseline's same epoch."""
+    base_load = {(e["seed"], e["repeat"], e["epoch"]): e.get("foreign_cpu_cores_mean")
+                 for r in by_arm.get(baseline, []) for e in r.interference}
+    out: dict[str, Interference] = {}
+    for name, runs in by_arm.items():
+        readings = [e for r in runs for e in r.interference]
+        if not readings:
+            continue
+        means = [e["foreign_cpu_cores_mean"] for e in readings if e.get("foreign_cpu_cores_mean") is not None]
+        maxes = [e["foreign_cpu_cores_max"] for e in readings if e.get("foreign_cpu_cores_max") is not None]
+        affected = []
+        for e in readings:
+            load = e.get("foreign_cpu_cores_mean")
+            if load is None:
+                continue
+            other = base_load.get((e["seed"], e["repeat"], e["epoch"]))
+            differs = other is not None and abs(load - other) >= threshold_cores
+            if load >= threshold_cores or differs:
+                affected.append(f"s{e['seed']}r{e['repeat']}e{e['epoch'] + 1}")
+        out[name] = Interference(
+            epochs=readings, foreign_cpu_cores_mean=sum(means) / len(means) if means else None,
+            foreign_cpu_cores_max=max(maxes) if maxes else None, affected_epochs=affected,
+            threshold_cores=threshold_cores,
+        )
+    return out
+
+
+def summarize_arms(specs: dict[str, ArmSpec], by_arm: dict[str, list[ArmRun]], carbon: CarbonBlock,
+                   idle_power_w: dict[str, float], complete: bool) -> dict[str, ArmRecord]:
+    """Every arm's record; paired statistics and intervals once the run is complete."""
+    arms = {name: arm_record(specs[name], runs, carbon, idle_power_w) for name, runs in by_arm.items()}
+    for name, record in interference(by_arm).items():
+        arms[name].interference = record
+    if complete and "dense" in by_arm:
+        for name, record in arms.items():
+            if name != "dense":
+                record.paired = paired(by_arm["dense"], by_arm[name], carbon)
+                record.epoch_intervals = epoch_intervals(by_arm["dense"], by_arm[name])
+    return arms
+
+
+def write_tables(run_dir: Path, by_arm: dict[str, list[ArmRun]]) -> None:
+    """``epochs.csv``, ``power_trace.csv`` and ``layers.csv`` from the arm-runs."""
+    epoch_rows: list[dict[str, object]] = []
+    trace_rows: list[dict[str, object]] = []
+    layer_rows: list[dict[str, object]] = []
+    for name, runs in by_arm.items():
+        for r in runs:
+            label = f"s{r.seed}r{r.repeat}"
+            epoch_rows += [{"arm": name, "repeat": label, **vars(e)} for e in r.epochs]
+            trace_rows += [{"arm": name, "repeat": label, "t_s": t, "component": c, "power_w": p, "source": s,
+                            "phase": ph} for t, c, p, s, ph in r.trace]
+        layer_rows += [{"arm": name, **row} for row in runs[0].layers]
+    write_csv_atomic(run_dir / EPOCHS_FILE, epoch_rows, EPOCH_COLUMNS)
+    write_csv_atomic(run_dir / TRACE_FILE, trace_rows, TRACE_COLUMNS)
+    write_csv_atomic(run_dir / LAYERS_FILE, layer_rows, LAYER_COLUMNS)
+
+
+__all__ = ["PAIRED_METRICS", "arm_record", "epoch_intervals", "interference", "paired", "summarize_arms",
+           "write_tables"]
