@@ -574,7 +574,7 @@ def _carbon_from_dict(data: Any, where: str) -> CarbonBlock:
         raise RecordError(f"{where}: 'carbon' must be an object")
     intensity = data.get("intensity_g_per_kwh", data.get("g_per_kwh"))
     value = _number(intensity, f"{where}: carbon.intensity_g_per_kwh")
-    pue = _number(data.get("pue", 1.0), f"{where}: carbon.pue")
+    pue = _number(data.get("pue"), f"{where}: carbon.pue")
     return CarbonBlock(
         intensity_g_per_kwh=math.nan if value is None else value, source=str(data.get("source") or ""),
         region=str(data.get("region") or data.get("country") or ""), pue=math.nan if pue is None else pue,

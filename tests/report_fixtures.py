@@ -16,6 +16,9 @@ from typing import Any, Callable
 import numpy as np
 
 from ssprop_energy.records import (
+    CarbonBlock,
+    RepeatFigures,
+    paired_stat_from_dict,
     CONFIG_FILE,
     EPOCH_COLUMNS,
     EPOCHS_FILE,
@@ -198,8 +201,10 @@ def make_run(
         comps = components(energy)
         source = {c.source for c in comps}
         repeats_info = [
-            {"repeat": i, "seed": seed + i, "energy_j": r["energy_j"], "wall_s": r["wall_s"],
-             "test_accuracy": r["test_accuracy"], "co2_g": r["energy_j"] * co2_per_j}
+            RepeatFigures(repeat=i, seed=seed + i, energy_j=r["energy_j"], wall_s=r["wall_s"],
+                          test_accuracy=r["test_accuracy"], co2_g=r["energy_j"] * co2_per_j,
+                          flops_forward=r["flops_forward"], flops_backward=r["flops_backward"],
+                          flops_backward_conv=r["flops_backward_conv"])
             for i, r in enumerate(reps)
         ]
         avg_drop = float(np.mean([epoch_drop_rate(spec, e) for e in range(planned_epochs or epochs)]))
@@ -219,8 +224,9 @@ def make_run(
                 "forward": {"energy_j": 0.3 * energy, "wall_s": 0.3 * wall, "count": epochs * 8},
                 "backward": {"energy_j": 0.5 * energy, "wall_s": 0.5 * wall, "count": epochs * 8},
                 "optimizer": {"energy_j": 0.15 * energy, "wall_s": 0.15 * wall, "count": epochs * 8},
+                "eval": {"energy_j": 0.1 * energy, "wall_s": 0.1 * wall, "count": epochs + 1},
             },
-            unattributed_energy_j=0.05 * energy, eval_energy_j=0.1 * energy,
+            unattributed_energy_j=0.05 * energy,
             idle_power_w={c.component: 5.0 for c in comps}, repeats=repeats_info,
             status="interrupted" if status == "interrupted" else "complete",
         )
@@ -247,7 +253,8 @@ def make_run(
     }
     for spec in arms[1:]:
         arm_records[spec.name].paired = {
-            m: paired_stats([g(r) for r in per_arm[base]], [g(r) for r in per_arm[spec.name]], rng)
+            m: paired_stat_from_dict(
+                paired_stats([g(r) for r in per_arm[base]], [g(r) for r in per_arm[spec.name]], rng), m)
             for m, g in getters.items()
         }
     # A compare run also copies its single arm's statistics to summary.paired, as the harness does.
@@ -261,7 +268,7 @@ def make_run(
         kind=kind, status=status, created_at="2026-11-25T14:00:00+00:00", config=config,
         environment={"torch": "2.13.0", "python": "3.11.7", "device": "cpu", "hostname": "bench-1",
                      "meter_sources": sorted({c.component + ":" + c.source for c in components(1.0)})},
-        carbon=dict(CARBON), arms=arm_records, baseline=base, paired=paired,
+        carbon=CarbonBlock(**CARBON), arms=arm_records, baseline=base, paired=paired,
         failure_reason=None, finished_at=None if status != "complete" else "2026-11-25T14:20:00+00:00",
     )
     write_json_atomic(run_dir / CONFIG_FILE, config)

@@ -103,7 +103,7 @@ def test_unavailable_meter_is_a_user_error_before_anything_is_written(
     def no_rapl(kind: str, **kwargs: object) -> None:
         raise MeterUnavailableError(f"{kind}: energy_uj is not readable; run sudo chmod o+r ...")
 
-    monkeypatch.setattr(runner, "open_meter", no_rapl)
+    monkeypatch.setattr(runner, "resolve_meter", no_rapl)
     out = tmp_path / "run"
     assert main(["compare", *TINY, "--meter", "rapl", "--out", str(out)]) == 2
     assert "chmod" in _one_line_error(capsys)

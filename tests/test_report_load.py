@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -155,8 +156,9 @@ def test_reads_the_harness_paired_stats_output(compare_dir: Path, tmp_path: Path
 
     stat = paired_stats([100.0, 102.0, 98.0], [60.0, 63.0, 57.0])
     run_dir = _copy(compare_dir, tmp_path / "r")
-    _edit_summary(run_dir, lambda d: d["arms"]["ssprop"]["paired"].update(energy_j=json.loads(json.dumps(stat))))
+    plain = json.loads(json.dumps(dataclasses.asdict(stat)))
+    _edit_summary(run_dir, lambda d: d["arms"]["ssprop"]["paired"].update(energy_j=plain))
     c = compare_arm(load_run(run_dir), "ssprop")
     assert c.energy.saved_frac == pytest.approx(1 - 180 / 300)
-    assert c.energy.ci_frac == pytest.approx(tuple(stat["saving_ci"]))
+    assert c.energy.ci_frac == pytest.approx(tuple(stat.saving_ci))
     assert c.energy.n_pairs == 3 and c.energy.saved == pytest.approx(40.0)

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ssprop_energy.errors import RunInterrupted
-from ssprop_energy.experiment.config import METERS, SCHEDULES, SELECTIONS, ExperimentConfig
+from ssprop_energy.experiment.config import INTERLEAVES, METERS, SELECTIONS, ExperimentConfig
+from ssprop_energy.fmt import fmt_change, fmt_change_pp, fmt_flops
 
 EXIT_INTERRUPTED = 130
 
@@ -50,6 +51,9 @@ def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> 
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--seeds", type=int_list, help="several seeds, comma-separated (one pair of arms each)")
     p.add_argument("--repeats", type=int, help="pairs per seed, run in ABBA order (default 1)")
+    p.add_argument("--interleave", choices=INTERLEAVES,
+                   help="epoch (default): the arms' epochs alternate in time, ABBA, so machine noise hits both "
+                   "alike; none: one arm after the other (one model in memory at a time)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (default auto)")
     p.add_argument("--amp", action="store_true", default=None, help="bfloat16 autocast on CUDA")
     p.add_argument("--meter", choices=METERS, help="energy source (default auto: nvml, then rapl, then estimate)")
@@ -71,7 +75,7 @@ def config_from_args(args: argparse.Namespace, kind: str, **lists: Any) -> Exper
     scalar = ("model", "dataset", "data_dir", "image_size", "selection", "layers", "warmup_epochs", "schedule_by", "period",
               "epochs", "batch_size", "lr", "optimizer", "weight_decay", "lr_schedule", "repeats", "device", "amp",
               "meter", "sample_period_s", "idle_s", "carbon_intensity", "country", "pue", "eval_noise", "project",
-              "out")
+              "out", "interleave")
     for name in scalar:
         value = getattr(args, name, None)
         if value is not None:
@@ -141,30 +145,40 @@ def run_with_signals(body: Callable[[StopFlag], int], run_dir: Path) -> int:
 
 
 
-def _fmt_flops(x: float) -> str:
-    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g} {unit}"
-    return f"{x:.3g} FLOP"
-
-
-def _fmt_change(stats: dict[str, Any] | None, percent_points: bool = False) -> str:
-    if not stats:
+def _change(stat: Any, percent_points: bool = False) -> str:
+    """A paired statistic as a signed change beside a figure (relative to dense), with its interval."""
+    if stat is None:
         return ""
     if percent_points:
-        text = f"{stats['delta_mean'] * 100:+.2f} pp"
-        ci = stats.get("delta_ci")
-        return text + (f" [{ci[0] * 100:+.2f}, {ci[1] * 100:+.2f}]" if ci else "")
-    if stats.get("saving_fraction") is None:
+        return fmt_change_pp(stat.delta_mean, stat.delta_ci)
+    if stat.saving_fraction is None:
         return ""
-    text = f"{-stats['saving_fraction'] * 100:+.1f}%"
-    ci = stats.get("saving_ci")
-    return text + (f" [{-ci[1] * 100:+.1f}, {-ci[0] * 100:+.1f}]" if ci else "")
+    ci = stat.saving_ci
+    return fmt_change(-stat.saving_fraction, None if ci is None else (-ci[1], -ci[0]))
+
+
+def interference_warnings(summary: Any) -> list[str]:
+    """One line per arm whose time/energy figures were taken while other work loaded the machine."""
+    lines = []
+    for name, arm in summary.arms.items():
+        inter = arm.interference
+        if inter is None or not inter.affected_epochs:
+            continue
+        mean = inter.foreign_cpu_cores_mean
+        lines.append(
+            f"warning: {name}: foreign CPU load (busy cores not this run's) was material (>= {inter.threshold_cores:g} "
+            f"core, or differed from dense) in epoch(s) {', '.join(inter.affected_epochs)}"
+            + (f"; mean {mean:.2f} core over the arm" if mean is not None else "")
+            + ": its time and energy figures include other work's slowdown"
+        )
+    return lines
 
 
 def print_results(summary: Any) -> None:
-    """The short dense-vs-ssProp table: accuracy, time, backward FLOPs, energy and CO2 with their sources."""
+    """The short dense-vs-ssProp table: accuracy, time, backward FLOPs, energy and CO2 with their sources,
+    then the single-run intervals, interference warnings and provenance notes."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     base = summary.arms.get("dense")
@@ -182,22 +196,38 @@ def print_results(summary: Any) -> None:
         table.add_row(
             arm.name,
             "dense" if arm.name == "dense" else f"{arm.drop_rate:g} {arm.schedule} ({arm.average_drop_rate:.2f})",
-            f"{arm.test_accuracy:.2%}" + (f"\n{_fmt_change(p.get('test_accuracy'), True)}" if p else ""),
-            f"{arm.wall_s:.1f} s" + (f"\n{_fmt_change(p.get('wall_s'))}" if p else ""),
-            _fmt_flops(arm.flops_backward) + (f"\n{_fmt_change(p.get('flops_backward'))}" if p else ""),
-            f"{arm.energy_j:,.0f} J ({arm.energy_source})" + (f"\n{_fmt_change(p.get('energy_j'))}" if p else ""),
-            f"{arm.co2_g:.3g} g" + (f"\n{_fmt_change(p.get('co2_g'))}" if p else ""),
+            f"{arm.test_accuracy:.2%}" + (f"\n{_change(p.get('test_accuracy'), True)}" if p else ""),
+            f"{arm.wall_s:.1f} s" + (f"\n{_change(p.get('wall_s'))}" if p else ""),
+            fmt_flops(arm.flops_backward) + (f"\n{_change(p.get('flops_backward'))}" if p else ""),
+            f"{arm.energy_j:,.0f} J ({arm.energy_source})" + (f"\n{_change(p.get('energy_j'))}" if p else ""),
+            f"{arm.co2_g:.3g} g" + (f"\n{_change(p.get('co2_g'))}" if p else ""),
         )
     console = Console(width=120)
     console.print(table)
     carbon = summary.carbon
     console.print(
-        f"carbon intensity {carbon['intensity_g_per_kwh']:.0f} g/kWh ({carbon['source']}), PUE {carbon['pue']:g}; "
-        "changes are relative to dense" + (" with 95% bootstrap CIs" if any(
-            a.paired.get("energy_j", {}).get("saving_ci") for a in others) else "")
+        f"carbon intensity {carbon.intensity_g_per_kwh:.0f} g/kWh ({escape(carbon.source)}), PUE {carbon.pue:g}; "
+        "changes are relative to dense" + (" with 95% bootstrap CIs over seeds/repeats" if any(
+            (a.paired.get("energy_j") and a.paired["energy_j"].saving_ci) for a in others) else "")
     )
+    for arm in others:
+        iv = arm.epoch_intervals
+        if not iv:
+            continue
+        parts = [f"{label} {fmt_change(iv[m].change, iv[m].ci)}"
+                 for m, label in (("wall_s", "time"), ("energy_j", "energy")) if m in iv]
+        n = next(iter(iv.values())).n_epochs
+        console.print(f"{arm.name}: single-run 95% interval from {n} paired epochs: {'; '.join(parts)} "
+                      f"({next(iter(iv.values())).label})")
+    console.print(f"arms interleaved in time: {summary.interleave}"
+                  + (" (epoch by epoch, ABBA)" if summary.interleave == "epoch" else " (one arm-run after another)"))
+    for line in interference_warnings(summary):
+        console.print(f"[yellow]{escape(line)}[/]")
     sources = {c.source for a in summary.arms.values() for c in a.energy_components}
-    if "estimated" in sources:
+    if "fake" in sources:
+        console.print("[yellow]note: energy is SYNTHETIC (--meter fake): no hardware was read; "
+                      "the energy and CO2 figures measure nothing.[/]")
+    elif "estimated" in sources:
         what = "is estimated" if sources == {"estimated"} else "includes estimated components"
         console.print(f"[yellow]note: energy {what} from a power model, not a hardware counter; see the report.[/]")
 
@@ -218,7 +248,6 @@ def _write_report(run_dir: Path) -> Path | None:
 
 def execute(args: argparse.Namespace, kind: str, **lists: Any) -> int:
     """Run a compare or sweep from parsed flags (or resume one) and print the result table."""
-    from ssprop_energy import ledger
     from ssprop_energy.cli.progress import RichProgress
     from ssprop_energy.experiment.runner import (
         Experiment, ExperimentHooks, default_run_dir, load_run_config, prepare_run_dir,
@@ -239,28 +268,16 @@ def execute(args: argparse.Namespace, kind: str, **lists: Any) -> int:
             tag = f"{arm.name} s{seed}" + (f" r{repeat}" if cfg.repeats > 1 else "")
             return [RichProgress(tag, cfg.epochs)]
 
-        hooks = ExperimentHooks(callbacks=callbacks, stop_requested=stop)
+        hooks = ExperimentHooks(callbacks=callbacks, stop_requested=stop, command=sys.argv)
         experiment = Experiment(cfg, run_dir, hooks)
         if not args.resume:
             prepare_run_dir(run_dir)
         print_header(cfg, run_dir, resumed=bool(args.resume))
-        entry = ledger.start_entry(kind=cfg.kind, project=cfg.project, command=sys.argv, run_dir=run_dir)
-
-        def close_entry(status: str, note: str | None = None) -> None:
-            c = experiment.carbon
-            entry.finish(status, experiment.spent_components(), co2_g=None, intensity_g_per_kwh=c.g_per_kwh,
-                         pue=cfg.pue, intensity_source=c.source, note=note)
-
         try:
-            summary = experiment.run()
+            summary = experiment.run()  # opens and closes the run's audit-ledger row itself
         except RunInterrupted:
-            close_entry("interrupted")
             _write_report(run_dir)
             raise
-        except BaseException as exc:
-            close_entry("failed", note=f"{type(exc).__name__}: {exc}")
-            raise
-        close_entry("complete")
         print_results(summary)
         report = _write_report(run_dir)
         print(f"run record: {run_dir}" + (f"\nreport: {report}" if report else ""))

@@ -27,6 +27,9 @@ from ssprop_energy.ledger.db import default_ledger_path, pending_dir
 from ssprop_energy.ledger.entries import import_fallback, pending_rows
 from ssprop_energy.ledger.summary import GROUP_KEYS, export_csv, load_entries, parse_since, summarize
 from ssprop_energy.records import write_text_atomic
+from ssprop_energy.fmt import fmt_co2_compact as _fmt_co2
+from ssprop_energy.fmt import fmt_energy_compact as _fmt_energy
+from ssprop_energy.fmt import fmt_wall_compact as _fmt_wall
 
 
 
@@ -112,27 +115,6 @@ def _pending_note(ledger: Path) -> None:
     if pending:
         print(f"note: {len(pending)} run(s) wait as JSON in {pending_dir(ledger)} (ledger was unusable when they "
               "ended); `ssprop-energy audit import` adds them", file=sys.stderr)
-
-
-def _fmt_energy(energy_j: float) -> str:
-    if not math.isfinite(energy_j):
-        return "-"
-    for scale, unit in ((3.6e6, "kWh"), (3.6e3, "Wh")):
-        if energy_j >= scale:
-            return f"{energy_j / scale:.3g} {unit}"
-    return f"{energy_j:.3g} J"
-
-
-def _fmt_co2(co2_g: float) -> str:
-    if not math.isfinite(co2_g):
-        return "-"
-    return f"{co2_g / 1000:.3g} kg" if co2_g >= 1000 else f"{co2_g:.3g} g"
-
-
-def _fmt_wall(wall_s: float) -> str:
-    if not math.isfinite(wall_s):
-        return "-"
-    return f"{wall_s / 3600:.2f} h" if wall_s >= 3600 else f"{wall_s / 60:.1f} min" if wall_s >= 120 else f"{wall_s:.1f} s"
 
 
 def _print_table(header: list[str], rows: list[list[str]], left: int = 1) -> None:

@@ -11,7 +11,11 @@ from ssprop_energy.train import Callback
 
 
 class RichProgress(Callback):
-    """Shows one bar per arm-run on stderr (stdout stays clean for the results)."""
+    """Shows one bar per arm-run epoch on stderr (stdout stays clean for the results).
+
+    The bar lives for one epoch only: with interleaved arms, epochs of different arms alternate and rich
+    allows one live display at a time; each finished epoch leaves its line behind.
+    """
 
     def __init__(self, label: str, total_epochs: int, console: Console | None = None) -> None:
         self.label = label
@@ -20,36 +24,35 @@ class RichProgress(Callback):
         self.progress: Progress | None = None
         self.task: Any = None
         self.energy_j = 0.0
-        self.status = ""
 
-    def on_train_start(self, trainer: Any) -> None:
+    def on_epoch_start(self, trainer: Any, epoch: int, drop_rate: float) -> None:
         self.progress = Progress(
             TextColumn("[bold]{task.fields[label]}"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"),
             TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=self.console, transient=False,
         )
         self.progress.start()
-        self.task = self.progress.add_task("train", total=None, label=self.label, status="")
-
-    def on_epoch_start(self, trainer: Any, epoch: int, drop_rate: float) -> None:
-        assert self.progress is not None
-        self.progress.update(
-            self.task, total=len(trainer.train_loader), completed=0,
+        self.task = self.progress.add_task(
+            "train", total=len(trainer.train_loader), completed=0, status="",
             label=f"{self.label} epoch {epoch + 1}/{self.total_epochs} drop {drop_rate:.2f}",
         )
 
     def on_batch_end(self, trainer: Any, epoch: int, batch: int) -> None:
-        assert self.progress is not None
-        self.progress.advance(self.task)
+        if self.progress is not None:
+            self.progress.advance(self.task)
 
     def on_epoch_end(self, trainer: Any, result: Any) -> None:
-        assert self.progress is not None
+        if self.progress is None:
+            return
         rec = result.record
         self.energy_j += rec.energy_j
         self.progress.update(
             self.task,
             status=f"loss {rec.train_loss:.3f}  val acc {rec.val_accuracy:.1%}  energy {self.energy_j:,.0f} J",
         )
+        self.progress.stop()
+        self.progress = None
 
     def on_train_end(self, trainer: Any) -> None:
-        if self.progress is not None:
+        if self.progress is not None:  # an interrupted epoch
             self.progress.stop()
+            self.progress = None

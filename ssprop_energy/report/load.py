@@ -40,6 +40,7 @@ from ssprop_energy.records import (
     TRACE_COLUMNS,
     TRACE_FILE,
     ArmRecord,
+    PairedStat,
     RunSummary,
     load_summary,
     read_csv_rows,
@@ -49,27 +50,6 @@ from ssprop_energy.records import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_CI_LEVEL = 0.95
-
-
-@dataclass(frozen=True)
-class PairedStat:
-    """Paired statistics of one metric, arm against baseline (``experiment.stats.paired_stats``).
-
-    Attributes:
-        n: number of pairs.
-        delta_mean: mean of (arm - baseline), in the metric's unit.
-        delta_ci: interval of ``delta_mean`` or None (fewer than 2 pairs).
-        saving_fraction: 1 - mean(arm) / mean(baseline), or None when the baseline mean is 0.
-        saving_ci: interval of ``saving_fraction`` or None.
-        confidence: the intervals' confidence level.
-    """
-
-    n: int
-    delta_mean: float
-    delta_ci: tuple[float, float] | None
-    saving_fraction: float | None
-    saving_ci: tuple[float, float] | None
-    confidence: float = DEFAULT_CI_LEVEL
 
 
 @dataclass
@@ -213,64 +193,16 @@ def _check_arms(path: Path, frame: pd.DataFrame, arms: Mapping[str, ArmRecord]) 
 # ------------------------------------------------------------------------------------------ paired stats
 
 
-def _number(value: Any, where: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RecordError(f"{where}: expected a number, got {value!r}")
-    return float(value) if math.isfinite(value) else None
-
-
-def _interval(value: Any, where: str) -> tuple[float, float] | None:
-    if value is None:
-        return None
-    if not (isinstance(value, (list, tuple)) and len(value) == 2):
-        raise RecordError(f"{where}: expected [low, high] or null, got {value!r}")
-    low, high = _number(value[0], where), _number(value[1], where)
-    if low is None or high is None:
-        return None
-    if low > high:
-        raise RecordError(f"{where}: low {low} is above high {high}")
-    return (low, high)
-
-
-def _stat(data: Any, where: str) -> PairedStat:
-    if not isinstance(data, Mapping):
-        raise RecordError(f"{where}: expected an object of paired statistics, got {data!r}")
-    delta = _number(data.get("delta_mean"), f"{where}.delta_mean")
-    if delta is None:
-        raise RecordError(f"{where}: 'delta_mean' is missing or not finite")
-    n = data.get("n")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise RecordError(f"{where}: 'n' must be a positive integer, got {n!r}")
-    level = _number(data.get("confidence", DEFAULT_CI_LEVEL), f"{where}.confidence")
-    if level is None or not 0.0 < level < 1.0:
-        raise RecordError(f"{where}: confidence must be in (0, 1), got {data.get('confidence')!r}")
-    return PairedStat(
-        n=n,
-        delta_mean=delta,
-        delta_ci=_interval(data.get("delta_ci"), f"{where}.delta_ci"),
-        saving_fraction=_number(data.get("saving_fraction"), f"{where}.saving_fraction"),
-        saving_ci=_interval(data.get("saving_ci"), f"{where}.saving_ci"),
-        confidence=level,
-    )
-
-
-def _metrics(data: Any, where: str) -> dict[str, PairedStat]:
-    if not isinstance(data, Mapping):
-        raise RecordError(f"{where}: expected an object mapping metrics to statistics")
-    return {metric: _stat(stat, f"{where}.{metric}") for metric, stat in data.items()}
-
-
-def parse_paired(summary: RunSummary, where: str) -> dict[str, dict[str, PairedStat]]:
-    """Every non-baseline arm's paired statistics as ``{arm: {metric: PairedStat}}`` (see module docstring)."""
+def parse_paired(summary: RunSummary, where: str = "") -> dict[str, dict[str, PairedStat]]:
+    """Every non-baseline arm's paired statistics as ``{arm: {metric: PairedStat}}`` (see module docstring);
+    ``records.summary_from_dict`` has validated them already."""
     out: dict[str, dict[str, PairedStat]] = {}
     sparse = [name for name in summary.arms if name != summary.baseline]
     for name in sparse:
         if summary.arms[name].paired:
-            out[name] = _metrics(summary.arms[name].paired, f"{where}: arms.{name}.paired")
+            out[name] = dict(summary.arms[name].paired)
     if summary.paired and len(sparse) == 1 and sparse[0] not in out:
-        out[sparse[0]] = _metrics(summary.paired, f"{where}: paired")
+        out[sparse[0]] = dict(summary.paired)
     return out
 
 
@@ -289,7 +221,7 @@ def _check_arm_values(where: str, arms: Mapping[str, ArmRecord]) -> None:
                 raise RecordError(f"{where}: arm {name!r}: {label} must be a number, got {value!r}")
             if not value >= 0.0:
                 raise RecordError(f"{where}: arm {name!r}: {label} {value} is negative or missing")
-        if arm.energy_source not in (*SOURCES, "mixed"):
+        if arm.energy_source not in (*SOURCES, "mixed"):  # SOURCES holds "fake"
             raise RecordError(f"{where}: arm {name!r}: unknown energy_source {arm.energy_source!r}")
 
 

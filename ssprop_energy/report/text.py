@@ -10,100 +10,23 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+from ssprop_energy.fmt import (  # noqa: F401 - re-exported: the report's modules format through text
+    MINUS, fmt_ci_pct, fmt_ci_pp, fmt_co2, fmt_energy, fmt_number, fmt_pct, fmt_pp, fmt_seconds, fmt_si,
+    less_or_more,
+)
 from ssprop_energy.records import ArmRecord
 from ssprop_energy.report.load import Run, repeat_count
 from ssprop_energy.report.savings import ESTIMATE_DOMINATES_FRACTION, ArmComparison, Saving, estimated_fraction
 
-MINUS = "\u2212"
 SOURCE_WORDS = {
     "counter": "read from hardware energy counters",
     "sampled": "integrated from sampled power",
     "estimated": "estimated from a power model (not measured)",
     "mixed": "combined from components of different provenance",
+    "fake": "synthetic (the fake meter: no hardware was read, nothing was measured)",
     "counted": "counted",
     "measured": "measured",
 }
-
-
-# ------------------------------------------------------------------------------------------ formatting
-
-
-def _signed(x: float, digits: int) -> str:
-    text = f"{abs(x):.{digits}f}"
-    return f"{MINUS}{text}" if x < 0 and float(text) != 0.0 else text
-
-
-def fmt_pct(frac: float, digits: int = 1) -> str:
-    """A fraction as a percentage, with a true minus sign: ``-0.123 -> '−12.3%'``."""
-    if frac is None or not math.isfinite(frac):
-        return "n/a"
-    return f"{_signed(100.0 * frac, digits)}%"
-
-
-def fmt_pp(frac: float, digits: int = 1) -> str:
-    """An accuracy difference (fraction) in percentage points, always signed."""
-    if not math.isfinite(frac):
-        return "n/a"
-    text = _signed(100.0 * frac, digits)
-    return f"{'+' if not text.startswith(MINUS) and float(text) != 0.0 else ''}{text} pp"
-
-
-def fmt_ci_pct(ci: tuple[float, float] | None, level: float, digits: int = 1) -> str:
-    if ci is None:
-        return ""
-    return f"{level:.0%} CI {fmt_pct(ci[0], digits)} to {fmt_pct(ci[1], digits)}"
-
-
-def fmt_ci_pp(ci: tuple[float, float] | None, level: float, digits: int = 1) -> str:
-    if ci is None:
-        return ""
-    return f"{level:.0%} CI {fmt_pp(ci[0], digits)} to {fmt_pp(ci[1], digits)}"
-
-
-def fmt_si(value: float, unit: str, digits: int = 3) -> str:
-    """``value`` with an SI prefix: ``fmt_si(1.234e15, 'FLOP') -> '1.23 PFLOP'``."""
-    if value is None or not math.isfinite(value):
-        return "n/a"
-    prefixes = [(1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")]
-    for scale, prefix in prefixes:
-        if abs(value) >= scale:
-            return f"{value / scale:.{digits}g} {prefix}{unit}"
-    return f"{value:.{digits}g} {unit}"
-
-
-def fmt_energy(energy_j: float) -> str:
-    """Joules with an SI prefix, and watt-hours beside them (what electricity bills speak)."""
-    if not math.isfinite(energy_j):
-        return "n/a"
-    return f"{fmt_si(energy_j, 'J')} ({fmt_si(energy_j / 3600.0, 'Wh')})"
-
-
-def fmt_co2(co2_g: float) -> str:
-    if not math.isfinite(co2_g):
-        return "n/a"
-    if abs(co2_g) >= 1000.0:
-        return f"{co2_g / 1000.0:.3g} kg CO2e"
-    if abs(co2_g) >= 1.0 or co2_g == 0.0:
-        return f"{co2_g:.3g} g CO2e"
-    return f"{co2_g * 1000.0:.3g} mg CO2e"
-
-
-def fmt_seconds(wall_s: float) -> str:
-    if not math.isfinite(wall_s):
-        return "n/a"
-    if wall_s >= 3600:
-        return f"{wall_s / 3600:.2f} h"
-    if wall_s >= 120:
-        return f"{wall_s / 60:.1f} min"
-    return f"{wall_s:.3g} s"
-
-
-def less_or_more(frac: float, noun: str = "") -> str:
-    """``0.23 -> '23.0% less'``, ``-0.05 -> '5.0% more'``."""
-    if not math.isfinite(frac):
-        return "n/a"
-    word = "less" if frac >= 0 else "more"
-    return f"{fmt_pct(abs(frac))} {word}{' ' + noun if noun else ''}"
 
 
 # ------------------------------------------------------------------------------------------ verdict
@@ -226,20 +149,20 @@ def estimate_warning(run: Run) -> str | None:
 
 def carbon_info(run: Run) -> dict[str, Any]:
     """Carbon intensity (g/kWh), PUE and their sources, from ``summary.carbon`` with arm fallbacks."""
-    carbon: Mapping[str, Any] = run.summary.carbon or {}
+    carbon = run.summary.carbon
     arms = list(run.arms.values())
-    intensity = carbon.get("intensity_g_per_kwh", carbon.get("g_per_kwh"))
-    if intensity is None and arms:
+    intensity: float | None = carbon.intensity_g_per_kwh
+    if (intensity is None or not math.isfinite(intensity)) and arms:
         intensity = arms[0].carbon_intensity_g_per_kwh
-    pue = carbon.get("pue")
-    if pue is None and arms:
+    pue: float | None = carbon.pue
+    if (pue is None or not math.isfinite(pue)) and arms:
         pue = arms[0].pue
     return {
         "g_per_kwh": intensity,
-        "source": carbon.get("source") or "not recorded",
-        "region": carbon.get("region") or carbon.get("country") or "",
+        "source": carbon.source or "not recorded",
+        "region": carbon.region,
         "pue": pue,
-        "pue_source": carbon.get("pue_source") or "run configuration",
+        "pue_source": carbon.pue_source or "run configuration",
     }
 
 
@@ -272,12 +195,6 @@ def intensity_text(run: Run) -> str:
     return f"Carbon intensity {intensity}; PUE {pue}"
 
 
-def fmt_number(value: Any) -> str:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return f"{value:g}"
-    return "not recorded"
-
-
 def run_totals(run: Run) -> tuple[float, float, float]:
     """Training energy (J), eval energy (J) and CO2 (g) of every arm and repeat of the run.
 
@@ -288,12 +205,12 @@ def run_totals(run: Run) -> tuple[float, float, float]:
     for arm in run.arms.values():
         n = repeat_count(arm)
         reps = arm.repeats
-        if reps and all(isinstance(r.get("energy_j"), (int, float)) for r in reps):
-            energy += sum(float(r["energy_j"]) for r in reps)
+        if reps:
+            energy += sum(r.energy_j for r in reps)
         else:
             energy += arm.energy_j * n
-        if reps and all(isinstance(r.get("co2_g"), (int, float)) for r in reps):
-            co2 += sum(float(r["co2_g"]) for r in reps)
+        if reps:
+            co2 += sum(r.co2_g for r in reps)
         else:
             co2 += arm.co2_g * n
         eval_energy += arm.eval_energy_j * n
