@@ -72,10 +72,12 @@ def _ci_detail(s: Saving) -> str:
     return "single pair: no interval"
 
 
-def _saving_card(label: str, s: Saving, fmt: Callable[[float], str], metric: str, arm: str) -> str:
+def _saving_card(label: str, s: Saving, fmt: Callable[[float], str], metric: str, arm: str,
+                 extra: str = "") -> str:
     detail = f"{_e(fmt(s.baseline))} &rarr; {_e(fmt(s.value))}<br>{_e(_ci_detail(s))}"
     if s.source not in ("counted", "measured"):
         detail += f"<br>source: <b>{_e(s.source)}</b>"
+    detail += extra
     return _card(label, T.less_or_more(s.saved_frac), detail, _saving_class(s), metric, s.saved_frac, s.ci_frac, arm)
 
 
@@ -92,12 +94,29 @@ def _accuracy_card(c: ArmComparison) -> str:
     return _card("Test accuracy difference", T.fmt_pp(a.diff, 2), detail, cls, "accuracy_diff", a.diff, a.ci, c.arm)
 
 
-def _cards(c: ArmComparison) -> str:
+def _measured_extra(run: Run, c: ArmComparison, metric: str | None) -> str:
+    """What sits beside a measured (time, energy) figure: the single-run interval and the busy-machine badge."""
+    out = ""
+    arm = run.arms.get(c.arm)
+    if metric is not None and arm is not None:
+        text = T.epoch_interval_text(arm, metric)
+        if text:
+            out += f'<br><span class="within-run" data-interval="{metric}">{_e(text)}</span>'
+    busy = T.interference_text(run, [n for n in (run.baseline_name, c.arm) if n])
+    if busy:
+        epochs = ", ".join(T.affected_epochs(run, [n for n in (run.baseline_name, c.arm) if n]))
+        out += f'<br><span class="badge interference" data-interference="{_e(epochs)}">{_e(busy)}</span>'
+    return out
+
+
+def _cards(c: ArmComparison, run: Run) -> str:
     flops = lambda v: T.fmt_si(v, "FLOP")  # noqa: E731 - a formatter, named for reading
     return '<div class="cards">' + "".join([
-        _saving_card("Energy saved", c.energy, T.fmt_energy, "energy_saved_frac", c.arm),
-        _saving_card("CO2 saved", c.co2, T.fmt_co2, "co2_saved_frac", c.arm),
-        _saving_card("Time saved", c.time, T.fmt_seconds, "time_saved_frac", c.arm),
+        _saving_card("Energy saved", c.energy, T.fmt_energy, "energy_saved_frac", c.arm,
+                     _measured_extra(run, c, "energy_j")),
+        _saving_card("CO2 saved", c.co2, T.fmt_co2, "co2_saved_frac", c.arm, _measured_extra(run, c, None)),
+        _saving_card("Time saved", c.time, T.fmt_seconds, "time_saved_frac", c.arm,
+                     _measured_extra(run, c, "wall_s")),
         _saving_card("Backward FLOPs saved", c.flops_backward, flops, "flops_backward_saved_frac", c.arm),
         _accuracy_card(c),
     ]) + "</div>"
@@ -148,7 +167,7 @@ def _headline(run: Run, comps: list[ArmComparison]) -> str:
     est = estimated_fraction(run.arms)
     if len(comps) == 1:
         c = comps[0]
-        return (_cards(c) + f'<p class="verdict" data-verdict="{_e(c.arm)}">{_e(T.verdict(c, est))}</p>'
+        return (_cards(c, run) + f'<p class="verdict" data-verdict="{_e(c.arm)}">{_e(T.verdict(c, est))}</p>'
                 + _few_pairs(comps))
     verdicts = "".join(
         f'<li data-verdict="{_e(c.arm)}">{_e(T.verdict(c, est))}</li>' for c in comps
@@ -370,6 +389,10 @@ def _provenance(run: Run) -> str:
     )
 
 
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def _run_article(run: Run, idx: int, multi: bool) -> str:
     comps = comparisons(run)
     s = run.summary
@@ -379,13 +402,21 @@ def _run_article(run: Run, idx: int, multi: bool) -> str:
     status = T.status_banner(run)
     if status:
         banners.append(f'<div class="banner status" data-status="{_e(s.status)}">{_e(status)}</div>')
+    fake = T.synthetic_warning(run)
+    if fake:
+        banners.append(f'<div class="banner" data-warning="synthetic">{_e(fake)}</div>')
+    busy = T.interference_text(run, list(run.arms))
+    if busy:
+        banners.append(f'<div class="banner" data-warning="interference">{_e(_cap(busy))}</div>')
     warn = T.estimate_warning(run)
     if warn:
         banners.append(f'<div class="banner" data-warning="estimated">{_e(warn)}</div>')
     reps = max((repeat_count(a) for a in run.arms.values()), default=1)
     seeds = len(s.config.get("seeds") or [0])
     runs_per_arm = f"{reps} run{'s' if reps != 1 else ''} per arm" + (f" ({seeds} seeds)" if seeds > 1 else "")
-    sub = (f"{_e(s.kind)} run, {len(run.arms)} arms, {_e(runs_per_arm)}, status "
+    order = ("arms interleaved epoch by epoch (ABBA)" if s.interleave == "epoch"
+             else "arms run one after the other")
+    sub = (f"{_e(s.kind)} run, {len(run.arms)} arms, {_e(runs_per_arm)}, {order}, status "
            f"<b>{_e(s.status)}</b>; created {_e(s.created_at)}; {_e(str(run.path))}")
     figs = "".join(_figure(f) for f in run_figures(run, comps)) or '<p class="note">No arm recorded: nothing to plot.</p>'
     sec = lambda name: f"{anchor}-{name}"  # noqa: E731

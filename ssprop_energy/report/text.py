@@ -144,6 +144,52 @@ def estimate_warning(run: Run) -> str | None:
     return None
 
 
+def synthetic_warning(run: Run) -> str | None:
+    """A warning when any energy figure of the run is synthetic (``--meter fake``), or None."""
+    sources = {c.source for a in run.arms.values() for c in a.energy_components}
+    sources |= {a.energy_source for a in run.arms.values()}
+    if "fake" in sources:
+        return ("The energy in this run is SYNTHETIC: it comes from the fake meter (--meter fake), no hardware was "
+                "read, and every energy and CO2 figure below is a test value, not a measurement.")
+    return None
+
+
+def affected_epochs(run: Run, arm_names: list[str]) -> list[str]:
+    """``arm s0r0e3`` labels of the epochs where foreign CPU load was material, over the given arms."""
+    out = []
+    for name in arm_names:
+        arm = run.arms.get(name)
+        if arm is not None and arm.interference is not None:
+            out += [f"{name} {label}" for label in arm.interference.affected_epochs]
+    return out
+
+
+def interference_text(run: Run, arm_names: list[str]) -> str | None:
+    """One sentence naming the epochs whose time and energy ran beside other work, or None."""
+    epochs = affected_epochs(run, arm_names)
+    if not epochs:
+        return None
+    return (f"busy machine: other processes used >= {_threshold(run):g} CPU core (or a different load than "
+            f"dense) during {', '.join(epochs)}; time and energy include their interference")
+
+
+def _threshold(run: Run) -> float:
+    for arm in run.arms.values():
+        if arm.interference is not None:
+            return arm.interference.threshold_cores
+    return 0.25
+
+
+def epoch_interval_text(arm: ArmRecord, metric: str) -> str | None:
+    """The single-run interval of ``metric`` (``wall_s``, ``energy_j``) as a sentence, or None."""
+    iv = arm.epoch_intervals.get(metric)
+    if iv is None:
+        return None
+    ci = (f"{iv.confidence:.0%} CI {fmt_pct(iv.ci[0])} to {fmt_pct(iv.ci[1])}" if iv.ci is not None
+          else "no interval (too few epochs per phase)")
+    return f"single run, {iv.n_epochs} paired epochs: {fmt_pct(iv.change)} change, {ci} ({iv.label})"
+
+
 # ------------------------------------------------------------------------------------------ provenance
 
 
