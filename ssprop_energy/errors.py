@@ -13,7 +13,15 @@ class SSPropEnergyError(Exception):
 
 
 class ConfigError(SSPropEnergyError, ValueError):
-    """A value given by the user is invalid (drop rate, schedule name, model name, ...)."""
+    """A value given by the user is invalid (drop rate, schedule name, model name, ...).
+
+    The message uses the domain's words ("drop rate must be in [0, 1)"); ``field`` names the configuration
+    field when there is one, so that a front end can say which of its own flags or keys to fix.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class DataError(SSPropEnergyError):

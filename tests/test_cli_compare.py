@@ -25,13 +25,14 @@ def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["--drop-rate", "1.5"], "drop rate 1.5"),
-        (["--drop-rate", "-0.1"], "drop rate -0.1"),
+        (["--drop-rate", "1.5"], "--drop-rate: drop rate must be in [0, 1), got 1.5"),
+        (["--drop-rate", "-0.1"], "drop rate must be in [0, 1), got -0.1"),
+        (["--interleave", "abba"], "--interleave"),
         (["--drop-rate", "abc"], "--drop-rate"),
         (["--model", "resnet9000"], "resnet9000"),
         (["--dataset", "imagenet"], "imagenet"),
         (["--schedule", "zigzag"], "zigzag"),
-        (["--epochs", "0"], "--epochs"),
+        (["--epochs", "0"], "--epochs: epochs must be a positive integer, got 0"),
         (["--epochs", "two"], "--epochs"),
         (["--batch-size", "-4"], "--batch-size"),
         (["--lr", "nan"], "--lr"),

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ssprop_energy.errors import RunInterrupted
+from ssprop_energy.errors import ConfigError, RunInterrupted
 from ssprop_energy.experiment.config import INTERLEAVES, METERS, SELECTIONS, ExperimentConfig
 from ssprop_energy.fmt import fmt_change, fmt_change_pp, fmt_flops
 
@@ -69,6 +69,21 @@ def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> 
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+# config field -> the flag that sets it, for error messages (the config speaks in domain words)
+FLAGS = {"sample_period_s": "--sample-period", "idle_s": "--idle", "seeds": "--seeds", "dropouts": "--dropout"}
+FLAGS_BY_KIND = {"compare": {"drop_rates": "--drop-rate", "schedules": "--schedule"},
+                 "sweep": {"drop_rates": "--drop-rates", "schedules": "--schedules"}}
+
+
+def flag_error(exc: ConfigError, kind: str) -> ConfigError:
+    """The same error, prefixed with the flag of ``kind``'s command that sets the offending field."""
+    if exc.field is None:
+        return exc
+    flags = {**FLAGS, **FLAGS_BY_KIND.get(kind, {})}
+    flag = flags.get(exc.field, "--" + exc.field.replace("_", "-"))
+    return ConfigError(f"{flag}: {exc}", field=exc.field)
+
+
 def config_from_args(args: argparse.Namespace, kind: str, **lists: Any) -> ExperimentConfig:
     """Build and validate a config from parsed flags; unset flags keep the config defaults."""
     cfg = ExperimentConfig(kind=kind)
@@ -87,7 +102,10 @@ def config_from_args(args: argparse.Namespace, kind: str, **lists: Any) -> Exper
     for name, value in lists.items():
         if value is not None:
             setattr(cfg, name, value)
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        raise flag_error(exc, kind) from None
     return cfg
 
 

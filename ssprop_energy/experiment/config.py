@@ -84,61 +84,66 @@ class ExperimentConfig:
     out: str | None = None
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first bad value and the allowed ones."""
+        """Raise :class:`ConfigError` naming the first bad value and the allowed ones, in the domain's words;
+        ``error.field`` names the config field so that a front end can name its own flag."""
+
+        def bad(field_name: str, message: str) -> ConfigError:
+            return ConfigError(message, field=field_name)
+
         if self.kind not in ("compare", "sweep"):
-            raise ConfigError(f"unknown experiment kind {self.kind!r}")
+            raise bad("kind", f"unknown experiment kind {self.kind!r}")
         for d in self.drop_rates:
             if not (isinstance(d, (int, float)) and math.isfinite(d) and 0.0 <= d < 1.0):
-                raise ConfigError(f"drop rate {d!r} is outside [0, 1)")
+                raise bad("drop_rates", f"drop rate must be in [0, 1), got {d!r}")
         if not self.drop_rates:
-            raise ConfigError("at least one drop rate is needed")
+            raise bad("drop_rates", "at least one drop rate is needed")
         for s in self.schedules:
             if s not in SCHEDULES:
-                raise ConfigError(f"unknown schedule {s!r}; choose from {', '.join(SCHEDULES)}")
+                raise bad("schedules", f"unknown schedule {s!r}; choose from {', '.join(SCHEDULES)}")
         for p in self.dropouts:
             if not (0.0 <= p < 1.0):
-                raise ConfigError(f"dropout {p!r} is outside [0, 1)")
+                raise bad("dropouts", f"dropout must be in [0, 1), got {p!r}")
         if self.selection not in SELECTIONS:
-            raise ConfigError(f"unknown selection {self.selection!r}; choose from {', '.join(SELECTIONS)}")
+            raise bad("selection", f"unknown selection {self.selection!r}; choose from {', '.join(SELECTIONS)}")
         for kind in self.layers:
             if kind not in LAYER_KINDS:
-                raise ConfigError(f"unknown layer kind {kind!r} in --layers; choose from {', '.join(LAYER_KINDS)}")
+                raise bad("layers", f"unknown layer kind {kind!r}; choose from {', '.join(LAYER_KINDS)}")
         if not self.layers:
-            raise ConfigError("--layers needs at least one layer kind")
+            raise bad("layers", "at least one layer kind to sparsify is needed")
         if self.schedule_by not in ("epoch", "iteration"):
-            raise ConfigError(f"unknown --schedule-by {self.schedule_by!r}; choose from epoch, iteration")
+            raise bad("schedule_by", f"unknown schedule granularity {self.schedule_by!r}; choose from epoch, iteration")
         if self.interleave not in INTERLEAVES:
-            raise ConfigError(f"unknown interleave {self.interleave!r}; choose from {', '.join(INTERLEAVES)}")
+            raise bad("interleave", f"unknown interleave {self.interleave!r}; choose from {', '.join(INTERLEAVES)}")
         if self.meter not in METERS:
-            raise ConfigError(f"unknown meter {self.meter!r}; choose from {', '.join(METERS)}")
-        positive_ints = {"epochs": self.epochs, "batch_size": self.batch_size, "repeats": self.repeats,
-                         "period": self.period}
-        for name, value in positive_ints.items():
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+            raise bad("meter", f"unknown meter {self.meter!r}; choose from {', '.join(METERS)}")
+        positive_ints = {"epochs": ("epochs", self.epochs), "batch_size": ("batch size", self.batch_size),
+                         "repeats": ("repeats", self.repeats), "period": ("schedule period", self.period)}
+        for name, (words, value) in positive_ints.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(name, f"{words} must be a positive integer, got {value!r}")
         if self.warmup_epochs < 0:
-            raise ConfigError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+            raise bad("warmup_epochs", f"warm-up epochs must be >= 0, got {self.warmup_epochs}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"--lr must be a positive number, got {self.lr!r}")
+            raise bad("lr", f"learning rate must be a positive number, got {self.lr!r}")
         if self.weight_decay < 0:
-            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay!r}")
+            raise bad("weight_decay", f"weight decay must be >= 0, got {self.weight_decay!r}")
         if not (self.sample_period_s > 0):
-            raise ConfigError(f"--sample-period must be positive, got {self.sample_period_s!r}")
+            raise bad("sample_period_s", f"power sampling period must be positive, got {self.sample_period_s!r} s")
         if self.idle_s < 0:
-            raise ConfigError(f"--idle must be >= 0 seconds, got {self.idle_s!r}")
+            raise bad("idle_s", f"idle measurement must be >= 0 seconds, got {self.idle_s!r}")
         if not (self.pue >= 1.0 and math.isfinite(self.pue)):
-            raise ConfigError(f"--pue must be a number >= 1.0, got {self.pue!r}")
+            raise bad("pue", f"PUE must be a number >= 1.0, got {self.pue!r}")
         if self.carbon_intensity is not None and not (self.carbon_intensity >= 0 and math.isfinite(self.carbon_intensity)):
-            raise ConfigError(f"--carbon-intensity must be >= 0 g/kWh, got {self.carbon_intensity!r}")
+            raise bad("carbon_intensity", f"carbon intensity must be >= 0 g/kWh, got {self.carbon_intensity!r}")
         if self.image_size is not None and self.image_size < 4:
-            raise ConfigError(f"--image-size must be at least 4 pixels, got {self.image_size}")
+            raise bad("image_size", f"image size must be at least 4 pixels, got {self.image_size}")
         for s in self.eval_noise:
             if not (s > 0 and math.isfinite(s)):
-                raise ConfigError(f"--eval-noise values must be positive, got {s!r}")
+                raise bad("eval_noise", f"evaluation noise levels must be positive, got {s!r}")
         if not self.seeds:
-            raise ConfigError("at least one seed is needed")
+            raise bad("seeds", "at least one seed is needed")
         if len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"--seeds has duplicates: {self.seeds}")
+            raise bad("seeds", f"seeds have duplicates: {self.seeds}")
 
     def arms(self) -> list[ArmSpec]:
         """The dense baseline first, then one ssProp arm per (schedule, drop rate, dropout) in the grid.
