@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ssprop_energy.energy.carbon import co2_g as co2_of  # the one CO2 formula of the package
 from ssprop_energy.errors import ConfigError, LedgerError, RecordError
 from ssprop_energy.ledger.attribution import ATTRIBUTION_RULE, AttributedComponent, CpuAttribution
 from ssprop_energy.ledger.db import connect, default_ledger_path, ledger_error, pending_dir
@@ -246,7 +247,7 @@ class LedgerEntry:
         else:
             energy_j, energy_source = None, None
         if energy_j is not None and intensity_g_per_kwh is not None:
-            expected = energy_j / 3.6e6 * intensity_g_per_kwh * (1.0 if pue is None else pue)
+            expected = co2_of(energy_j, intensity_g_per_kwh, 1.0 if pue is None else pue)
             if co2_g is not None and not math.isclose(co2_g, expected, rel_tol=_CO2_RTOL, abs_tol=1e-12):
                 logger.warning("ledger row %s: CO2 %.6g g disagrees with energy x intensity x PUE = %.6g g; "
                                "recording the latter", self.uid, co2_g, expected)
