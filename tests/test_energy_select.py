@@ -95,3 +95,20 @@ def test_available_sources(no_gpu, tmp_path):
     assert av["rapl"]["available"] is True
     assert av["rapl"]["description"]["domains"]["cpu:package-0"].endswith("intel-rapl:0")
     assert av["estimate"]["available"] is True and av["estimate"]["description"]["cpu_tdp_w"] > 0
+
+
+def test_meter_choice_is_resolved_once_and_reopened_without_new_warnings(caplog) -> None:
+    import logging
+
+    from ssprop_energy.energy.select import resolve_meter
+
+    with caplog.at_level(logging.WARNING, logger="ssprop_energy.energy"):
+        choice = resolve_meter("estimate", estimate_options={"cpu_model": "Imaginary CPU 9000"})
+        first = len(caplog.records)
+        meters = [open_meter(choice=choice) for _ in range(3)]
+    assert choice.sources == ("estimate",) and first >= 1  # the unknown CPU was warned about once
+    assert len(caplog.records) == first  # and not again for the three meters of the run
+    for m in meters:
+        src = m.describe()["sources"][0]
+        assert (src["cpu_tdp_w"], src["cpu_tdp_from"]) == (choice.estimate["cpu_tdp_w"], choice.estimate["cpu_tdp_from"])
+        m.close()

@@ -166,16 +166,25 @@ class EstimateSource(PowerSource):
         ram_power_w: float | None = None,
         cpu_seconds: Callable[[], float] | None = None,
         logical_cpus: int | None = None,
+        resolved: dict[str, Any] | None = None,
     ) -> None:
         self.cpu_model = cpu_model if cpu_model is not None else cpu_model_name()
         self.logical_cpus = int(logical_cpus or psutil.cpu_count(logical=True) or 1)
-        if cpu_tdp_w is not None:
+        if resolved is not None:
+            # A decision taken earlier in this run (``describe()`` of the first source): same figures, same
+            # provenance, and the table lookup's warnings are not repeated for every meter of the run.
+            self.cpu_model = resolved["cpu_model"]
+            self.cpu_tdp_w, self.tdp_from = float(resolved["cpu_tdp_w"]), str(resolved["cpu_tdp_from"])
+            self.ram_power_w, self.ram_from = float(resolved["ram_power_w"]), str(resolved["ram_power_from"])
+        elif cpu_tdp_w is not None:
             if not cpu_tdp_w > 0:
                 raise ConfigError(f"CPU TDP must be positive, got {cpu_tdp_w} W")
             self.cpu_tdp_w, self.tdp_from = float(cpu_tdp_w), "given by the user"
         else:
             self.cpu_tdp_w, self.tdp_from = lookup_tdp(self.cpu_model, self.logical_cpus)
-        if ram_power_w is not None:
+        if resolved is not None:
+            pass
+        elif ram_power_w is not None:
             if not ram_power_w >= 0:
                 raise ConfigError(f"RAM power must be non-negative, got {ram_power_w} W")
             self.ram_power_w, self.ram_from = float(ram_power_w), "given by the user"

@@ -39,6 +39,7 @@ class MeterChoice:
     kind: str
     sources: tuple[str, ...]
     unavailable: dict[str, str] = field(default_factory=dict)
+    estimate: dict[str, Any] | None = None  # the estimate source's resolved figures (``describe()``)
 
 
 def resolve_meter(
@@ -52,7 +53,8 @@ def resolve_meter(
     """
     meter = open_meter(kind, sysfs_root=sysfs_root, gpus=gpus, **kwargs)
     try:
-        return MeterChoice(kind, meter.source_kinds, dict(meter.unavailable))
+        estimate = next((d for d in meter.describe()["sources"] if d.get("kind") == "estimate"), None)
+        return MeterChoice(kind, meter.source_kinds, dict(meter.unavailable), estimate)
     finally:
         meter.close()
 
@@ -120,7 +122,8 @@ def open_meter(
     if choice is not None:
         openers: dict[str, Callable[[], PowerSource]] = {
             "nvml": lambda: _open_nvml(gpus), "rapl": lambda: _open_rapl(sysfs_root),
-            "estimate": lambda: _open_estimate(est), "fake": lambda: FakeSource(fake_channels, clock),
+            "estimate": lambda: _open_estimate({**est, "resolved": choice.estimate} if choice.estimate else est),
+            "fake": lambda: FakeSource(fake_channels, clock),
         }
         unavailable = dict(choice.unavailable)
         try:
