@@ -176,6 +176,9 @@ def test_interference_is_stored_per_arm_epoch_and_flagged(tmp_path: Path) -> Non
     html = render_report([tmp_path / "run"], tmp_path / "report.html").read_text()
     assert 'data-warning="interference"' in html
     assert 'class="badge interference" data-interference="dense s0r0e2, ssprop s0r0e2"' in html
+    md = render_report([tmp_path / "run"], tmp_path / "report.md", fmt="md").read_text()
+    assert "Busy machine" in md and "dense s0r0e2" in md
+    assert "within-run machine noise" in md and "within-run machine noise" in html
 
 
 def test_quiet_run_has_no_badge(tmp_path: Path) -> None:
@@ -224,6 +227,8 @@ def test_fake_meter_is_fake_everywhere(tmp_path: Path) -> None:
 
     html = render_report([tmp_path / "run"], tmp_path / "report.html").read_text()
     assert 'data-warning="synthetic"' in html and "SYNTHETIC" in html
+    md = render_report([tmp_path / "run"], tmp_path / "report.md", fmt="md").read_text()
+    assert "SYNTHETIC" in md
     assert "read from hardware energy counters" not in html
 
 

@@ -138,10 +138,22 @@ def _run_md(run: Run, multi: bool) -> str:
     status = T.status_banner(run)
     if status:
         parts.append(f"> **{status}**")
+    fake = T.synthetic_warning(run)
+    if fake:
+        parts.append(f"> **Warning:** {fake}")
+    busy = T.interference_text(run, list(run.arms))
+    if busy:
+        parts.append(f"> **Warning:** {busy[:1].upper() + busy[1:]}.")
     warn = T.estimate_warning(run)
     if warn:
         parts.append(f"> **Warning:** {warn}")
     parts += [f"{h2} Headline", *_headline(run, comps), T.provenance_line(run)]
+    for c in comps:
+        arm = run.arms.get(c.arm)
+        lines = [T.epoch_interval_text(arm, m) for m in ("wall_s", "energy_j")] if arm is not None else []
+        for label, line in zip(("Time", "Energy"), lines):
+            if line:
+                parts.append(f"{label} ({c.arm}): {line}.")
     if comps:
         parts += [f"{h2} The paper's claim and this run", _paper(comps)]
     parts += [
