@@ -184,3 +184,20 @@ def test_sigterm_saves_interrupted_and_resume_completes(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "complete"
     assert len(summary["arms"]["dense"]["epochs"]) == 3
+    assert summary["interleave"] == "epoch"
+
+    # the interrupted-and-resumed interleaved run ends exactly where an uninterrupted one does
+    from ssprop_energy.experiment.config import ExperimentConfig
+    from ssprop_energy.experiment.runner import Experiment, ExperimentHooks, prepare_run_dir
+
+    cfg = ExperimentConfig(model="cnn", dataset="synthetic:1x8x8:4:2048", epochs=3, batch_size=64, meter="fake",
+                           out=str(tmp_path / "straight"))
+    cfg.validate()
+    prepare_run_dir(tmp_path / "straight")
+    straight = Experiment(cfg, tmp_path / "straight", ExperimentHooks(monitor=None, ledger=False)).run()
+    for arm in ("dense", "ssprop"):
+        got = summary["arms"][arm]
+        want = straight.arms[arm]
+        assert [e["train_loss"] for e in got["epochs"]] == [e.train_loss for e in want.epochs]
+        assert [e["val_accuracy"] for e in got["epochs"]] == [e.val_accuracy for e in want.epochs]
+        assert got["test_accuracy"] == want.test_accuracy and got["flops_backward"] == want.flops_backward
