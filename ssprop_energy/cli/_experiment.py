@@ -185,7 +185,7 @@ def interference_warnings(summary: Any) -> list[str]:
         mean = inter.foreign_cpu_cores_mean
         lines.append(
             f"warning: {name}: foreign CPU load (busy cores not this run's) was material (>= {inter.threshold_cores:g} "
-            f"core, or differed from dense) in epoch(s) {', '.join(inter.affected_epochs)}"
+            f"core, or different between the arms) in epoch(s) {', '.join(inter.affected_epochs)}"
             + (f"; mean {mean:.2f} core over the arm" if mean is not None else "")
             + ": its time and energy figures include other work's slowdown"
         )
