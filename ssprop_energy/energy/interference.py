@@ -222,8 +222,8 @@ class _Snapshot:
 
 @dataclass(frozen=True)
 class _GpuSample:
-    pids: frozenset[int]
-    foreign: frozenset[int] | None  # None: NVML's PIDs not comparable with ours at this sample
+    pids: frozenset[int] | None  # None: the processes could not be listed at this read
+    foreign: frozenset[int] | None  # None: not listed, or NVML's PIDs not comparable with ours
     reasons: frozenset[str]
     temperature_c: float | None
 
@@ -469,7 +469,7 @@ class _Gpu:
             if self._ns_init is not False or pids & tree_pids:
                 foreign = frozenset(pids - tree_pids)
         return _GpuSample(
-            pids=frozenset(pids) if listed else frozenset(),
+            pids=frozenset(pids) if listed else None,
             foreign=foreign,
             reasons=frozenset(decode_throttle_reasons(int(mask))) if mask is not None else frozenset(),
             temperature_c=float(temp) if temp is not None else None,
@@ -526,10 +526,12 @@ class _Window:
         self._add_extras(first)
 
     def _foreign_cores(self, a: _Snapshot, b: _Snapshot) -> float:
+        """Foreign busy cores between two reads, clamped to [0, CPUs] (tick truncation can step outside)."""
         dt = b.t_s - a.t_s
         if dt <= 0:
             return 0.0
-        return max(0.0, (b.busy_s - a.busy_s) - own_delta_s(self.reader, a.tree, b.tree)) / dt
+        cores = ((b.busy_s - a.busy_s) - own_delta_s(self.reader, a.tree, b.tree)) / dt
+        return min(float(self.reader.cpu_count), max(0.0, cores))
 
     def _add_extras(self, snap: _Snapshot) -> None:
         if snap.freq_mhz is not None:
@@ -577,6 +579,7 @@ class _Window:
     def _gpu_fields(self, requested: bool, error: str | None) -> dict[str, Any]:
         if not requested:
             return {}
+        listed = [g.pids for g in self.gpu if g.pids is not None]
         comparable = [g.foreign for g in self.gpu if g.foreign is not None]
         temps = [g.temperature_c for g in self.gpu if g.temperature_c is not None]
         return {
@@ -584,8 +587,8 @@ class _Window:
             "gpu_foreign_pids": sorted(set().union(*comparable)) if comparable else [],
             "gpu_throttle_reasons": sorted(set().union(*(g.reasons for g in self.gpu))),
             "gpu_temperature_c_max": max(temps) if temps else None,
-            "gpu_processes_max": max(len(g.pids) for g in self.gpu) if self.gpu else None,
-            "gpu_pids_comparable": (len(comparable) == len(self.gpu)) if self.gpu else None,
+            "gpu_processes_max": max(len(p) for p in listed) if listed else None,
+            "gpu_pids_comparable": len(comparable) == len(listed) if listed else None,
             "gpu_error": error,
         }
 
@@ -660,22 +663,26 @@ class InterferenceMonitor:
             busy_s, steal_s, _ = self._reader.machine()
         except (OSError, ValueError, psutil.Error) as exc:
             raise MeterError(f"interference monitor: cannot read CPU times ({exc})") from None
+        t_s = self._clock()  # right after the CPU reads; the GPU's may take milliseconds
         gpu = self._gpu.sample({pid for pid, _ in tree}) if self._gpu is not None else None
-        return _Snapshot(self._clock(), busy_s, steal_s, tree, _read_freq_mhz(self._freq_files), gpu)
+        return _Snapshot(t_s, busy_s, steal_s, tree, _read_freq_mhz(self._freq_files), gpu)
 
     def sample(self) -> None:
         """One read, applied to every open window (the background thread calls this)."""
         with self._lock:
             if not self._windows:
-                return
+                return  # nothing to measure: no read, no cost
             try:
                 snap = self._read()
             except MeterError as exc:
                 self.read_errors += 1
                 logger.debug("%s", exc)
                 return
-            for w in self._windows.values():
-                w.add(snap)
+            self._add_to_open(snap)
+
+    def _add_to_open(self, snap: _Snapshot) -> None:
+        for w in self._windows.values():
+            w.add(snap)
 
     def _tick(self) -> None:
         try:
@@ -716,6 +723,7 @@ class InterferenceMonitor:
         """
         with self._lock:
             snap = self._read()
+            self._add_to_open(snap)  # an edge read of one window is a sample of the others
             token = WindowToken(next(self._ids), name)
             self._windows[token.id] = _Window(self._reader, snap, min_interval_s=self.sample_period_s / 2)
         return token
@@ -732,6 +740,7 @@ class InterferenceMonitor:
                 raise KeyError(f"interference window {token} is not open")
             snap = self._read()
             window = self._windows.pop(token.id)
+            self._add_to_open(snap)
             gpu_error = self._gpu.error if self._gpu is not None else None
             return window.finish(snap, self._reader.source, self._reader.cpu_count, self._reader.load_avg_1m(),
                                  gpu_error, self._gpu_requested)
