@@ -111,6 +111,7 @@ def proc(tmp_path: Path) -> FakeProc:
 
 def monitor(proc: FakeProc, clock: FakeClock, tmp_path: Path, **kw) -> InterferenceMonitor:
     kw.setdefault("sys_root", tmp_path / "sys")
+    kw.setdefault("cpus", None)  # all CPUs of the fake machine, whatever this process's affinity
     return InterferenceMonitor(kw.pop("sample_period_s", 1.0), proc_root=proc.root, root_pid=100, clock=clock, **kw)
 
 
@@ -274,6 +275,33 @@ def test_overlapping_and_nested_windows(proc, clock, tmp_path):
         mon.end(inner)
 
 
+def test_only_the_cpus_this_process_may_use_count(proc, clock, tmp_path):
+    def write(ticks: dict[int, tuple[int, int]]) -> None:  # cpu -> (user, steal)
+        lines = ["cpu  " + " ".join(["99999"] * 10)]  # the aggregate must not be read when CPUs are chosen
+        lines += [f"cpu{i} {u} 0 0 5000 0 0 0 {st} 0 0" for i, (u, st) in ticks.items()]
+        (proc.root / "stat").write_text("\n".join(lines) + "\nctxt 1\n")
+
+    write({0: (100, 0), 1: (100, 0), 2: (100, 0), 3: (100, 0)})
+    mon = monitor(proc, clock, tmp_path, cpus={1, 3})
+    tok = mon.begin()
+    clock.advance(1.0)
+    write({0: (200, 0), 1: (130, 10), 2: (200, 0), 3: (150, 0)})  # CPUs 0 and 2: busy, but not ours
+    r = mon.end(tok)
+    assert r.cpu_count == 2
+    assert r.foreign_cpu_cores_mean == pytest.approx((30 + 10 + 50) / HZ)
+    assert r.steal_cpu_cores_mean == pytest.approx(10 / HZ)
+    with pytest.raises(ValueError):
+        monitor(proc, clock, tmp_path, cpus="all")
+
+
+def test_default_cpus_follow_this_process_affinity(tmp_path):
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    mon = InterferenceMonitor(0.25)
+    r = mon.end(mon.begin())
+    assert r.cpu_count == len(os.sched_getaffinity(0))
+
+
 def test_cpu_frequency_from_a_fake_sysfs(proc, clock, tmp_path):
     sysfs = tmp_path / "sys"
     files = []
@@ -294,10 +322,14 @@ def test_cpu_frequency_from_a_fake_sysfs(proc, clock, tmp_path):
     files[1].write_text("2000000\n")
     r = mon.end(tok)
     assert r.cpu_freq_mhz_mean == pytest.approx((2500 + 2000 + 1500) / 3)
+    pinned = monitor(proc, clock, tmp_path, sys_root=sysfs, cpus={1, 2})  # CPU 1 alone has a frequency
+    assert pinned.end(pinned.begin()).cpu_freq_mhz_mean == pytest.approx(2000.0)
+    bare = monitor(proc, clock, tmp_path, sys_root=tmp_path / "empty")  # as on this project's VM
+    assert bare.end(bare.begin()).cpu_freq_mhz_mean is None
 
 
 def test_no_procfs_falls_back_to_psutil(tmp_path):
-    mon = InterferenceMonitor(0.1, proc_root=tmp_path / "nothing", sys_root=tmp_path)
+    mon = InterferenceMonitor(0.1, proc_root=tmp_path / "nothing", sys_root=tmp_path, cpus=None)
     assert mon.source == "psutil"
     tok = mon.begin()
     t = time.process_time()
@@ -507,9 +539,10 @@ def test_a_busy_process_outside_the_tree_is_foreign(tmp_path):
         if burner.is_running():
             os.kill(burner.pid, signal.SIGKILL)
     # The burner got what the machine's load left it; whatever it got must show up as foreign, not own.
-    assert burner_cores >= 0.3, f"the burner barely ran ({burner_cores:.2f} cores): machine too loaded to test"
+    # On a quiet machine it gets a whole core, and foreign load must read at least 0.6 core.
+    assert burner_cores >= 0.15, f"the burner barely ran ({burner_cores:.2f} cores): machine too loaded to test"
     assert r.foreign_cpu_cores_mean >= min(0.6, 0.8 * burner_cores)
-    assert r.foreign_cpu_cores_mean >= burner_cores - 0.1
+    assert r.foreign_cpu_cores_mean >= 0.9 * burner_cores - 0.05
     assert r.own_cpu_cores_mean < 0.15  # this process slept
     assert r.n_samples >= 5
 
@@ -536,8 +569,8 @@ def test_a_busy_descendant_is_own_not_foreign(tmp_path):
     # (at most all of it), are ours.
     short_s = ru.ru_utime + ru.ru_stime
     own_s = r.own_cpu_cores_mean * r.wall_s
-    assert live_s >= 0.3, f"the child barely ran ({live_s:.2f} s): machine too loaded to test"
-    assert own_s >= live_s - 0.05
+    assert live_s >= 0.15, f"the child barely ran ({live_s:.2f} s): machine too loaded to test"
+    assert own_s >= 0.9 * live_s - 0.03  # a monitor that missed the child would read about 0 here
     assert own_s <= live_s + short_s + 0.1
     # (foreign = machine busy - own, exactly, as the fake-procfs tests show: what is own is not foreign.)
 

@@ -4,8 +4,9 @@ A paired dense-vs-sparse comparison assumes both arms saw the same machine. This
 number of (possibly overlapping) windows, what else the machine was doing:
 
 - **Foreign CPU load**, in busy cores: ``(machine busy CPU seconds - this process tree's CPU seconds) / wall``,
-  clamped at 0. Machine busy time is the aggregate ``cpu`` line of ``/proc/stat``: user + nice + system +
-  irq + softirq + steal (guest time is already inside user/nice; idle and iowait are not work). Steal is
+  clamped at 0. Machine busy time is read from ``/proc/stat`` for the CPUs this process may run on (its
+  affinity, e.g. a cgroup cpuset; the aggregate ``cpu`` line when that is all of them): user + nice +
+  system + irq + softirq + steal (guest time is already inside user/nice; idle and iowait are not work). Steal is
   kept in: it is time another virtual machine took from ours, i.e. interference; it is also reported on
   its own (``steal_cpu_cores_mean``). The tree is this process and all its descendants; each member's
   ``utime + stime + cutime + cstime`` from ``/proc/<pid>/stat``, so children reaped inside the tree (this
@@ -39,7 +40,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import psutil
 
@@ -108,7 +109,7 @@ class InterferenceReading:
         gpu_throttle_reasons: every clock event reason seen, sorted (``sw_power_cap``, ``hw_slowdown``, ...).
         gpu_temperature_c_max: hottest GPU reading, degrees C; None on CPU.
         steal_cpu_cores_mean: the part of the foreign load that the hypervisor stole, mean cores.
-        cpu_count: logical CPUs of the machine.
+        cpu_count: logical CPUs counted: those this process may run on (its affinity) by default.
         gpu_processes_max: most processes seen at once on the GPU, this tree's included; None on CPU.
         gpu_pids_comparable: whether NVML's PIDs could be matched with this tree's (False in a container
             whose driver reports host PIDs); None on CPU.
@@ -229,31 +230,48 @@ class _GpuSample:
 
 
 class _ProcfsReader:
-    """Machine and process-tree CPU times from a procfs tree (``/proc`` or a fake one in tests)."""
+    """Machine and process-tree CPU times from a procfs tree (``/proc`` or a fake one in tests).
+
+    ``cpus``: the CPUs whose busy time counts (per-CPU lines of ``stat``); None for all (the aggregate line).
+    """
 
     source = "procfs"
 
-    def __init__(self, proc_root: Path, root_pid: int) -> None:
+    def __init__(self, proc_root: Path, root_pid: int, cpus: frozenset[int] | None) -> None:
         self.proc = proc_root
         self.root_pid = root_pid
         self.tick_s = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
+        self.cpus = cpus
         self.cpu_count = self.machine()[2]  # raises OSError/ValueError when unusable
+        self._tree_reader: _PsutilReader | None = None
+        if not (proc_root / str(root_pid) / "task" / str(root_pid) / "children").exists():
+            # A kernel without CONFIG_PROC_CHILDREN: find descendants through psutil instead.
+            logger.info("interference monitor: no /proc/<pid>/task/<tid>/children; listing descendants with psutil")
+            self._tree_reader = _PsutilReader(root_pid, None)
 
     def machine(self) -> tuple[float, float, int]:
-        """(busy seconds, steal seconds, logical CPUs) from ``stat``."""
+        """(busy seconds, steal seconds, CPUs counted) from ``stat``."""
         text = (self.proc / "stat").read_text()
-        busy = steal = None
+        busy = steal = 0
         count = 0
+        found = False
         for line in text.splitlines():
-            if line.startswith("cpu "):
-                ticks = [int(v) for v in line.split()[1:]]
-                ticks += [0] * (10 - len(ticks))
-                busy = sum(ticks[i] for i in _BUSY_FIELDS)
-                steal = ticks[_STEAL_FIELD]
-            elif line.startswith("cpu"):
-                count += 1
-        if busy is None or steal is None:
-            raise ValueError(f"no aggregate cpu line in {self.proc / 'stat'}")
+            if not line.startswith("cpu"):
+                continue
+            name, *values = line.split()
+            if self.cpus is None and name != "cpu":
+                continue
+            if self.cpus is not None and (name == "cpu" or int(name[3:]) not in self.cpus):
+                continue
+            ticks = [int(v) for v in values] + [0] * (10 - len(values))
+            busy += sum(ticks[i] for i in _BUSY_FIELDS)
+            steal += ticks[_STEAL_FIELD]
+            count += 1
+            found = True
+        if not found:
+            raise ValueError(f"no usable cpu line in {self.proc / 'stat'}")
+        if self.cpus is None:
+            count = sum(1 for line in text.splitlines() if line.startswith("cpu") and not line.startswith("cpu "))
         return busy * self.tick_s, steal * self.tick_s, max(count, 1)
 
     def _stat(self, pid: int) -> tuple[float, float] | None:
@@ -285,6 +303,8 @@ class _ProcfsReader:
     def tree(self) -> dict[tuple[int, float], float]:
         """CPU seconds per member of the tree rooted at ``root_pid`` (keyed by PID and start time, so a
         reused PID is a different process)."""
+        if self._tree_reader is not None:
+            return self._tree_reader.tree()
         out: dict[tuple[int, float], float] = {}
         stack = [self.root_pid]
         seen: set[int] = set()
@@ -301,6 +321,8 @@ class _ProcfsReader:
         return out
 
     def alive(self, key: tuple[int, float]) -> bool:
+        if self._tree_reader is not None:
+            return self._tree_reader.alive(key)
         st = self._stat(key[0])
         return st is not None and st[0] == key[1]
 
@@ -316,14 +338,19 @@ class _PsutilReader:
 
     source = "psutil"
 
-    def __init__(self, root_pid: int) -> None:
+    def __init__(self, root_pid: int, cpus: frozenset[int] | None) -> None:
         self.root_pid = root_pid
-        self.cpu_count = psutil.cpu_count() or 1
+        self.cpus = cpus
+        self.cpu_count = len(cpus) if cpus is not None else psutil.cpu_count() or 1
 
     def machine(self) -> tuple[float, float, int]:
-        t = psutil.cpu_times()
         names = ("user", "nice", "system", "irq", "softirq", "steal")
-        return float(sum(getattr(t, n, 0.0) for n in names)), float(getattr(t, "steal", 0.0)), self.cpu_count
+        if self.cpus is None:
+            per = [psutil.cpu_times()]
+        else:
+            per = [t for i, t in enumerate(psutil.cpu_times(percpu=True)) if i in self.cpus]
+        busy = sum(getattr(t, n, 0.0) for t in per for n in names)
+        return float(busy), float(sum(getattr(t, "steal", 0.0) for t in per)), self.cpu_count
 
     def tree(self) -> dict[tuple[int, float], float]:
         out: dict[tuple[int, float], float] = {}
@@ -355,12 +382,27 @@ class _PsutilReader:
             return None
 
 
-def _cpu_freq_files(sys_root: Path) -> list[Path]:
+def _cpu_set(cpus: Collection[int] | None | str, pid: int) -> frozenset[int] | None:
+    """The CPUs to count, or None for all of them (then the aggregate ``cpu`` line is read)."""
+    if cpus == "affinity":
+        try:
+            allowed = frozenset(os.sched_getaffinity(pid))
+        except (AttributeError, OSError):  # not Linux
+            return None
+        total = os.cpu_count()
+        return None if total is None or len(allowed) >= total else allowed
+    if isinstance(cpus, str):
+        raise ValueError(f"cpus must be 'affinity', None or a collection of CPU numbers, got {cpus!r}")
+    return None if cpus is None else frozenset(int(c) for c in cpus)
+
+
+def _cpu_freq_files(sys_root: Path, cpus: frozenset[int] | None) -> list[Path]:
     base = sys_root / "devices" / "system" / "cpu"
     try:
-        return sorted(base.glob("cpu[0-9]*/cpufreq/scaling_cur_freq"))
+        files = sorted(base.glob("cpu[0-9]*/cpufreq/scaling_cur_freq"))
     except OSError:
         return []
+    return [f for f in files if cpus is None or int(f.parent.parent.name[3:]) in cpus]
 
 
 def _read_freq_mhz(files: list[Path]) -> float | None:
@@ -605,6 +647,9 @@ class InterferenceMonitor:
         proc_root: the procfs to read (tests give a fake tree); psutil is used when it has no ``stat``.
         sys_root: the sysfs to read CPU frequencies from.
         root_pid: the root of "this process tree"; this process by default.
+        cpus: the CPUs whose busy time counts: ``"affinity"`` (default) for the CPUs this process may run on
+            (a job pinned to 8 cores of a 64-core node by a cgroup cpuset is not slowed by work on the other
+            56), None for all, or an explicit collection.
         clock: monotonic clock, seconds.
 
     Usage::
@@ -626,6 +671,7 @@ class InterferenceMonitor:
         proc_root: str | os.PathLike[str] = "/proc",
         sys_root: str | os.PathLike[str] = "/sys",
         root_pid: int | None = None,
+        cpus: Collection[int] | None | str = "affinity",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not (isinstance(sample_period_s, (int, float)) and math.isfinite(sample_period_s) and sample_period_s > 0):
@@ -635,12 +681,13 @@ class InterferenceMonitor:
         pid = os.getpid() if root_pid is None else root_pid
         proc = Path(proc_root)
         self._reader: _ProcfsReader | _PsutilReader
+        cpu_set = _cpu_set(cpus, pid)
         try:
-            self._reader = _ProcfsReader(proc, pid)
+            self._reader = _ProcfsReader(proc, pid, cpu_set)
         except (OSError, ValueError) as exc:
             logger.info("interference monitor: %s unreadable (%s); using psutil", proc / "stat", exc)
-            self._reader = _PsutilReader(pid)
-        self._freq_files = _cpu_freq_files(Path(sys_root))
+            self._reader = _PsutilReader(pid, cpu_set)
+        self._freq_files = _cpu_freq_files(Path(sys_root), cpu_set)
         self._gpu_requested = gpu_index is not None
         self._gpu = _Gpu(gpu_index, proc) if gpu_index is not None else None
         self._lock = threading.Lock()
