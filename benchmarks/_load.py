@@ -58,7 +58,7 @@ def describe(label: str, r: InterferenceReading, probe: bool) -> str:
         text = (f"load {label}: foreign CPU {r.foreign_cpu_cores_mean:.2f} busy cores mean, "
                 f"{r.foreign_cpu_cores_max:.2f} max, over {r.wall_s:.1f} s ({r.n_samples} reads); this benchmark "
                 f"{r.own_cpu_cores_mean:.2f} cores; load average (1 min) at the end {load}")
-    if r.steal_cpu_cores_mean:
+    if (r.steal_cpu_cores_mean or 0.0) >= 0.005:
         text += f"; hypervisor steal {r.steal_cpu_cores_mean:.2f} cores"
     if r.gpu_foreign_processes_max:
         text += f"; other processes on the GPU: {r.gpu_foreign_pids}"

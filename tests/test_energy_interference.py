@@ -575,6 +575,17 @@ def test_a_busy_descendant_is_own_not_foreign(tmp_path):
     # (foreign = machine busy - own, exactly, as the fake-procfs tests show: what is own is not foreign.)
 
 
+def test_measure_foreign_load_is_one_window_over_an_idle_wait(proc, clock, tmp_path):
+    def sleep(s: float) -> None:  # the rest of the machine keeps 1.5 cores busy while we wait
+        clock.advance(s)
+        proc.tick(user=int(150 * s), system=0)
+
+    r = measure_foreign_load(2.0, sleep=sleep, proc_root=proc.root, root_pid=100, clock=clock,
+                             sys_root=tmp_path, cpus=None)
+    assert r.wall_s == pytest.approx(2.0) and r.foreign_cpu_cores_mean == pytest.approx(1.5)
+    assert r.own_cpu_cores_mean == 0.0 and r.load_avg_1m == 1.25
+
+
 def test_measure_foreign_load_sees_a_quiet_self(tmp_path):
     r = measure_foreign_load(0.5, sample_period_s=0.1)
     assert r.wall_s == pytest.approx(0.5, abs=0.3)
