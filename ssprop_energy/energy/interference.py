@@ -563,8 +563,14 @@ class _Window:
         self.closed_max: float | None = None  # max over closed intervals before the last one
         self.last_closed: float | None = None
         self.n = 1
-        self.freqs: list[float] = []
-        self.gpu: list[_GpuSample] = []
+        self.freq_sum_mhz, self.freq_n = 0.0, 0
+        # GPU aggregates (kept as running values: a window may stay open for hours)
+        self.gpu_listed_n = self.gpu_comparable_n = 0
+        self.gpu_processes_max: int | None = None
+        self.gpu_foreign_max: int | None = None
+        self.gpu_foreign_pids: set[int] = set()
+        self.gpu_reasons: set[str] = set()
+        self.gpu_temp_max_c: float | None = None
         self._add_extras(first)
 
     def _foreign_cores(self, a: _Snapshot, b: _Snapshot) -> float:
@@ -577,9 +583,21 @@ class _Window:
 
     def _add_extras(self, snap: _Snapshot) -> None:
         if snap.freq_mhz is not None:
-            self.freqs.append(snap.freq_mhz)
-        if snap.gpu is not None:
-            self.gpu.append(snap.gpu)
+            self.freq_sum_mhz += snap.freq_mhz
+            self.freq_n += 1
+        g = snap.gpu
+        if g is None:
+            return
+        self.gpu_reasons |= g.reasons
+        if g.temperature_c is not None:
+            self.gpu_temp_max_c = max(self.gpu_temp_max_c or g.temperature_c, g.temperature_c)
+        if g.pids is not None:
+            self.gpu_listed_n += 1
+            self.gpu_processes_max = max(self.gpu_processes_max or 0, len(g.pids))
+        if g.foreign is not None:
+            self.gpu_comparable_n += 1
+            self.gpu_foreign_max = max(self.gpu_foreign_max or 0, len(g.foreign))
+            self.gpu_foreign_pids |= g.foreign
 
     def add(self, snap: _Snapshot) -> None:
         self.n += 1
@@ -609,7 +627,7 @@ class _Window:
             foreign_cpu_cores_mean=mean,
             foreign_cpu_cores_max=max(peaks) if peaks else mean,
             own_cpu_cores_mean=own_s / wall_s if wall_s > 0 else 0.0,
-            cpu_freq_mhz_mean=sum(self.freqs) / len(self.freqs) if self.freqs else None,
+            cpu_freq_mhz_mean=self.freq_sum_mhz / self.freq_n if self.freq_n else None,
             load_avg_1m=load_avg_1m,
             n_samples=self.n,
             source=source,
@@ -621,16 +639,13 @@ class _Window:
     def _gpu_fields(self, requested: bool, error: str | None) -> dict[str, Any]:
         if not requested:
             return {}
-        listed = [g.pids for g in self.gpu if g.pids is not None]
-        comparable = [g.foreign for g in self.gpu if g.foreign is not None]
-        temps = [g.temperature_c for g in self.gpu if g.temperature_c is not None]
         return {
-            "gpu_foreign_processes_max": max(len(f) for f in comparable) if comparable else None,
-            "gpu_foreign_pids": sorted(set().union(*comparable)) if comparable else [],
-            "gpu_throttle_reasons": sorted(set().union(*(g.reasons for g in self.gpu))),
-            "gpu_temperature_c_max": max(temps) if temps else None,
-            "gpu_processes_max": max(len(p) for p in listed) if listed else None,
-            "gpu_pids_comparable": len(comparable) == len(listed) if listed else None,
+            "gpu_foreign_processes_max": self.gpu_foreign_max,
+            "gpu_foreign_pids": sorted(self.gpu_foreign_pids),
+            "gpu_throttle_reasons": sorted(self.gpu_reasons),
+            "gpu_temperature_c_max": self.gpu_temp_max_c,
+            "gpu_processes_max": self.gpu_processes_max,
+            "gpu_pids_comparable": self.gpu_comparable_n == self.gpu_listed_n if self.gpu_listed_n else None,
             "gpu_error": error,
         }
 
