@@ -392,6 +392,32 @@ def test_from_dict_requires_the_contract_fields():
         InterferenceReading.from_dict([1, 2])
 
 
+def test_combine_weights_means_by_wall_time():
+    a = _reading(wall_s=1.0, foreign_cpu_cores_mean=1.0, foreign_cpu_cores_max=1.5, own_cpu_cores_mean=0.5,
+                 cpu_freq_mhz_mean=2000.0, load_avg_1m=3.0, n_samples=5, steal_cpu_cores_mean=0.1, cpu_count=2,
+                 gpu_foreign_processes_max=1, gpu_foreign_pids=[7], gpu_throttle_reasons=["sw_power_cap"],
+                 gpu_temperature_c_max=70.0, gpu_processes_max=2, gpu_pids_comparable=True)
+    b = _reading(wall_s=3.0, foreign_cpu_cores_mean=0.2, foreign_cpu_cores_max=0.4, own_cpu_cores_mean=1.0,
+                 cpu_freq_mhz_mean=None, load_avg_1m=1.0, n_samples=13, steal_cpu_cores_mean=0.0, cpu_count=2,
+                 gpu_foreign_processes_max=0, gpu_foreign_pids=[], gpu_throttle_reasons=["hw_slowdown"],
+                 gpu_temperature_c_max=75.0, gpu_processes_max=1, gpu_pids_comparable=True,
+                 gpu_error="nvmlDeviceGetTemperature failed (GPU is lost)")
+    c = InterferenceReading.combine([a, b])
+    assert c.wall_s == 4.0
+    assert c.foreign_cpu_cores_mean == pytest.approx((1.0 * 1 + 0.2 * 3) / 4)  # 0.4, not the plain mean 0.6
+    assert c.own_cpu_cores_mean == pytest.approx((0.5 + 3.0) / 4)
+    assert c.foreign_cpu_cores_max == 1.5 and c.cpu_freq_mhz_mean == 2000.0 and c.load_avg_1m == 1.0
+    assert c.steal_cpu_cores_mean == pytest.approx(0.1 / 4) and c.n_samples == 18 and c.cpu_count == 2
+    assert (c.gpu_foreign_processes_max, c.gpu_foreign_pids, c.gpu_temperature_c_max) == (1, [7], 75.0)
+    assert c.gpu_throttle_reasons == ["hw_slowdown", "sw_power_cap"] and c.gpu_processes_max == 2
+    assert c.gpu_pids_comparable is True and "GPU is lost" in c.gpu_error
+    assert InterferenceReading.combine([_reading()]) == _reading()
+    with pytest.raises(ValueError):
+        InterferenceReading.combine([])
+    with pytest.raises(ValueError):
+        InterferenceReading.combine([_reading(), _reading(source="psutil")])
+
+
 def test_is_material():
     assert not _reading(foreign_cpu_cores_mean=0.249, foreign_cpu_cores_max=1.9).is_material()
     assert _reading(foreign_cpu_cores_mean=0.25).is_material()

@@ -40,7 +40,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Collection, Mapping
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import psutil
 
@@ -146,6 +146,57 @@ class InterferenceReading:
         d["gpu_foreign_pids"] = list(self.gpu_foreign_pids)
         d["gpu_throttle_reasons"] = list(self.gpu_throttle_reasons)
         return d
+
+    @classmethod
+    def combine(cls, readings: Sequence[InterferenceReading]) -> InterferenceReading:
+        """One reading for several windows (e.g. one arm's epochs, interleaved with the other arm's).
+
+        Means are weighted by wall time, maxima are maxima, PIDs and reasons are unions, counts add up;
+        ``load_avg_1m`` is the last window's (it is read at the end). Readings without a figure (None)
+        are left out of that figure.
+
+        Raises:
+            ValueError: no readings, or readings from different sources.
+        """
+        if not readings:
+            raise ValueError("no interference readings to combine")
+        sources = {r.source for r in readings}
+        if len(sources) > 1:
+            raise ValueError(f"cannot combine interference readings from different sources {sorted(sources)}")
+        wall_s = sum(r.wall_s for r in readings)
+
+        def mean(values: list[tuple[float | None, float]]) -> float | None:
+            known = [(v, w) for v, w in values if v is not None]
+            weight = sum(w for _, w in known)
+            if not known:
+                return None
+            return sum(v * w for v, w in known) / weight if weight > 0 else sum(v for v, _ in known) / len(known)
+
+        def most(values: list[Any]) -> Any:
+            known = [v for v in values if v is not None]
+            return max(known) if known else None
+
+        comparable = [r.gpu_pids_comparable for r in readings if r.gpu_pids_comparable is not None]
+        errors = list(dict.fromkeys(r.gpu_error for r in readings if r.gpu_error))
+        return cls(
+            wall_s=wall_s,
+            foreign_cpu_cores_mean=mean([(r.foreign_cpu_cores_mean, r.wall_s) for r in readings]) or 0.0,
+            foreign_cpu_cores_max=max(r.foreign_cpu_cores_max for r in readings),
+            own_cpu_cores_mean=mean([(r.own_cpu_cores_mean, r.wall_s) for r in readings]) or 0.0,
+            cpu_freq_mhz_mean=mean([(r.cpu_freq_mhz_mean, r.wall_s) for r in readings]),
+            load_avg_1m=readings[-1].load_avg_1m,
+            n_samples=sum(r.n_samples for r in readings),
+            source=readings[0].source,
+            gpu_foreign_processes_max=most([r.gpu_foreign_processes_max for r in readings]),
+            gpu_foreign_pids=sorted(set().union(*(r.gpu_foreign_pids for r in readings))),
+            gpu_throttle_reasons=sorted(set().union(*(r.gpu_throttle_reasons for r in readings))),
+            gpu_temperature_c_max=most([r.gpu_temperature_c_max for r in readings]),
+            steal_cpu_cores_mean=mean([(r.steal_cpu_cores_mean, r.wall_s) for r in readings]),
+            cpu_count=most([r.cpu_count for r in readings]),
+            gpu_processes_max=most([r.gpu_processes_max for r in readings]),
+            gpu_pids_comparable=all(comparable) if comparable else None,
+            gpu_error="; ".join(errors) if errors else None,
+        )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> InterferenceReading:
