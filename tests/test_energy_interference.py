@@ -428,6 +428,15 @@ def test_is_material():
                         gpu_throttle_reasons=["sw_power_cap"]).is_material()
 
 
+def test_differs_from():
+    quiet, busy = _reading(foreign_cpu_cores_mean=0.05), _reading(foreign_cpu_cores_mean=0.35)
+    assert busy.differs_from(quiet) and quiet.differs_from(busy)
+    assert not _reading(foreign_cpu_cores_mean=0.25).differs_from(quiet)  # 0.20 apart
+    assert not busy.differs_from(quiet, threshold_cores=0.5)
+    assert _reading(gpu_foreign_processes_max=1).differs_from(_reading(gpu_foreign_processes_max=0))
+    assert not _reading(gpu_foreign_processes_max=2).differs_from(_reading(gpu_foreign_processes_max=1))
+
+
 def test_decode_throttle_reasons():
     assert decode_throttle_reasons(0) == []
     assert decode_throttle_reasons(0x4 | 0x40 | 0x1000) == ["sw_power_cap", "hw_thermal_slowdown", "unknown_0x1000"]
