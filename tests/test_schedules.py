@@ -318,3 +318,12 @@ def test_schedules_import_without_torch() -> None:
     code = ("import sys, ssprop_energy.sparse.schedules, ssprop_energy.experiment.config; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_every_lazy_sparse_name_resolves() -> None:
+    import ssprop_energy.sparse as sparse_pkg
+
+    for name in sparse_pkg.__all__:
+        assert getattr(sparse_pkg, name) is not None, name
+    with pytest.raises(AttributeError):
+        sparse_pkg.no_such_thing  # noqa: B018
