@@ -22,7 +22,9 @@ warm-up, then interleave, then the mode.
 - interleave (by epoch only): from the end of the warm-up, epochs alternate dense, sparse, dense, ... The public
   code flips a toggle on each call after warm-up, so the first epoch after warm-up is dense: epoch ``e`` is
   dense when ``(e - W)`` is even (after an odd warm-up this is *not* the parity of ``e``). A sparse epoch
-  takes the mode's value at its absolute epoch.
+  takes the mode's value at its absolute epoch. (The public code's ``--resume`` re-seeds the toggle from the
+  absolute parity of the checkpoint epoch, so after an odd warm-up its resumed run departs from its own
+  uninterrupted one; this closed form is the uninterrupted run, which a resume here reproduces.)
 - modes by epoch (the ramps use the absolute epoch ``e``, ignoring the warm-up):
     - ``constant``: ``D``;
     - ``linear``:   ``min(D, S + (D - S) * e / (E - 1))`` (reaches ``D`` on the last epoch; if ``D < S`` the
