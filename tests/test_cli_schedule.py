@@ -62,10 +62,10 @@ def test_halves_is_the_public_codes_bar_mode(capsys: pytest.CaptureFixture[str])
     ("args", "needle"),
     [
         (["--epochs", "3", "--schedule-by", "iteration"], "--iterations-per-epoch"),
-        (["--epochs", "3", "--schedule", "bar", "--no-interleave"], "use the constant schedule"),
+        (["--epochs", "3", "--schedule", "bar", "--no-schedule-interleave"], "use the constant schedule"),
         (["--epochs", "3", "--schedule", "constant", "--start-drop-rate", "0.1"], "start drop rate"),
         (["--epochs", "1", "--schedule", "linear"], "at least 2 epochs"),
-        (["--epochs", "3", "--schedule", "linear", "--interleave", "--schedule-by", "iteration",
+        (["--epochs", "3", "--schedule", "linear", "--schedule-interleave", "--schedule-by", "iteration",
           "--iterations-per-epoch", "2"], "interleave"),
         (["--epochs", "3", "--drop-rate", "1"], "drop rate"),
         (["--epochs", "3", "--schedule", "zigzag"], "zigzag"),
@@ -114,7 +114,7 @@ def test_paper_preset_sets_the_public_training_settings() -> None:
     assert cfg.optimizer == "sgd"
     cfg = _compare_config("--preset", "paper")
     assert (cfg.optimizer, cfg.weight_decay, cfg.lr_schedule, cfg.batch_size) == ("adam", 0.0, "none", 128)
-    assert (cfg.schedules, cfg.drop_rates, cfg.interleave, cfg.warmup_epochs, cfg.schedule_by) == (
+    assert (cfg.schedules, cfg.drop_rates, cfg.schedule_interleave, cfg.warmup_epochs, cfg.schedule_by) == (
         ["bar"], [0.8], None, 0, "epoch")
     assert cfg.preset == "paper"
     headline = cfg.drop_schedule("bar", 0.8)
@@ -125,8 +125,8 @@ def test_paper_preset_sets_the_public_training_settings() -> None:
 
 def test_explicit_flags_override_the_preset() -> None:
     cfg = _compare_config("--preset", "paper", "--batch-size", "32", "--schedule", "linear", "--drop-rate", "0.6",
-                          "--weight-decay", "0.01", "--interleave")
-    assert (cfg.batch_size, cfg.schedules, cfg.drop_rates, cfg.weight_decay, cfg.interleave) == (
+                          "--weight-decay", "0.01", "--schedule-interleave")
+    assert (cfg.batch_size, cfg.schedules, cfg.drop_rates, cfg.weight_decay, cfg.schedule_interleave) == (
         32, ["linear"], [0.6], 0.01, True)
     assert cfg.lr_schedule == "none" and cfg.preset == "paper"
     plain = _compare_config()
@@ -136,7 +136,7 @@ def test_explicit_flags_override_the_preset() -> None:
 def test_compare_runs_an_official_configuration(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # public code: drop_mode='linear', percentage=0.8, min_percentage=0.2, total_epoch=4, interleave=True,
     # warmup=1, by_epoch=True -> e0 warm-up, e1 dense (toggle), e2 keep max(0.2, 0.8 - 0.6 * 2 / 3) = 0.4, e3 dense
-    flags = ["--schedule", "linear", "--start-drop-rate", "0.2", "--drop-rate", "0.8", "--interleave",
+    flags = ["--schedule", "linear", "--start-drop-rate", "0.2", "--drop-rate", "0.8", "--schedule-interleave",
              "--warmup-epochs", "1", "--epochs", "4"]
     out = tmp_path / "run"
     assert main(["compare", "--model", "cnn", "--dataset", "synthetic:1x8x8:4:64", "--batch-size", "32",
@@ -145,7 +145,7 @@ def test_compare_runs_an_official_configuration(tmp_path: Path, capsys: pytest.C
     summary = json.loads((out / "summary.json").read_text())
     ran = [e["drop_rate"] for e in summary["arms"]["ssprop"]["epochs"]]
     assert ran == pytest.approx([0.0, 0.0, 0.6, 0.0], abs=1e-12)
-    assert summary["config"]["interleave"] is True and summary["config"]["start_drop_rate"] == 0.2
+    assert summary["config"]["schedule_interleave"] is True and summary["config"]["start_drop_rate"] == 0.2
     # `schedule` with the same flags prints what the run applied
     printed = _json(capsys, *flags)
     assert [r["drop_rate"] for r in printed["rates"]] == pytest.approx(ran, abs=1e-12)

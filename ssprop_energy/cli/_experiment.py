@@ -44,7 +44,7 @@ def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> 
     p.add_argument("--period", type=int, help="period T in iterations for --schedule-by iteration (default 10; public code: T)")
     p.add_argument("--start-drop-rate", type=float,
                    help="drop rate where linear / cosine / halves start (default 0 = dense; public code: 1 - percentage)")
-    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--schedule-interleave", action=argparse.BooleanOptionalAction, default=None,
                    help="alternate dense and sparse epochs after the warm-up, dense first, for any schedule "
                    "(default: on for bar, off otherwise; by epoch only)")
     p.add_argument("--preset", choices=PRESETS,
@@ -80,7 +80,7 @@ def config_from_args(args: argparse.Namespace, kind: str, **lists: Any) -> Exper
     if getattr(args, "preset", None) is not None:
         cfg.apply_preset(args.preset)
     scalar = ("model", "dataset", "data_dir", "image_size", "selection", "layers", "warmup_epochs", "schedule_by", "period",
-              "start_drop_rate", "interleave",
+              "start_drop_rate", "schedule_interleave",
               "epochs", "batch_size", "lr", "optimizer", "weight_decay", "lr_schedule", "repeats", "device", "amp",
               "meter", "sample_period_s", "idle_s", "carbon_intensity", "country", "pue", "eval_noise", "project",
               "out")

@@ -29,7 +29,7 @@ def add_schedule_flags(p: argparse.ArgumentParser) -> None:
                    "public code: 1 - min_percentage, or 1 - percentage for constant)")
     p.add_argument("--start-drop-rate", type=float, default=0.0,
                    help="where linear / cosine / halves start (default 0 = dense; public code: 1 - percentage)")
-    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--schedule-interleave", action=argparse.BooleanOptionalAction, default=None,
                    help="alternate dense and sparse epochs after the warm-up, dense first (default: on for bar only)")
     p.add_argument("--warmup-epochs", type=int, default=0, help="dense warm-up epochs (default 0)")
     p.add_argument("--schedule-by", choices=BY, default="epoch", help="schedule granularity (default epoch)")
@@ -55,7 +55,7 @@ def build(args: argparse.Namespace) -> DropSchedule:
     """The schedule the flags describe (the same call ``compare`` makes for its ssProp arm)."""
     return DropSchedule.from_name(
         args.schedule, drop_rate=args.drop_rate, total_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-        by=args.schedule_by, period=args.period, start_drop_rate=args.start_drop_rate, interleave=args.interleave,
+        by=args.schedule_by, period=args.period, start_drop_rate=args.start_drop_rate, interleave=args.schedule_interleave,
     )
 
 

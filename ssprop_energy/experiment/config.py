@@ -56,7 +56,7 @@ class ExperimentConfig:
     schedule_by: str = "epoch"
     period: int = 10
     start_drop_rate: float = 0.0  # where linear / cosine / halves start (public code: 1 - percentage)
-    interleave: bool | None = None  # None: the schedule name's default (on for bar)
+    schedule_interleave: bool | None = None  # None: the schedule name's default (on for bar)
     preset: str | None = None  # recorded only; its values are already in the fields above
     epochs: int = DEFAULT_EPOCHS
     batch_size: int = DEFAULT_BATCH_SIZE
@@ -102,8 +102,8 @@ class ExperimentConfig:
             raise ConfigError("--layers needs at least one layer kind")
         if self.schedule_by not in BY:
             raise ConfigError(f"unknown --schedule-by {self.schedule_by!r}; choose from {', '.join(BY)}")
-        if self.interleave not in (None, True, False):
-            raise ConfigError(f"interleave must be true, false or null (the schedule's default), got {self.interleave!r}")
+        if self.schedule_interleave not in (None, True, False):
+            raise ConfigError(f"schedule interleave must be true, false or null (the schedule's default), got {self.schedule_interleave!r}")
         if self.preset is not None and self.preset not in PRESETS:
             raise ConfigError(f"unknown --preset {self.preset!r}; choose from {', '.join(PRESETS)}")
         if self.meter not in METERS:
@@ -144,7 +144,7 @@ class ExperimentConfig:
         """The schedule of an ssProp arm with short name ``name`` and drop rate ``drop_rate``."""
         return DropSchedule.from_name(
             name, drop_rate=drop_rate, total_epochs=self.epochs, warmup_epochs=self.warmup_epochs,
-            by=self.schedule_by, period=self.period, start_drop_rate=self.start_drop_rate, interleave=self.interleave,
+            by=self.schedule_by, period=self.period, start_drop_rate=self.start_drop_rate, interleave=self.schedule_interleave,
         )
 
     def arms(self) -> list[ArmSpec]:
@@ -179,7 +179,7 @@ class ExperimentConfig:
         # run here works already. Model, data, lr, epochs and seed stay the user's.
         values: dict[str, Any] = {
             "optimizer": "adam", "weight_decay": 0.0, "lr_schedule": "none", "batch_size": 128,
-            "schedules": ["bar"], "drop_rates": [0.8], "start_drop_rate": 0.0, "interleave": None,
+            "schedules": ["bar"], "drop_rates": [0.8], "start_drop_rate": 0.0, "schedule_interleave": None,
             "warmup_epochs": 0, "schedule_by": "epoch", "selection": "topk", "layers": ["conv"],
             "amp": False, "dropouts": [0.0],
         }
