@@ -4,10 +4,11 @@ A paired dense-vs-sparse comparison assumes both arms saw the same machine. This
 number of (possibly overlapping) windows, what else the machine was doing:
 
 - **Foreign CPU load**, in busy cores: ``(machine busy CPU seconds - this process tree's CPU seconds) / wall``,
-  clamped at 0. Machine busy time is the aggregate ``cpu`` line of ``/proc/stat``: user + nice + system +
-  irq + softirq + steal (guest time is already inside user/nice; idle and iowait are not work). Steal is
-  kept in: it is time another virtual machine took from ours, i.e. interference; it is also reported on
-  its own (``steal_cpu_cores_mean``). The tree is this process and all its descendants; each member's
+  clamped at 0. Machine busy time is read from ``/proc/stat`` for the CPUs this process may run on (its
+  affinity, e.g. a cgroup cpuset; the aggregate ``cpu`` line when that is all of them): user + nice +
+  system + irq + softirq + steal (guest time is already inside user/nice; idle and iowait are not work).
+  Steal is kept in: it is time another virtual machine took from ours, i.e. interference; it is also
+  reported on its own (``steal_cpu_cores_mean``). The tree is this process and all its descendants; each member's
   ``utime + stime + cutime + cstime`` from ``/proc/<pid>/stat``, so children reaped inside the tree (this
   process's included, the ``RUSAGE_CHILDREN`` figure of ``os.times``) stay counted. Descendants are found
   through ``/proc/<pid>/task/<tid>/children`` (a few reads per tree member, instead of psutil's scan of
@@ -39,7 +40,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import psutil
 
@@ -108,7 +109,7 @@ class InterferenceReading:
         gpu_throttle_reasons: every clock event reason seen, sorted (``sw_power_cap``, ``hw_slowdown``, ...).
         gpu_temperature_c_max: hottest GPU reading, degrees C; None on CPU.
         steal_cpu_cores_mean: the part of the foreign load that the hypervisor stole, mean cores.
-        cpu_count: logical CPUs of the machine.
+        cpu_count: logical CPUs counted: those this process may run on (its affinity) by default.
         gpu_processes_max: most processes seen at once on the GPU, this tree's included; None on CPU.
         gpu_pids_comparable: whether NVML's PIDs could be matched with this tree's (False in a container
             whose driver reports host PIDs); None on CPU.
@@ -139,12 +140,69 @@ class InterferenceReading:
         a power cap under full load is normal and hits both arms alike."""
         return self.foreign_cpu_cores_mean >= threshold_cores or (self.gpu_foreign_processes_max or 0) > 0
 
+    def differs_from(self, other: InterferenceReading, threshold_cores: float = DEFAULT_THRESHOLD_CORES) -> bool:
+        """True when two windows (e.g. the two arms) saw materially different machines: their mean foreign
+        CPU loads differ by at least ``threshold_cores``, or only one of them had another process on the GPU."""
+        gpu_a, gpu_b = (self.gpu_foreign_processes_max or 0) > 0, (other.gpu_foreign_processes_max or 0) > 0
+        return abs(self.foreign_cpu_cores_mean - other.foreign_cpu_cores_mean) >= threshold_cores or gpu_a != gpu_b
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with the unit-named fields above."""
         d = asdict(self)
         d["gpu_foreign_pids"] = list(self.gpu_foreign_pids)
         d["gpu_throttle_reasons"] = list(self.gpu_throttle_reasons)
         return d
+
+    @classmethod
+    def combine(cls, readings: Sequence[InterferenceReading]) -> InterferenceReading:
+        """One reading for several windows (e.g. one arm's epochs, interleaved with the other arm's).
+
+        Means are weighted by wall time, maxima are maxima, PIDs and reasons are unions, counts add up;
+        ``load_avg_1m`` is the last window's (it is read at the end). Readings without a figure (None)
+        are left out of that figure.
+
+        Raises:
+            ValueError: no readings, or readings from different sources.
+        """
+        if not readings:
+            raise ValueError("no interference readings to combine")
+        sources = {r.source for r in readings}
+        if len(sources) > 1:
+            raise ValueError(f"cannot combine interference readings from different sources {sorted(sources)}")
+        wall_s = sum(r.wall_s for r in readings)
+
+        def mean(values: list[tuple[float | None, float]]) -> float | None:
+            known = [(v, w) for v, w in values if v is not None]
+            weight = sum(w for _, w in known)
+            if not known:
+                return None
+            return sum(v * w for v, w in known) / weight if weight > 0 else sum(v for v, _ in known) / len(known)
+
+        def most(values: list[Any]) -> Any:
+            known = [v for v in values if v is not None]
+            return max(known) if known else None
+
+        comparable = [r.gpu_pids_comparable for r in readings if r.gpu_pids_comparable is not None]
+        errors = list(dict.fromkeys(r.gpu_error for r in readings if r.gpu_error))
+        return cls(
+            wall_s=wall_s,
+            foreign_cpu_cores_mean=mean([(r.foreign_cpu_cores_mean, r.wall_s) for r in readings]) or 0.0,
+            foreign_cpu_cores_max=max(r.foreign_cpu_cores_max for r in readings),
+            own_cpu_cores_mean=mean([(r.own_cpu_cores_mean, r.wall_s) for r in readings]) or 0.0,
+            cpu_freq_mhz_mean=mean([(r.cpu_freq_mhz_mean, r.wall_s) for r in readings]),
+            load_avg_1m=readings[-1].load_avg_1m,
+            n_samples=sum(r.n_samples for r in readings),
+            source=readings[0].source,
+            gpu_foreign_processes_max=most([r.gpu_foreign_processes_max for r in readings]),
+            gpu_foreign_pids=sorted(set().union(*(r.gpu_foreign_pids for r in readings))),
+            gpu_throttle_reasons=sorted(set().union(*(r.gpu_throttle_reasons for r in readings))),
+            gpu_temperature_c_max=most([r.gpu_temperature_c_max for r in readings]),
+            steal_cpu_cores_mean=mean([(r.steal_cpu_cores_mean, r.wall_s) for r in readings]),
+            cpu_count=most([r.cpu_count for r in readings]),
+            gpu_processes_max=most([r.gpu_processes_max for r in readings]),
+            gpu_pids_comparable=all(comparable) if comparable else None,
+            gpu_error="; ".join(errors) if errors else None,
+        )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> InterferenceReading:
@@ -222,38 +280,55 @@ class _Snapshot:
 
 @dataclass(frozen=True)
 class _GpuSample:
-    pids: frozenset[int]
-    foreign: frozenset[int] | None  # None: NVML's PIDs not comparable with ours at this sample
+    pids: frozenset[int] | None  # None: the processes could not be listed at this read
+    foreign: frozenset[int] | None  # None: not listed, or NVML's PIDs not comparable with ours
     reasons: frozenset[str]
     temperature_c: float | None
 
 
 class _ProcfsReader:
-    """Machine and process-tree CPU times from a procfs tree (``/proc`` or a fake one in tests)."""
+    """Machine and process-tree CPU times from a procfs tree (``/proc`` or a fake one in tests).
+
+    ``cpus``: the CPUs whose busy time counts (per-CPU lines of ``stat``); None for all (the aggregate line).
+    """
 
     source = "procfs"
 
-    def __init__(self, proc_root: Path, root_pid: int) -> None:
+    def __init__(self, proc_root: Path, root_pid: int, cpus: frozenset[int] | None) -> None:
         self.proc = proc_root
         self.root_pid = root_pid
         self.tick_s = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
+        self.cpus = cpus
         self.cpu_count = self.machine()[2]  # raises OSError/ValueError when unusable
+        self._tree_reader: _PsutilReader | None = None
+        if not (proc_root / str(root_pid) / "task" / str(root_pid) / "children").exists():
+            # A kernel without CONFIG_PROC_CHILDREN: find descendants through psutil instead.
+            logger.info("interference monitor: no /proc/<pid>/task/<tid>/children; listing descendants with psutil")
+            self._tree_reader = _PsutilReader(root_pid, None)
 
     def machine(self) -> tuple[float, float, int]:
-        """(busy seconds, steal seconds, logical CPUs) from ``stat``."""
+        """(busy seconds, steal seconds, CPUs counted) from ``stat``."""
         text = (self.proc / "stat").read_text()
-        busy = steal = None
+        busy = steal = 0
         count = 0
+        found = False
         for line in text.splitlines():
-            if line.startswith("cpu "):
-                ticks = [int(v) for v in line.split()[1:]]
-                ticks += [0] * (10 - len(ticks))
-                busy = sum(ticks[i] for i in _BUSY_FIELDS)
-                steal = ticks[_STEAL_FIELD]
-            elif line.startswith("cpu"):
-                count += 1
-        if busy is None or steal is None:
-            raise ValueError(f"no aggregate cpu line in {self.proc / 'stat'}")
+            if not line.startswith("cpu"):
+                continue
+            name, *values = line.split()
+            if self.cpus is None and name != "cpu":
+                continue
+            if self.cpus is not None and (name == "cpu" or int(name[3:]) not in self.cpus):
+                continue
+            ticks = [int(v) for v in values] + [0] * (10 - len(values))
+            busy += sum(ticks[i] for i in _BUSY_FIELDS)
+            steal += ticks[_STEAL_FIELD]
+            count += 1
+            found = True
+        if not found:
+            raise ValueError(f"no usable cpu line in {self.proc / 'stat'}")
+        if self.cpus is None:
+            count = sum(1 for line in text.splitlines() if line.startswith("cpu") and not line.startswith("cpu "))
         return busy * self.tick_s, steal * self.tick_s, max(count, 1)
 
     def _stat(self, pid: int) -> tuple[float, float] | None:
@@ -285,6 +360,8 @@ class _ProcfsReader:
     def tree(self) -> dict[tuple[int, float], float]:
         """CPU seconds per member of the tree rooted at ``root_pid`` (keyed by PID and start time, so a
         reused PID is a different process)."""
+        if self._tree_reader is not None:
+            return self._tree_reader.tree()
         out: dict[tuple[int, float], float] = {}
         stack = [self.root_pid]
         seen: set[int] = set()
@@ -301,6 +378,8 @@ class _ProcfsReader:
         return out
 
     def alive(self, key: tuple[int, float]) -> bool:
+        if self._tree_reader is not None:
+            return self._tree_reader.alive(key)
         st = self._stat(key[0])
         return st is not None and st[0] == key[1]
 
@@ -316,14 +395,19 @@ class _PsutilReader:
 
     source = "psutil"
 
-    def __init__(self, root_pid: int) -> None:
+    def __init__(self, root_pid: int, cpus: frozenset[int] | None) -> None:
         self.root_pid = root_pid
-        self.cpu_count = psutil.cpu_count() or 1
+        self.cpus = cpus
+        self.cpu_count = len(cpus) if cpus is not None else psutil.cpu_count() or 1
 
     def machine(self) -> tuple[float, float, int]:
-        t = psutil.cpu_times()
         names = ("user", "nice", "system", "irq", "softirq", "steal")
-        return float(sum(getattr(t, n, 0.0) for n in names)), float(getattr(t, "steal", 0.0)), self.cpu_count
+        if self.cpus is None:
+            per = [psutil.cpu_times()]
+        else:
+            per = [t for i, t in enumerate(psutil.cpu_times(percpu=True)) if i in self.cpus]
+        busy = sum(getattr(t, n, 0.0) for t in per for n in names)
+        return float(busy), float(sum(getattr(t, "steal", 0.0) for t in per)), self.cpu_count
 
     def tree(self) -> dict[tuple[int, float], float]:
         out: dict[tuple[int, float], float] = {}
@@ -355,12 +439,27 @@ class _PsutilReader:
             return None
 
 
-def _cpu_freq_files(sys_root: Path) -> list[Path]:
+def _cpu_set(cpus: Collection[int] | None | str, pid: int) -> frozenset[int] | None:
+    """The CPUs to count, or None for all of them (then the aggregate ``cpu`` line is read)."""
+    if cpus == "affinity":
+        try:
+            allowed = frozenset(os.sched_getaffinity(pid))
+        except (AttributeError, OSError):  # not Linux
+            return None
+        total = os.cpu_count()
+        return None if total is None or len(allowed) >= total else allowed
+    if isinstance(cpus, str):
+        raise ValueError(f"cpus must be 'affinity', None or a collection of CPU numbers, got {cpus!r}")
+    return None if cpus is None else frozenset(int(c) for c in cpus)
+
+
+def _cpu_freq_files(sys_root: Path, cpus: frozenset[int] | None) -> list[Path]:
     base = sys_root / "devices" / "system" / "cpu"
     try:
-        return sorted(base.glob("cpu[0-9]*/cpufreq/scaling_cur_freq"))
+        files = sorted(base.glob("cpu[0-9]*/cpufreq/scaling_cur_freq"))
     except OSError:
         return []
+    return [f for f in files if cpus is None or int(f.parent.parent.name[3:]) in cpus]
 
 
 def _read_freq_mhz(files: list[Path]) -> float | None:
@@ -469,7 +568,7 @@ class _Gpu:
             if self._ns_init is not False or pids & tree_pids:
                 foreign = frozenset(pids - tree_pids)
         return _GpuSample(
-            pids=frozenset(pids) if listed else frozenset(),
+            pids=frozenset(pids) if listed else None,
             foreign=foreign,
             reasons=frozenset(decode_throttle_reasons(int(mask))) if mask is not None else frozenset(),
             temperature_c=float(temp) if temp is not None else None,
@@ -521,21 +620,41 @@ class _Window:
         self.closed_max: float | None = None  # max over closed intervals before the last one
         self.last_closed: float | None = None
         self.n = 1
-        self.freqs: list[float] = []
-        self.gpu: list[_GpuSample] = []
+        self.freq_sum_mhz, self.freq_n = 0.0, 0
+        # GPU aggregates (kept as running values: a window may stay open for hours)
+        self.gpu_listed_n = self.gpu_comparable_n = 0
+        self.gpu_processes_max: int | None = None
+        self.gpu_foreign_max: int | None = None
+        self.gpu_foreign_pids: set[int] = set()
+        self.gpu_reasons: set[str] = set()
+        self.gpu_temp_max_c: float | None = None
         self._add_extras(first)
 
     def _foreign_cores(self, a: _Snapshot, b: _Snapshot) -> float:
+        """Foreign busy cores between two reads, clamped to [0, CPUs] (tick truncation can step outside)."""
         dt = b.t_s - a.t_s
         if dt <= 0:
             return 0.0
-        return max(0.0, (b.busy_s - a.busy_s) - own_delta_s(self.reader, a.tree, b.tree)) / dt
+        cores = ((b.busy_s - a.busy_s) - own_delta_s(self.reader, a.tree, b.tree)) / dt
+        return min(float(self.reader.cpu_count), max(0.0, cores))
 
     def _add_extras(self, snap: _Snapshot) -> None:
         if snap.freq_mhz is not None:
-            self.freqs.append(snap.freq_mhz)
-        if snap.gpu is not None:
-            self.gpu.append(snap.gpu)
+            self.freq_sum_mhz += snap.freq_mhz
+            self.freq_n += 1
+        g = snap.gpu
+        if g is None:
+            return
+        self.gpu_reasons |= g.reasons
+        if g.temperature_c is not None:
+            self.gpu_temp_max_c = max(self.gpu_temp_max_c or g.temperature_c, g.temperature_c)
+        if g.pids is not None:
+            self.gpu_listed_n += 1
+            self.gpu_processes_max = max(self.gpu_processes_max or 0, len(g.pids))
+        if g.foreign is not None:
+            self.gpu_comparable_n += 1
+            self.gpu_foreign_max = max(self.gpu_foreign_max or 0, len(g.foreign))
+            self.gpu_foreign_pids |= g.foreign
 
     def add(self, snap: _Snapshot) -> None:
         self.n += 1
@@ -565,7 +684,7 @@ class _Window:
             foreign_cpu_cores_mean=mean,
             foreign_cpu_cores_max=max(peaks) if peaks else mean,
             own_cpu_cores_mean=own_s / wall_s if wall_s > 0 else 0.0,
-            cpu_freq_mhz_mean=sum(self.freqs) / len(self.freqs) if self.freqs else None,
+            cpu_freq_mhz_mean=self.freq_sum_mhz / self.freq_n if self.freq_n else None,
             load_avg_1m=load_avg_1m,
             n_samples=self.n,
             source=source,
@@ -577,15 +696,13 @@ class _Window:
     def _gpu_fields(self, requested: bool, error: str | None) -> dict[str, Any]:
         if not requested:
             return {}
-        comparable = [g.foreign for g in self.gpu if g.foreign is not None]
-        temps = [g.temperature_c for g in self.gpu if g.temperature_c is not None]
         return {
-            "gpu_foreign_processes_max": max(len(f) for f in comparable) if comparable else None,
-            "gpu_foreign_pids": sorted(set().union(*comparable)) if comparable else [],
-            "gpu_throttle_reasons": sorted(set().union(*(g.reasons for g in self.gpu))),
-            "gpu_temperature_c_max": max(temps) if temps else None,
-            "gpu_processes_max": max(len(g.pids) for g in self.gpu) if self.gpu else None,
-            "gpu_pids_comparable": (len(comparable) == len(self.gpu)) if self.gpu else None,
+            "gpu_foreign_processes_max": self.gpu_foreign_max,
+            "gpu_foreign_pids": sorted(self.gpu_foreign_pids),
+            "gpu_throttle_reasons": sorted(self.gpu_reasons),
+            "gpu_temperature_c_max": self.gpu_temp_max_c,
+            "gpu_processes_max": self.gpu_processes_max,
+            "gpu_pids_comparable": self.gpu_comparable_n == self.gpu_listed_n if self.gpu_listed_n else None,
             "gpu_error": error,
         }
 
@@ -602,6 +719,9 @@ class InterferenceMonitor:
         proc_root: the procfs to read (tests give a fake tree); psutil is used when it has no ``stat``.
         sys_root: the sysfs to read CPU frequencies from.
         root_pid: the root of "this process tree"; this process by default.
+        cpus: the CPUs whose busy time counts: ``"affinity"`` (default) for the CPUs this process may run on
+            (a job pinned to 8 cores of a 64-core node by a cgroup cpuset is not slowed by work on the other
+            56), None for all, or an explicit collection.
         clock: monotonic clock, seconds.
 
     Usage::
@@ -611,8 +731,9 @@ class InterferenceMonitor:
             ...
             reading = mon.end(tok)
 
-    Windows may overlap and nest. One background read costs a few hundred microseconds (one ``/proc/stat``,
-    a few files per member of the tree), well under 1% of a core at the default period.
+    Windows may overlap and nest. One background read (one ``/proc/stat``, a few files per member of the
+    tree) cost about 0.1 ms of CPU on the development VM: 0.04% of a core at the default period. No read is
+    taken while no window is open.
     """
 
     def __init__(
@@ -623,6 +744,7 @@ class InterferenceMonitor:
         proc_root: str | os.PathLike[str] = "/proc",
         sys_root: str | os.PathLike[str] = "/sys",
         root_pid: int | None = None,
+        cpus: Collection[int] | None | str = "affinity",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not (isinstance(sample_period_s, (int, float)) and math.isfinite(sample_period_s) and sample_period_s > 0):
@@ -632,12 +754,13 @@ class InterferenceMonitor:
         pid = os.getpid() if root_pid is None else root_pid
         proc = Path(proc_root)
         self._reader: _ProcfsReader | _PsutilReader
+        cpu_set = _cpu_set(cpus, pid)
         try:
-            self._reader = _ProcfsReader(proc, pid)
+            self._reader = _ProcfsReader(proc, pid, cpu_set)
         except (OSError, ValueError) as exc:
             logger.info("interference monitor: %s unreadable (%s); using psutil", proc / "stat", exc)
-            self._reader = _PsutilReader(pid)
-        self._freq_files = _cpu_freq_files(Path(sys_root))
+            self._reader = _PsutilReader(pid, cpu_set)
+        self._freq_files = _cpu_freq_files(Path(sys_root), cpu_set)
         self._gpu_requested = gpu_index is not None
         self._gpu = _Gpu(gpu_index, proc) if gpu_index is not None else None
         self._lock = threading.Lock()
@@ -660,22 +783,26 @@ class InterferenceMonitor:
             busy_s, steal_s, _ = self._reader.machine()
         except (OSError, ValueError, psutil.Error) as exc:
             raise MeterError(f"interference monitor: cannot read CPU times ({exc})") from None
+        t_s = self._clock()  # right after the CPU reads; the GPU's may take milliseconds
         gpu = self._gpu.sample({pid for pid, _ in tree}) if self._gpu is not None else None
-        return _Snapshot(self._clock(), busy_s, steal_s, tree, _read_freq_mhz(self._freq_files), gpu)
+        return _Snapshot(t_s, busy_s, steal_s, tree, _read_freq_mhz(self._freq_files), gpu)
 
     def sample(self) -> None:
         """One read, applied to every open window (the background thread calls this)."""
         with self._lock:
             if not self._windows:
-                return
+                return  # nothing to measure: no read, no cost
             try:
                 snap = self._read()
             except MeterError as exc:
                 self.read_errors += 1
                 logger.debug("%s", exc)
                 return
-            for w in self._windows.values():
-                w.add(snap)
+            self._add_to_open(snap)
+
+    def _add_to_open(self, snap: _Snapshot) -> None:
+        for w in self._windows.values():
+            w.add(snap)
 
     def _tick(self) -> None:
         try:
@@ -716,6 +843,7 @@ class InterferenceMonitor:
         """
         with self._lock:
             snap = self._read()
+            self._add_to_open(snap)  # an edge read of one window is a sample of the others
             token = WindowToken(next(self._ids), name)
             self._windows[token.id] = _Window(self._reader, snap, min_interval_s=self.sample_period_s / 2)
         return token
@@ -732,6 +860,7 @@ class InterferenceMonitor:
                 raise KeyError(f"interference window {token} is not open")
             snap = self._read()
             window = self._windows.pop(token.id)
+            self._add_to_open(snap)
             gpu_error = self._gpu.error if self._gpu is not None else None
             return window.finish(snap, self._reader.source, self._reader.cpu_count, self._reader.load_avg_1m(),
                                  gpu_error, self._gpu_requested)

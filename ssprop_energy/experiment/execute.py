@@ -93,10 +93,7 @@ class Executor:
     def schedule(self, arm: ArmSpec) -> DropSchedule | None:
         if not arm.sparse:
             return None
-        return DropSchedule.from_name(
-            arm.schedule, drop_rate=arm.drop_rate, total_epochs=self.cfg.epochs,
-            warmup_epochs=self.cfg.warmup_epochs, by=self.cfg.schedule_by, period=self.cfg.period,
-        )
+        return self.cfg.drop_schedule(arm.schedule, arm.drop_rate)
 
     def _warm_up(self, model: torch.nn.Module, sparse_rates: Sequence[float]) -> None:
         """One forward+backward per configuration on a copy of the model (the model itself is untouched), so

@@ -23,11 +23,14 @@ __all__ = ["LAYER_KINDS", "sparsify", "densify", "set_drop_rate", "ssprop_layers
 
 logger = logging.getLogger(__name__)
 
+from ssprop_energy.sparse.vocab import LAYER_KIND_NAMES  # noqa: E402
+
 # layer kind accepted in ``layers=`` -> (dense type, ssProp type)
 LAYER_KINDS: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
     "conv": (nn.Conv2d, SSPropConv2d),
     "linear": (nn.Linear, SSPropLinear),
 }
+assert tuple(LAYER_KINDS) == LAYER_KIND_NAMES, "sparse/vocab.py names the layer kinds this module maps"
 
 
 def _swap(old: nn.Module, new_type: type[nn.Module]) -> nn.Module:
