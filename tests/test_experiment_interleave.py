@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from ssprop_energy.energy.interference import InterferenceReading
 from ssprop_energy.experiment.config import ExperimentConfig
 from ssprop_energy.experiment.plan import epoch_order, plan_groups
 from ssprop_energy.experiment.runner import Experiment, ExperimentHooks, prepare_run_dir
@@ -120,14 +120,10 @@ def test_single_run_interval_is_in_the_summary_and_matches_the_epochs(tmp_path: 
 # ------------------------------------------------------------------------------------------ interference
 
 
-@dataclass
-class _Reading:
-    foreign_cpu_cores_mean: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"wall_s": 1.0, "foreign_cpu_cores_mean": self.foreign_cpu_cores_mean,
-                "foreign_cpu_cores_max": self.foreign_cpu_cores_mean + 0.5, "own_cpu_cores_mean": 1.0,
-                "cpu_freq_mhz_mean": None}
+def _Reading(foreign_cores: float) -> InterferenceReading:  # noqa: N802 - reads like the class it builds
+    return InterferenceReading(wall_s=1.0, foreign_cpu_cores_mean=foreign_cores,
+                               foreign_cpu_cores_max=foreign_cores + 0.5, own_cpu_cores_mean=1.0,
+                               cpu_freq_mhz_mean=None, load_avg_1m=None, n_samples=4, source="procfs")
 
 
 class _ScriptedMonitor:
@@ -162,7 +158,7 @@ def test_interference_is_stored_per_arm_epoch_and_flagged(tmp_path: Path) -> Non
     assert dense.affected_epochs == ["s0r0e2"] and dense.foreign_cpu_cores_mean == pytest.approx(0.75)
     assert dense.foreign_cpu_cores_max == pytest.approx(2.0)
     # the ssProp arm was quiet, but its epoch 2 saw a different machine than dense's epoch 2: flagged too
-    assert sparse.affected_epochs == ["s0r0e2"]
+    assert sparse.affected_epochs == ["s0r0e2"] and sparse.foreign_cpu_cores_mean == pytest.approx(0.0)
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert on_disk["arms"]["dense"]["interference"]["epochs"][1]["foreign_cpu_cores_mean"] == 1.5
 

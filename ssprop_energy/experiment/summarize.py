@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ssprop_energy.energy.carbon import co2_g
+from ssprop_energy.energy.interference import DEFAULT_THRESHOLD_CORES, InterferenceReading
 from ssprop_energy.experiment.config import ArmSpec
 from ssprop_energy.experiment.stats import epoch_interval, paired_stats
 from ssprop_energy.records import (
@@ -22,7 +23,7 @@ from ssprop_energy.records import (
 PAIRED_METRICS = ("energy_j", "co2_g", "wall_s", "flops_backward", "flops_backward_conv", "flops_total",
                   "test_accuracy")
 INTERVAL_METRICS = ("wall_s", "energy_j")
-MATERIAL_CORES = 0.25  # foreign CPU load (busy cores not ours) from which a time/energy figure is flagged
+MATERIAL_CORES = DEFAULT_THRESHOLD_CORES  # foreign busy cores from which a time/energy figure is flagged
 
 
 def _co2(energy_j: float, carbon: CarbonBlock) -> float:
@@ -115,29 +116,37 @@ def epoch_intervals(base: Sequence[ArmRun], arm: Sequence[ArmRun]) -> dict[str, 
 
 def interference(by_arm: dict[str, Sequence[ArmRun]], baseline: str = "dense",
                  threshold_cores: float = MATERIAL_CORES) -> dict[str, Interference]:
-    """Per arm: the epoch readings, their mean and max, and the epochs where foreign load was material:
-    a mean of ``threshold_cores`` or more, or a difference of that much from the baseline's same epoch."""
-    base_load = {(e["seed"], e["repeat"], e["epoch"]): e.get("foreign_cpu_cores_mean")
-                 for r in by_arm.get(baseline, []) for e in r.interference}
-    out: dict[str, Interference] = {}
+    """Per arm: the epoch readings, their combination and the epochs where the machine was not quiet.
+
+    An epoch window is flagged when it is material (``InterferenceReading.is_material``: mean foreign CPU
+    load of ``threshold_cores`` or more, or another process on the GPU), or when it saw a materially
+    different machine than the other arm's same epoch (``differs_from``): both arms' windows are then
+    flagged, since the pair's ratio is what is off.
+    """
+    readings: dict[str, list[tuple[tuple[int, int, int], InterferenceReading]]] = {}
     for name, runs in by_arm.items():
-        readings = [e for r in runs for e in r.interference]
-        if not readings:
-            continue
-        means = [e["foreign_cpu_cores_mean"] for e in readings if e.get("foreign_cpu_cores_mean") is not None]
-        maxes = [e["foreign_cpu_cores_max"] for e in readings if e.get("foreign_cpu_cores_max") is not None]
-        affected = []
-        for e in readings:
-            load = e.get("foreign_cpu_cores_mean")
-            if load is None:
-                continue
-            other = base_load.get((e["seed"], e["repeat"], e["epoch"]))
-            differs = other is not None and abs(load - other) >= threshold_cores
-            if load >= threshold_cores or differs:
-                affected.append(f"s{e['seed']}r{e['repeat']}e{e['epoch'] + 1}")
+        for r in runs:
+            for e in r.interference:
+                key = (int(e["seed"]), int(e["repeat"]), int(e["epoch"]))
+                readings.setdefault(name, []).append((key, InterferenceReading.from_dict(e)))
+    base = dict(readings.get(baseline, []))
+    flagged: dict[str, set[tuple[int, int, int]]] = {name: set() for name in readings}
+    for name, items in readings.items():
+        for key, reading in items:
+            if reading.is_material(threshold_cores):
+                flagged[name].add(key)
+            other = base.get(key)
+            if name != baseline and other is not None and reading.differs_from(other, threshold_cores):
+                flagged[name].add(key)
+                flagged[baseline].add(key)
+    out: dict[str, Interference] = {}
+    for name, items in readings.items():
+        combined = InterferenceReading.combine([reading for _, reading in items])
         out[name] = Interference(
-            epochs=readings, foreign_cpu_cores_mean=sum(means) / len(means) if means else None,
-            foreign_cpu_cores_max=max(maxes) if maxes else None, affected_epochs=affected,
+            epochs=[e for r in by_arm[name] for e in r.interference],
+            foreign_cpu_cores_mean=combined.foreign_cpu_cores_mean,
+            foreign_cpu_cores_max=combined.foreign_cpu_cores_max,
+            affected_epochs=[f"s{k[0]}r{k[1]}e{k[2] + 1}" for k, _ in items if k in flagged[name]],
             threshold_cores=threshold_cores,
         )
     return out
