@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ssprop_energy.errors import ConfigError, RunInterrupted
-from ssprop_energy.experiment.config import INTERLEAVES, METERS, PRESETS, SCHEDULES, SELECTIONS, ExperimentConfig
+from ssprop_energy.experiment.config import INTERLEAVES, METERS, PRESETS, SELECTIONS, ExperimentConfig
 from ssprop_energy.fmt import fmt_change, fmt_change_pp, fmt_flops
 
 EXIT_INTERRUPTED = 130
