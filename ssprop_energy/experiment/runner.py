@@ -55,7 +55,8 @@ def now_iso() -> str:
 def _default_monitor(device: torch.device) -> Any:
     from ssprop_energy.energy.interference import InterferenceMonitor
 
-    return InterferenceMonitor(sample_period_s=0.25, gpu_index=device.index or 0 if device.type == "cuda" else None)
+    gpu_index = (device.index or 0) if device.type == "cuda" else None
+    return InterferenceMonitor(sample_period_s=0.25, gpu_index=gpu_index)
 
 
 @dataclass
