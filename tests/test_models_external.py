@@ -222,3 +222,33 @@ def test_real_timm_model():
     _import_or_skip("timm")
     model = get_model("timm:resnet18", num_classes=5, in_channels=2, image_size=16)
     assert model.conv1.in_channels == 2 and model.fc.out_features == 5
+
+
+def test_flops_command_takes_a_file_model_and_its_default_layers(tmp_path, capsys):
+    import json
+
+    from ssprop_energy.cli import main
+
+    path = tmp_path / "net.py"
+    path.write_text(FACTORY)
+    assert main(["flops", "--model", f"{path}:build", "--input-shape", "1,8,8", "--num-classes", "3",
+                 "--drop-rate", "0.5", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["ssprop_layers"] == ["conv", "linear"]
+    cov = info["sparsified_layers"]
+    assert cov["kinds"]["conv"]["layers"] == 1 and cov["kinds"]["linear"]["layers"] == 1
+    # Both layers are sparsified, so they hold the whole counted backward of the dense step.
+    assert cov["share"] == pytest.approx(1.0)
+    assert cov["flops_backward"] == pytest.approx(info["dense"]["backward"])
+    # The linear layer's dense backward: grad_input and grad_weight, 2 x (2 x 4*8*8 x 3) FLOPs per sample;
+    # the first conv has no grad_input (the images need none): 2 x (4 x 1 x 9 x 64) for grad_weight.
+    assert cov["kinds"]["linear"]["flops_backward"] == pytest.approx(2 * 2 * 256 * 3)
+    assert cov["kinds"]["conv"]["flops_backward"] == pytest.approx(2 * 4 * 9 * 64)
+
+
+def test_flops_command_warns_when_little_is_sparsified(capsys):
+    from ssprop_energy.cli import main
+
+    assert main(["flops", "--model", "vit", "--input-shape", "3,16,16", "--drop-rate", "0.8", "--layers", "conv"]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: the sparsified layers hold only 0." in out
