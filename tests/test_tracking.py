@@ -21,7 +21,8 @@ PUE = 1.5
 
 def fake_trainer(source: str = "estimated", kind: str = "estimate") -> SimpleNamespace:
     specs = {"cpu": ComponentSpec("cpu", source, "test cpu", counter=False, power=True)}
-    return SimpleNamespace(meter=SimpleNamespace(specs=specs, _sources=[SimpleNamespace(kind=kind)]))
+    describe = lambda: {"sources": [{"kind": kind}]}  # noqa: E731 - EnergyMeter.describe()'s shape
+    return SimpleNamespace(meter=SimpleNamespace(specs=specs, describe=describe))
 
 
 def epoch(i: int, drop: float) -> EpochResult:
@@ -129,3 +130,40 @@ def test_mlflow_file_store_reads_back(tmp_path, monkeypatch):
     drops = client.get_metric_history(sparse.info.run_id, "drop_rate")
     assert sorted((m.step, m.value) for m in drops) == [(0, 0.0), (1, 0.8)]
     assert sparse.data.params == {"arm": "ssprop", "seed": "0", "repeat": "0"}
+
+
+def test_tensorboard_and_load_runs_on_a_real_compare(tmp_path):
+    """The real trainer drives the callbacks (fake meter, synthetic data); the event files and load_runs
+    give back the figures of the run's own records."""
+    pytest.importorskip("tensorboard", reason="the 'tracking' extra (tensorboard) is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import ssprop_energy
+    from ssprop_energy.experiment.config import ExperimentConfig
+    from ssprop_energy.experiment.runner import Experiment, ExperimentHooks, prepare_run_dir
+
+    out = tmp_path / "run"
+    cfg = ExperimentConfig(kind="compare", model="cnn", dataset="synthetic:1x8x8:4:64", epochs=2, batch_size=32,
+                           meter="fake", sample_period_s=0.05, out=str(out), carbon_intensity=INTENSITY)
+    cfg.validate()
+    prepare_run_dir(out)  # before the loggers: it insists on an empty directory
+    [tb] = open_loggers(["tensorboard"], out, carbon_g_per_kwh=INTENSITY)
+    tb.log_config(cfg.to_dict())
+    hooks = ExperimentHooks(callbacks=lambda arm, seed, repeat: [tb.callback(arm.name, seed, repeat)])
+    exp = Experiment(cfg, out, hooks)
+    summary = exp.run()
+    tb.on_run_end(out)
+    tb.close()
+    for name, arm in summary.arms.items():
+        ea = EventAccumulator(str(out / "tensorboard" / name / "s0r0"))
+        ea.Reload()
+        energy = [e.value for e in ea.Scalars("energy_j_fake")]
+        assert energy == [pytest.approx(e.energy_j, rel=1e-6) for e in arm.epochs]
+        drops = [e.value for e in ea.Scalars("drop_rate")]
+        assert drops == [pytest.approx(e.drop_rate) for e in arm.epochs]
+        bwd = [e.value for e in ea.Scalars("flops_backward_counted")]
+        assert bwd == [pytest.approx(e.flops_backward, rel=1e-6) for e in arm.epochs]
+    frame = ssprop_energy.load_runs([out])
+    assert len(frame) == 2
+    assert frame.set_index("arm")["energy_j"].to_dict() == pytest.approx(
+        {n: a.energy_j for n, a in summary.arms.items()})

@@ -45,13 +45,15 @@ def energy_source_of(trainer: Trainer, components: Mapping[str, float]) -> str:
     meter = getattr(trainer, "meter", None)
     if meter is None:
         return "none"
-    if any(getattr(src, "kind", "") == "fake" for src in getattr(meter, "_sources", ())):
+    describe = getattr(meter, "describe", None)
+    sources = describe().get("sources", []) if callable(describe) else []
+    if any(src.get("kind") == "fake" for src in sources):
         return "fake"
     specs = getattr(meter, "specs", {})
-    sources = {specs[c].source for c in components if c in specs}
-    if not sources:
+    labels = {specs[c].source for c in components if c in specs}
+    if not labels:
         return "none"
-    return sources.pop() if len(sources) == 1 else "mixed"
+    return labels.pop() if len(labels) == 1 else "mixed"
 
 
 def epoch_scalars(
