@@ -272,3 +272,20 @@ def test_compare_runs_a_model_from_a_users_file(tmp_path):
     dense, sparse = summary.arms["dense"], summary.arms["ssprop"]
     assert sparse.flops_backward < dense.flops_backward
     assert sparse.flops_forward == pytest.approx(dense.flops_forward)
+
+
+def test_compare_runs_a_torchvision_model_with_a_backward_saving(tmp_path):
+    _import_or_skip("torchvision")
+    from ssprop_energy.experiment.config import ExperimentConfig
+    from ssprop_energy.experiment.runner import Experiment, prepare_run_dir
+
+    out = tmp_path / "run"
+    cfg = ExperimentConfig(kind="compare", model="torchvision:resnet18", dataset="synthetic:3x16x16:4:32",
+                           epochs=1, batch_size=16, meter="fake", sample_period_s=0.05, schedules=["constant"],
+                           drop_rates=[0.8], layers=["conv", "linear"], out=str(out))
+    cfg.validate()
+    prepare_run_dir(out)
+    summary = Experiment(cfg, out).run()
+    dense, sparse = summary.arms["dense"], summary.arms["ssprop"]
+    # Every conv and the head are sparsified at drop 0.8: the backward keeps about a fifth of the channels.
+    assert 0.1 < sparse.flops_backward / dense.flops_backward < 0.35
