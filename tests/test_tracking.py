@@ -107,7 +107,10 @@ def test_mlflow_file_store_reads_back(tmp_path, monkeypatch):
     # MLflow 3 keeps the file store in maintenance mode behind this switch; the test reads the plain files.
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     uri = f"file:{tmp_path / 'mlruns'}"
+    from report_fixtures import compare_run
+
     run_dir = tmp_path / "20260101-resnet18-digits"
+    summary = compare_run(run_dir, repeats=2)
     make_artifacts(run_dir)
     [ml] = open_loggers(["mlflow"], run_dir, mlflow_uri=uri, carbon_g_per_kwh=INTENSITY, pue=PUE)
     drive(ml, fake_trainer("counter", kind="rapl"))
@@ -120,7 +123,11 @@ def test_mlflow_file_store_reads_back(tmp_path, monkeypatch):
     assert parent.data.params["model"] == "resnet18"
     assert json.loads(parent.data.params["drop_rates"]) == [0.8]
     assert parent.data.params["country"] == "none"
-    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["report.html"]
+    assert sorted(a.path for a in client.list_artifacts(parent.info.run_id)) == ["report.html", "summary.json"]
+    for name, arm in summary.arms.items():
+        assert parent.data.tags[f"energy_source.{name}"] == arm.energy_source
+        assert parent.data.metrics[f"{name}.energy_j_{arm.energy_source}"] == pytest.approx(arm.energy_j)
+        assert parent.data.metrics[f"{name}.co2_g_{arm.energy_source}"] == pytest.approx(arm.co2_g)
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == {"dense/s0r0", "ssprop/s0r0"}
     sparse = children["ssprop/s0r0"]
