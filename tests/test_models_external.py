@@ -289,3 +289,12 @@ def test_compare_runs_a_torchvision_model_with_a_backward_saving(tmp_path):
     dense, sparse = summary.arms["dense"], summary.arms["ssprop"]
     # Every conv and the head are sparsified at drop 0.8: the backward keeps about a fifth of the channels.
     assert 0.1 < sparse.flops_backward / dense.flops_backward < 0.35
+
+
+def test_resolve_layers():
+    from ssprop_energy.models import resolve_layers
+
+    both = nn.Sequential(nn.Conv2d(1, 1, 1), nn.Flatten(), nn.Linear(1, 2))
+    assert resolve_layers("mlp", both, None) == ("linear",)
+    assert resolve_layers("mlp", both, ["conv"]) == ("conv",)
+    assert resolve_layers("x.py:f", both, []) == ("conv", "linear")

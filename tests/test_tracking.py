@@ -174,3 +174,18 @@ def test_tensorboard_and_load_runs_on_a_real_compare(tmp_path):
     assert len(frame) == 2
     assert frame.set_index("arm")["energy_j"].to_dict() == pytest.approx(
         {n: a.energy_j for n, a in summary.arms.items()})
+
+
+def test_tracking_arguments_parse_and_open(tmp_path):
+    import argparse
+
+    from ssprop_energy.tracking import add_tracking_arguments, loggers_from_args, parse_targets
+
+    parser = argparse.ArgumentParser()
+    add_tracking_arguments(parser)
+    args = parser.parse_args([])
+    assert loggers_from_args(args, tmp_path) == []
+    assert parse_targets("TensorBoard, mlflow,tensorboard") == ["tensorboard", "mlflow"]
+    with pytest.raises(ConfigError, match="choose from tensorboard, mlflow"):
+        parse_targets("tensorboard,wandb")
+

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from torch import nn
 
@@ -20,7 +20,10 @@ from ssprop_energy.errors import ConfigError
 from ssprop_energy.models import cnn, mlp, resnet, vit
 from ssprop_energy.models.external import build_external, is_external
 
-__all__ = ["ModelInfo", "get_model", "list_models", "count_parameters", "default_layers_for", "layer_kinds_present"]
+__all__ = [
+    "ModelInfo", "get_model", "list_models", "count_parameters", "default_layers_for", "layer_kinds_present",
+    "resolve_layers",
+]
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,14 @@ def default_layers_for(name: str, model: nn.Module | None = None) -> tuple[str, 
     if not kinds:
         raise ConfigError(f"model {name!r} has no nn.Conv2d or nn.Linear layer for ssProp to sparsify")
     return kinds
+
+
+def resolve_layers(name: str, model: nn.Module, layers: Sequence[str] | None) -> tuple[str, ...]:
+    """The layer kinds to sparsify: ``layers`` when given (``--layers`` overrides), else the model's default
+    (:func:`default_layers_for`)."""
+    if layers:
+        return tuple(layers)
+    return default_layers_for(name, model)
 
 
 def get_model(
