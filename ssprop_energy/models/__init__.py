@@ -1,6 +1,8 @@
 """Model registry: ``get_model(name, ...)`` builds any network the harness can train.
 
-Every model takes images ``(B, in_channels, image_size, image_size)`` and returns logits ``(B, num_classes)``.
+Every classification model takes images ``(B, in_channels, image_size, image_size)`` and returns logits
+``(B, num_classes)``; a generation model (``ModelInfo.task == "generation"``, e.g. ``ddpm-unet``) is a noise
+predictor ``model(x, t)`` that returns a tensor of ``x``'s shape and ignores ``num_classes``.
 Layers are plain ``nn.Conv2d`` / ``nn.Linear`` so that ``ssprop_energy.sparse.sparsify`` can swap them for
 their ssProp versions after construction (the factory pattern of timm / torchvision, applied afterwards).
 """
@@ -14,9 +16,12 @@ from typing import Any, Callable
 from torch import nn
 
 from ssprop_energy.errors import ConfigError
-from ssprop_energy.models import cnn, mlp, resnet, vit
+from ssprop_energy.models import cnn, mlp, resnet, unet, vit
 
-__all__ = ["ModelInfo", "get_model", "list_models", "count_parameters"]
+__all__ = ["TASKS", "ModelInfo", "get_model", "model_info", "list_models", "count_parameters"]
+
+# What a model's output is for: logits for a cross-entropy loss, or predicted noise for a diffusion loss.
+TASKS = ("classification", "generation")
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,7 @@ class ModelInfo:
     name: str
     description: str
     default_image_size: int = 32
+    task: str = "classification"
 
 
 _Builder = Callable[..., nn.Module]
@@ -61,11 +67,32 @@ _register(
     ModelInfo("vit", "small Vision Transformer (patch 4, dim 192, depth 6, 3 heads, mean-pooled tokens)"),
     vit.VisionTransformer,
 )
+_register(
+    ModelInfo(
+        "ddpm-unet",
+        "the paper's DDPM noise predictor: UNet, base 16 channels, multipliers 1-2-4, 2 residual blocks per "
+        "level, sinusoidal time embedding + MLP, 8-head attention at the deepest level; forward(x, t)",
+        task="generation",
+    ),
+    unet.UNet,
+)
 
 
 def list_models() -> list[ModelInfo]:
     """All registered models, in registration order."""
     return [info for info, _ in _REGISTRY.values()]
+
+
+def model_info(name: str) -> ModelInfo:
+    """The registry entry of ``name`` (case-insensitive).
+
+    Raises:
+        ConfigError: unknown name.
+    """
+    key = name.strip().lower()
+    if key not in _REGISTRY:
+        raise ConfigError(f"unknown model {name!r}; available: {', '.join(_REGISTRY)}")
+    return _REGISTRY[key][0]
 
 
 def get_model(
@@ -80,7 +107,7 @@ def get_model(
 
     Args:
         name: a name from :func:`list_models` (case-insensitive).
-        num_classes: number of output logits.
+        num_classes: number of output logits (ignored by generation models).
         in_channels: channels of the input images (1 for MNIST, 3 for CIFAR).
         image_size: side of the square input images in pixels (16, 28 and 32 are tested).
         dropout: dropout probability after each conv block / hidden layer; 0 adds no dropout module.
