@@ -3,7 +3,9 @@
 Names are the registered ones (:func:`list_models`) or external ones (``torchvision:NAME``, ``timm:NAME``,
 ``path/to/file.py:factory``, ``module.sub:factory``; see :mod:`ssprop_energy.models.external`).
 
-Every model takes images ``(B, in_channels, image_size, image_size)`` and returns logits ``(B, num_classes)``.
+Every classification model takes images ``(B, in_channels, image_size, image_size)`` and returns logits
+``(B, num_classes)``; a generation model (``ModelInfo.task == "generation"``, e.g. ``ddpm-unet``) is a noise
+predictor ``model(x, t)`` that returns a tensor of ``x``'s shape and ignores ``num_classes``.
 Layers are plain ``nn.Conv2d`` / ``nn.Linear`` so that ``ssprop_energy.sparse.sparsify`` can swap them for
 their ssProp versions after construction (the factory pattern of timm / torchvision, applied afterwards).
 """
@@ -17,13 +19,16 @@ from typing import Any, Callable, Sequence
 from torch import nn
 
 from ssprop_energy.errors import ConfigError
-from ssprop_energy.models import cnn, mlp, resnet, vit
+from ssprop_energy.models import cnn, mlp, resnet, unet, vit
 from ssprop_energy.models.external import build_external, is_external
 
 __all__ = [
-    "ModelInfo", "get_model", "list_models", "count_parameters", "default_layers_for", "layer_kinds_present",
-    "resolve_layers",
+    "TASKS", "ModelInfo", "get_model", "model_info", "list_models", "count_parameters", "default_layers_for",
+    "layer_kinds_present", "resolve_layers",
 ]
+
+# What a model's output is for: logits for a cross-entropy loss, or predicted noise for a diffusion loss.
+TASKS = ("classification", "generation")
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class ModelInfo:
     default_image_size: int = 32
     # Layer kinds ssProp targets when the user gives no --layers (kinds of ``sparse.convert.LAYER_KINDS``).
     default_layers: tuple[str, ...] = ("conv",)
+    task: str = "classification"
 
 
 _Builder = Callable[..., nn.Module]
@@ -74,6 +80,15 @@ _register(
               default_layers=("conv", "linear")),
     vit.VisionTransformer,
 )
+_register(
+    ModelInfo(
+        "ddpm-unet",
+        "the paper's DDPM noise predictor: UNet, base 16 channels, multipliers 1-2-4, 2 residual blocks per "
+        "level, sinusoidal time embedding + MLP, 8-head attention at the deepest level; forward(x, t)",
+        task="generation",
+    ),
+    unet.UNet,
+)
 
 
 def list_models() -> list[ModelInfo]:
@@ -103,10 +118,7 @@ def default_layers_for(name: str, model: nn.Module | None = None) -> tuple[str, 
         ConfigError: unknown registered name; an external name without ``model``; a model with neither kind.
     """
     if not is_external(name):
-        key = name.strip().lower()
-        if key not in _REGISTRY:
-            raise ConfigError(f"unknown model {name!r}; available: {', '.join(_REGISTRY)}")
-        return _REGISTRY[key][0].default_layers
+        return model_info(name).default_layers
     if model is None:
         raise ConfigError(f"the default layers of external model {name!r} depend on the built model; pass it")
     kinds = layer_kinds_present(model)
@@ -121,6 +133,18 @@ def resolve_layers(name: str, model: nn.Module, layers: Sequence[str] | None) ->
     if layers:
         return tuple(layers)
     return default_layers_for(name, model)
+
+
+def model_info(name: str) -> ModelInfo:
+    """The registry entry of ``name`` (case-insensitive).
+
+    Raises:
+        ConfigError: unknown name.
+    """
+    key = name.strip().lower()
+    if key not in _REGISTRY:
+        raise ConfigError(f"unknown model {name!r}; available: {', '.join(_REGISTRY)}")
+    return _REGISTRY[key][0]
 
 
 def get_model(
@@ -140,7 +164,7 @@ def get_model(
             and its classifier adapted to ``in_channels`` and ``num_classes`` where the library has no argument
             for them; a factory receives ``num_classes``, ``in_channels``, ``image_size`` and ``dropout`` where
             its signature accepts them.
-        num_classes: number of output logits.
+        num_classes: number of output logits (ignored by generation models).
         in_channels: channels of the input images (1 for MNIST, 3 for CIFAR).
         image_size: side of the square input images in pixels (16, 28 and 32 are tested).
         dropout: dropout probability after each conv block / hidden layer; 0 adds no dropout module.
