@@ -130,6 +130,13 @@ def write_csv_atomic(
     return write_text_atomic(path, buf.getvalue())
 
 
+def _float_none_to_nan(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with null in ``cls``'s float fields read back as NaN: the writer stores NaN/inf as null (a
+    diverged loss, an unmeasured figure), and arithmetic on the loaded record must see a float."""
+    floats = {f.name for f in fields(cls) if f.type in ("float", float)}
+    return {k: (math.nan if v is None and k in floats else v) for k, v in data.items()}
+
+
 def read_json(path: str | os.PathLike[str]) -> Any:
     """Read a JSON file; a missing or malformed file is a :class:`RecordError` naming the path."""
     path = Path(path)
@@ -218,6 +225,15 @@ class EpochRecord:
     energy_j: float
     wall_s: float
     lr: float = 0.0
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EpochRecord:
+        return cls(**_float_none_to_nan(cls, data))
+
+    @property
+    def diverged(self) -> bool:
+        """True when a loss of this epoch is NaN or infinite (the optimisation blew up)."""
+        return not (math.isfinite(self.train_loss) and math.isfinite(self.val_loss))
 
 
 EPOCH_COLUMNS = ["arm", "repeat", *[f.name for f in fields(EpochRecord)]]
@@ -324,6 +340,7 @@ class RepeatFigures:
     flops_forward: float
     flops_backward: float
     flops_backward_conv: float
+    diverged_epoch: int | None = None
 
 
 @dataclass
@@ -334,6 +351,7 @@ class ArmRun:
     the meter's window names (``train``, ``eval``, ``data``, ``forward``, ``backward``, ``optimizer``) to
     ``{"energy_j", "wall_s", "count"}``. ``trace`` rows are ``[t_s, component, power_w, source, phase]``
     (t_s since the meter started), ``layers`` per-layer FLOPs per sample at the arm's nominal drop rate.
+    ``diverged_epoch`` is the first epoch (from 0) whose loss was NaN/inf, or None (see :func:`diverged_epoch`).
     """
 
     arm: str
@@ -356,6 +374,7 @@ class ArmRun:
     interference: list[dict[str, Any]] = field(default_factory=list)
     trace: list[list[Any]] = field(default_factory=list)
     layers: list[dict[str, Any]] = field(default_factory=list)
+    diverged_epoch: int | None = None
 
     @property
     def energy_j(self) -> float:
@@ -371,12 +390,30 @@ class ArmRun:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "arm-run") -> ArmRun:
         try:
-            kwargs = {k: v for k, v in data.items() if k in _ARM_RUN_FIELDS}
+            kwargs = _float_none_to_nan(cls, {k: v for k, v in data.items() if k in _ARM_RUN_FIELDS})
             kwargs["energy_components"] = [EnergyComponent(**c) for c in data.get("energy_components", [])]
-            kwargs["epochs"] = [EpochRecord(**e) for e in data.get("epochs", [])]
-            return cls(**kwargs)
-        except TypeError as exc:
+            kwargs["epochs"] = [EpochRecord.from_dict(e) for e in data.get("epochs", [])]
+            run = cls(**kwargs)
+        except (TypeError, AttributeError) as exc:
             raise RecordError(f"{where}: malformed arm-run record ({exc})") from None
+        if run.diverged_epoch is None:  # records written before the field existed
+            run.diverged_epoch = diverged_epoch(run.epochs, run.test_loss)
+        return run
+
+    @property
+    def diverged(self) -> bool:
+        return self.diverged_epoch is not None
+
+
+def diverged_epoch(epochs: Sequence[EpochRecord], test_loss: float) -> int | None:
+    """The first epoch (from 0) whose training or validation loss was NaN/inf; the last epoch when only
+    the final test loss was; None when every loss is finite."""
+    for e in epochs:
+        if e.diverged:
+            return e.epoch
+    if not math.isfinite(test_loss):
+        return epochs[-1].epoch if epochs else 0
+    return None
 
 
 _ARM_RUN_FIELDS = {f.name for f in fields(ArmRun)}
@@ -390,6 +427,11 @@ class ArmRecord:
     over the training windows, CO2 in grams CO2e (energy x intensity x PUE). ``repeats`` holds the per-run
     figures; ``paired`` (non-baseline arms) maps a metric to its :class:`PairedStat` against the dense
     baseline; ``epoch_intervals`` maps ``wall_s`` / ``energy_j`` to the single-run :class:`EpochInterval`.
+
+    ``diverged_runs`` labels the arm-runs whose loss became NaN/inf, ``s<seed>r<repeat>e<epoch>`` (epoch from
+    1, the first diverged one): they are left out of the means, pairs and intervals. When every arm-run
+    diverged, ``status`` is ``diverged`` and the figures are those of the diverged runs (the time, FLOPs and
+    energy they spent; accuracy and loss NaN).
     """
 
     name: str
@@ -421,6 +463,7 @@ class ArmRecord:
     epoch_intervals: dict[str, EpochInterval] = field(default_factory=dict)
     interference: Interference | None = None
     status: str = "complete"
+    diverged_runs: list[str] = field(default_factory=list)
 
     @property
     def flops_total(self) -> float:
@@ -539,9 +582,10 @@ def _arm_from_dict(name: str, data: Mapping[str, Any], where: str, version: int)
         raise RecordError(f"{where}: arm {name!r} must be an object")
     try:
         comps = [EnergyComponent(**c) for c in data.get("energy_components", [])]
-        epochs = [EpochRecord(**e) for e in data.get("epochs", [])]
+        epochs = [EpochRecord.from_dict(e) for e in data.get("epochs", [])]
         repeat_fields = {f.name for f in fields(RepeatFigures)}
-        repeats = [RepeatFigures(**{k: v for k, v in r.items() if k in repeat_fields}) for r in data.get("repeats", [])]
+        repeats = [RepeatFigures(**_float_none_to_nan(RepeatFigures, {k: v for k, v in r.items() if k in repeat_fields}))
+                   for r in data.get("repeats", [])]
         interference = None
         if data.get("interference") is not None:
             interference = Interference(**data["interference"])

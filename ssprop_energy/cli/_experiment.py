@@ -204,6 +204,22 @@ def interference_warnings(summary: Any) -> list[str]:
     return lines
 
 
+def diverged_warnings(summary: Any) -> list[str]:
+    """One line per arm with arm-runs whose loss became NaN/inf (they are left out of means and pairs)."""
+    lines = []
+    for name, arm in summary.arms.items():
+        if not arm.diverged_runs:
+            continue
+        runs = ", ".join(arm.diverged_runs)
+        if arm.status == "diverged":
+            lines.append(f"warning: {name}: every run diverged (loss NaN/inf; {runs}, s<seed>r<repeat>e<epoch>): "
+                         "no accuracy and no comparison; its time, FLOPs and energy are what it spent")
+        else:
+            lines.append(f"warning: {name}: diverged run(s) {runs} (loss NaN/inf) left out of the means, pairs "
+                         "and intervals")
+    return lines
+
+
 def print_results(summary: Any) -> None:
     """The short dense-vs-ssProp table: accuracy, time, backward FLOPs, energy and CO2 with their sources,
     then the single-run intervals, interference warnings and provenance notes."""
@@ -223,10 +239,11 @@ def print_results(summary: Any) -> None:
     table.add_column("CO2e", justify="right")
     for arm in [a for a in [base] if a is not None] + others:
         p = arm.paired
+        acc = f"{arm.test_accuracy:.2%}" if arm.status != "diverged" else f"diverged ({arm.diverged_runs[0]})"
         table.add_row(
             arm.name,
             "dense" if arm.name == "dense" else f"{arm.drop_rate:g} {arm.schedule} ({arm.average_drop_rate:.2f})",
-            f"{arm.test_accuracy:.2%}" + (f"\n{_change(p.get('test_accuracy'), True)}" if p else ""),
+            acc + (f"\n{_change(p.get('test_accuracy'), True)}" if p else ""),
             f"{arm.wall_s:.1f} s" + (f"\n{_change(p.get('wall_s'))}" if p else ""),
             fmt_flops(arm.flops_backward) + (f"\n{_change(p.get('flops_backward'))}" if p else ""),
             f"{arm.energy_j:,.0f} J ({arm.energy_source})" + (f"\n{_change(p.get('energy_j'))}" if p else ""),
@@ -251,7 +268,7 @@ def print_results(summary: Any) -> None:
                       f"({next(iter(iv.values())).label})")
     console.print(f"arms interleaved in time: {summary.interleave}"
                   + (" (epoch by epoch, ABBA)" if summary.interleave == "epoch" else " (one arm-run after another)"))
-    for line in interference_warnings(summary):
+    for line in interference_warnings(summary) + diverged_warnings(summary):
         console.print(f"[yellow]{escape(line)}[/]")
     sources = {c.source for a in summary.arms.values() for c in a.energy_components}
     if "fake" in sources:

@@ -26,7 +26,7 @@ from ssprop_energy.experiment.config import ArmSpec, ExperimentConfig
 from ssprop_energy.experiment.plan import ArmRunKey, Group, epoch_order
 from ssprop_energy.flops import FlopMeter
 from ssprop_energy.models import get_model
-from ssprop_energy.records import ArmRun, EnergyComponent, read_json, write_json_atomic
+from ssprop_energy.records import ArmRun, EnergyComponent, diverged_epoch, read_json, write_json_atomic
 from ssprop_energy.sparse import set_drop_rate, sparsify
 from ssprop_energy.sparse.schedules import DropSchedule
 from ssprop_energy.train import Callback, TrainConfig, Trainer
@@ -207,7 +207,7 @@ class Executor:
                                if schedule is not None else 0.0),
             energy_components=result.energy_components, epochs=result.epochs, phases=result.phases,
             noise_accuracy=result.noise_accuracy, interference=prepared["interference"], trace=trace,
-            layers=prepared["layers"],
+            layers=prepared["layers"], diverged_epoch=diverged_epoch(result.epochs, result.test_loss),
         )
 
     @staticmethod

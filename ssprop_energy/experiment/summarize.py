@@ -7,6 +7,7 @@ within-run interval through ``stats.epoch_interval``.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -152,17 +153,37 @@ def interference(by_arm: dict[str, Sequence[ArmRun]], baseline: str = "dense",
     return out
 
 
+def _diverged_label(run: ArmRun) -> str:
+    return f"s{run.seed}r{run.repeat}e{(run.diverged_epoch or 0) + 1}"
+
+
 def summarize_arms(specs: dict[str, ArmSpec], by_arm: dict[str, list[ArmRun]], carbon: CarbonBlock,
                    idle_power_w: dict[str, float], complete: bool) -> dict[str, ArmRecord]:
-    """Every arm's record; paired statistics and intervals once the run is complete."""
-    arms = {name: arm_record(specs[name], runs, carbon, idle_power_w) for name, runs in by_arm.items()}
+    """Every arm's record; paired statistics and intervals once the run is complete.
+
+    Arm-runs whose loss became NaN/inf (diverged) are left out of an arm's means and of every pair (a pair
+    with a diverged side is dropped for both arms); they are named in ``diverged_runs``. An arm whose every
+    arm-run diverged keeps the figures of those runs, with status ``diverged``.
+    """
+    arms: dict[str, ArmRecord] = {}
+    for name, runs in by_arm.items():
+        finite = [r for r in runs if not r.diverged]
+        record = arm_record(specs[name], finite or runs, carbon, idle_power_w)
+        record.diverged_runs = [_diverged_label(r) for r in runs if r.diverged]
+        if not finite:  # an accuracy after NaN weights is an artefact, not a result
+            record.status = "diverged"
+            record.test_accuracy = record.best_val_accuracy = record.test_loss = math.nan
+        arms[name] = record
     for name, record in interference(by_arm).items():
         arms[name].interference = record
     if complete and "dense" in by_arm:
+        dense = [r for r in by_arm["dense"] if not r.diverged]
         for name, record in arms.items():
             if name != "dense":
-                record.paired = paired(by_arm["dense"], by_arm[name], carbon)
-                record.epoch_intervals = epoch_intervals(by_arm["dense"], by_arm[name])
+                arm_runs = [r for r in by_arm[name] if not r.diverged]
+                if _matched(dense, arm_runs)[0]:
+                    record.paired = paired(dense, arm_runs, carbon)
+                    record.epoch_intervals = epoch_intervals(dense, arm_runs)
     return arms
 
 

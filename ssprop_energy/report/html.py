@@ -408,6 +408,9 @@ def _run_article(run: Run, idx: int, multi: bool) -> str:
     busy = T.interference_text(run, list(run.arms))
     if busy:
         banners.append(f'<div class="banner" data-warning="interference">{_e(_cap(busy))}</div>')
+    diverged = T.diverged_warning(run)
+    if diverged:
+        banners.append(f'<div class="banner" data-warning="diverged">{_e(diverged)}</div>')
     warn = T.estimate_warning(run)
     if warn:
         banners.append(f'<div class="banner" data-warning="estimated">{_e(warn)}</div>')

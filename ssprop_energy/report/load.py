@@ -137,7 +137,7 @@ def _frame(
     frame = pd.DataFrame(rows, columns=list(header)) if rows else pd.DataFrame(columns=list(header))
     frame = frame[list(columns)].copy()
     for col in numeric:
-        frame[col] = pd.to_numeric(frame[col]).astype(float)
+        frame[col] = frame[col].astype(float)  # each value passed float() above; 'nan' (a diverged loss) too
     for col in integer:
         frame[col] = frame[col].astype(int)
     return frame

@@ -144,6 +144,9 @@ def _run_md(run: Run, multi: bool) -> str:
     busy = T.interference_text(run, list(run.arms))
     if busy:
         parts.append(f"> **Warning:** {busy[:1].upper() + busy[1:]}.")
+    diverged = T.diverged_warning(run)
+    if diverged:
+        parts.append(f"> **Warning:** {diverged}")
     warn = T.estimate_warning(run)
     if warn:
         parts.append(f"> **Warning:** {warn}")

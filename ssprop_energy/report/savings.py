@@ -173,10 +173,11 @@ def effective_drop_rate(run: Run, arm_name: str) -> float:
 
 
 def comparisons(run: Run) -> list[ArmComparison]:
-    """One comparison per sparse arm; empty when the run has no baseline arm."""
-    if run.baseline is None:
+    """One comparison per sparse arm; empty when the run has no baseline arm (or it diverged)."""
+    if run.baseline is None or run.baseline.status == "diverged":
         return []
-    return [compare_arm(run, name) for name in run.sparse_arm_names]
+    # an arm whose every run diverged has no result to compare (summarize recorded no pairs for it)
+    return [compare_arm(run, name) for name in run.sparse_arm_names if run.arms[name].status != "diverged"]
 
 
 def _pair_source(base: ArmRecord, arm: ArmRecord) -> str:

@@ -133,6 +133,24 @@ def status_banner(run: Run) -> str | None:
     return f"Run still in progress ({progress} so far): numbers are provisional."
 
 
+def diverged_warning(run: Run) -> str | None:
+    """A sentence naming the arm-runs whose loss became NaN/inf (left out of means and pairs), or None."""
+    parts = []
+    for name, arm in run.arms.items():
+        if not arm.diverged_runs:
+            continue
+        runs = ", ".join(arm.diverged_runs)
+        if arm.status == "diverged":
+            parts.append(f"{name}: every run diverged ({runs}); its accuracy and loss are not results, its time, "
+                         "FLOPs and energy are what the diverged runs spent, and it is compared with nothing")
+        else:
+            parts.append(f"{name}: diverged run(s) {runs} left out of the means, pairs and intervals")
+    if not parts:
+        return None
+    return ("Diverged training (loss NaN or infinite; label s<seed>r<repeat>e<first diverged epoch>): "
+            + "; ".join(parts) + ".")
+
+
 def estimate_warning(run: Run) -> str | None:
     """A warning when estimated energy dominates the run's energy figures, or None."""
     frac = estimated_fraction(run.arms)
