@@ -61,12 +61,28 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+class RecordWriteError(RecordError, OSError):
+    """A record file could not be written (full disk, read-only folder...): an OSError (callers with a
+    fallback still catch it) and a :class:`RecordError` (the CLI prints one line naming the file)."""
+
+    def __init__(self, path: str | os.PathLike[str], exc: OSError) -> None:
+        OSError.__init__(self, exc.errno, exc.strerror or str(exc), str(path))
+
+    def __str__(self) -> str:
+        return f"{self.filename}: cannot write ({self.strerror})"
+
+
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + rename). Returns the path."""
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename). Returns the path.
+
+    Raises:
+        RecordWriteError: the file cannot be written (full disk, read-only folder...); the message names it.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = ""
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         # mkstemp makes 0600 files; a record should get the usual permissions (0666 less the umask)
         os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as fh:
@@ -74,11 +90,15 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
-            os.unlink(tmp)
+            if tmp:
+                os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and not isinstance(exc, RecordWriteError):
+            # name the file (the OSError of a write names none): "disk full" alone does not say what is lost
+            raise RecordWriteError(path, exc) from exc
         raise
     return path
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ssprop_energy.errors import ConfigError, RunInterrupted
+from ssprop_energy.errors import ConfigError, RunInterrupted, SSPropEnergyError
 from ssprop_energy.experiment.config import INTERLEAVES, METERS, PRESETS, SELECTIONS, ExperimentConfig
 from ssprop_energy.fmt import fmt_change, fmt_change_pp, fmt_flops
+from ssprop_energy.records import SUMMARY_FILE
 
 EXIT_INTERRUPTED = 130
 
@@ -74,7 +76,8 @@ def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> 
     p.add_argument("--eval-noise", type=float_list, help="also test under Gaussian input noise, e.g. 0.1,0.2")
     p.add_argument("--project", help="project name for the audit ledger (default $SSPROP_ENERGY_PROJECT or 'default')")
     p.add_argument("--out", help="run directory (default runs/<timestamp>-<model>-<dataset>)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (all other flags are ignored)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run with its recorded settings "
+                   "(other setting flags are refused; --quiet is allowed)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -93,17 +96,33 @@ def flag_error(exc: ConfigError, kind: str) -> ConfigError:
     return ConfigError(f"{flag}: {exc}", field=exc.field)
 
 
+# flag destinations copied verbatim into the config (unset flags are None)
+SCALAR_FLAGS = ("model", "dataset", "data_dir", "image_size", "selection", "layers", "warmup_epochs", "schedule_by",
+                "period", "start_drop_rate", "schedule_interleave",
+                "epochs", "batch_size", "lr", "optimizer", "weight_decay", "lr_schedule", "repeats", "device", "amp",
+                "meter", "sample_period_s", "idle_s", "carbon_intensity", "country", "pue", "eval_noise", "project",
+                "out", "interleave")
+
+
+def refuse_flags_with_resume(args: argparse.Namespace, kind: str, lists: dict[str, Any]) -> None:
+    """``--resume`` continues a run with the settings in its ``config.json``; a setting flag given with it
+    would be ignored, so it is refused (``--quiet`` and ``-v`` only change what is printed: allowed)."""
+    given = [name for name in (*SCALAR_FLAGS, "seed", "seeds", "preset") if getattr(args, name, None) is not None]
+    given += [name for name, value in lists.items() if value is not None]
+    if not given:
+        return
+    flags = {**FLAGS, **FLAGS_BY_KIND.get(kind, {})}
+    names = sorted({flags.get(n, "--" + n.replace("_", "-")) for n in given})
+    raise ConfigError(f"--resume continues the run with its recorded settings; remove {', '.join(names)} "
+                      "(start a new run with --out to change them)")
+
+
 def config_from_args(args: argparse.Namespace, kind: str, **lists: Any) -> ExperimentConfig:
     """Build and validate a config from parsed flags; unset flags keep the config defaults."""
     cfg = ExperimentConfig(kind=kind)
     if getattr(args, "preset", None) is not None:
         cfg.apply_preset(args.preset)
-    scalar = ("model", "dataset", "data_dir", "image_size", "selection", "layers", "warmup_epochs", "schedule_by", "period",
-              "start_drop_rate", "schedule_interleave",
-              "epochs", "batch_size", "lr", "optimizer", "weight_decay", "lr_schedule", "repeats", "device", "amp",
-              "meter", "sample_period_s", "idle_s", "carbon_intensity", "country", "pue", "eval_noise", "project",
-              "out", "interleave")
-    for name in scalar:
+    for name in SCALAR_FLAGS:
         value = getattr(args, name, None)
         if value is not None:
             setattr(cfg, name, value)
@@ -121,24 +140,50 @@ def config_from_args(args: argparse.Namespace, kind: str, **lists: Any) -> Exper
     return cfg
 
 
-class StopFlag:
-    """SIGINT/SIGTERM set a flag that the trainer polls after each batch; a second SIGINT aborts at once."""
+def _say(text: str) -> None:
+    """Write to stderr, ignoring a closed terminal (SIGHUP: the ssh session is gone)."""
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
 
-    def __init__(self) -> None:
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class StopFlag:
+    """SIGINT, SIGTERM and SIGHUP stop a run in any phase within about a second; a second signal exits at once.
+
+    The first signal raises KeyboardInterrupt in the main thread wherever it is (setup, FLOP counting,
+    warm-up, the idle measurement, a training batch, an evaluation, finalisation): the experiment saves what
+    finished as ``interrupted`` (every record on disk is written atomically, and a partial epoch is redone on
+    resume anyway). The trainer also polls the flag after each batch. A second signal, typically while the
+    record is being saved, ends the process at once (``os._exit``): every file on disk is whole, and the
+    run directory stays resumable.
+    """
+
+    def __init__(self, run_dir: Path | None = None, kind: str = "compare") -> None:
         self.raised = False
+        self.run_dir = run_dir
+        self.kind = kind
         self._old: dict[int, Any] = {}
 
     def __call__(self) -> bool:
         return self.raised
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.raised and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        name = signal.Signals(signum).name
+        if self.raised:
+            hint = f"; resume with `ssprop-energy {self.kind} --resume {self.run_dir}`" if self.run_dir else ""
+            _say(f"\n{name} again: exiting now{hint}\n")
+            os._exit(EXIT_INTERRUPTED)
         self.raised = True
-        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this batch and saving the record...\n")
+        _say(f"\n{name}: stopping and saving the record (a second signal exits at once)...\n")
+        raise KeyboardInterrupt
 
     def __enter__(self) -> StopFlag:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             self._old[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -162,17 +207,45 @@ def print_header(cfg: ExperimentConfig, run_dir: Path, resumed: bool) -> None:
         print("  " + line.rstrip())
 
 
-def run_with_signals(body: Callable[[StopFlag], int], run_dir: Path) -> int:
-    with StopFlag() as stop:
+class _Progress:
+    """How far an invocation got, for the message after a signal."""
+
+    def __init__(self) -> None:
+        self.started = False  # Experiment.run() was entered: the record says what finished
+        self.complete = False  # the run finished; only printing and the report remained
+
+
+def run_with_signals(body: Callable[[StopFlag, _Progress], int], run_dir: Path, kind: str = "compare",
+                     created: bool = False) -> int:
+    """Run ``body`` with the stop signals handled; map an interruption in any phase to one message and 130.
+
+    ``created``: this invocation creates ``run_dir`` (a new run): stopped before the run started, the
+    directory is removed again if it is still empty.
+    """
+    progress = _Progress()
+    with StopFlag(run_dir, kind) as stop:
         try:
-            return body(stop)
-        except RunInterrupted:
-            sys.stderr.write(
-                f"ssprop-energy: run interrupted; record saved as 'interrupted' in {run_dir}. "
-                f"Continue with --resume {run_dir}\n"
-            )
+            return body(stop, progress)
+        except (RunInterrupted, KeyboardInterrupt):
+            if progress.complete:
+                _say(f"ssprop-energy {kind}: interrupted while writing the report; the run is complete in {run_dir} "
+                     f"(render it with `ssprop-energy report {run_dir}`)\n")
+            elif progress.started:
+                _say(f"ssprop-energy {kind}: run interrupted; record saved as 'interrupted' in {run_dir}. "
+                     f"Continue with `ssprop-energy {kind} --resume {run_dir}`\n")
+            else:
+                if created:
+                    _remove_if_empty(run_dir)
+                _say(f"ssprop-energy {kind}: interrupted before the run started; nothing was "
+                     + ("changed" if not created else "saved") + "\n")
             return EXIT_INTERRUPTED
 
+
+def _remove_if_empty(run_dir: Path) -> None:
+    try:
+        run_dir.rmdir()
+    except OSError:
+        pass
 
 
 def _change(stat: Any, percent_points: bool = False) -> str:
@@ -280,7 +353,7 @@ def print_results(summary: Any) -> None:
 
 
 def _write_report(run_dir: Path) -> Path | None:
-    """Render ``RUN_DIR/report.html``; a report failure never costs the run its records."""
+    """Render ``RUN_DIR/report.html``; a report failure never costs the run its records (a warning, None)."""
     import logging
 
     from ssprop_energy.errors import SSPropEnergyError
@@ -288,27 +361,30 @@ def _write_report(run_dir: Path) -> Path | None:
 
     try:
         return render_report([run_dir], run_dir / "report.html")
-    except SSPropEnergyError as exc:
-        logging.getLogger(__name__).warning("report not written: %s (records are in %s)", exc, run_dir)
+    except (SSPropEnergyError, OSError) as exc:
+        logging.getLogger(__name__).warning("report not written: %s (the run's records are in %s)", exc, run_dir)
         return None
 
 
 def execute(args: argparse.Namespace, kind: str, **lists: Any) -> int:
     """Run a compare or sweep from parsed flags (or resume one) and print the result table."""
     from ssprop_energy.cli.progress import RichProgress
+    from ssprop_energy.experiment.execute import out_of_memory_error
     from ssprop_energy.experiment.runner import (
         Experiment, ExperimentHooks, default_run_dir, load_run_config, prepare_run_dir,
     )
 
     if args.resume:
+        refuse_flags_with_resume(args, kind, lists)
         run_dir = Path(args.resume)
         cfg = load_run_config(run_dir)
     else:
         cfg = config_from_args(args, kind, **lists)
         run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
         cfg.out = str(run_dir)
+    created = not args.resume and not run_dir.exists()
 
-    def body(stop: StopFlag) -> int:
+    def body(stop: StopFlag, progress: _Progress) -> int:
         def callbacks(arm: Any, seed: int, repeat: int) -> list[Any]:
             if args.quiet:
                 return []
@@ -316,18 +392,47 @@ def execute(args: argparse.Namespace, kind: str, **lists: Any) -> int:
             return [RichProgress(tag, cfg.epochs)]
 
         hooks = ExperimentHooks(callbacks=callbacks, stop_requested=stop, command=sys.argv)
-        experiment = Experiment(cfg, run_dir, hooks)
+        try:
+            experiment = Experiment(cfg, run_dir, hooks)
+        except (MemoryError, RuntimeError) as exc:
+            oom = out_of_memory_error(exc, cfg)
+            if oom is None:
+                raise
+            raise oom from None
         if not args.resume:
             prepare_run_dir(run_dir)
         print_header(cfg, run_dir, resumed=bool(args.resume))
+        progress.started = True
         try:
             summary = experiment.run()  # opens and closes the run's audit-ledger row itself
         except RunInterrupted:
             _write_report(run_dir)
             raise
+        except SSPropEnergyError as exc:
+            if not (run_dir / SUMMARY_FILE).exists():  # stopped before its first record (a lock, a bad value)
+                if created:
+                    _remove_run_dir_if_bare(run_dir)
+            raise
+        progress.complete = True
         print_results(summary)
+        print(f"run record: {run_dir}", flush=True)
         report = _write_report(run_dir)
-        print(f"run record: {run_dir}" + (f"\nreport: {report}" if report else ""))
+        if report is not None:
+            print(f"report: {report}")
         return 0
 
-    return run_with_signals(body, run_dir)
+    return run_with_signals(body, run_dir, kind, created=created)
+
+
+def _remove_run_dir_if_bare(run_dir: Path) -> None:
+    """Remove a run directory this invocation made when it holds nothing but the lock file."""
+    from ssprop_energy.experiment.lock import LOCK_FILE
+
+    try:
+        if {p.name for p in run_dir.iterdir()} <= {LOCK_FILE, "runs"}:
+            (run_dir / LOCK_FILE).unlink(missing_ok=True)
+            if (run_dir / "runs").is_dir():
+                (run_dir / "runs").rmdir()
+            run_dir.rmdir()
+    except OSError:
+        pass

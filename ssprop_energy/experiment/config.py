@@ -31,6 +31,18 @@ PRESETS = ("paper",)
 # 2-core CPU: 4 epochs (an even number, so the bar schedule has 2 dense and 2 sparse epochs), batch 64, Adam.
 # ResNet-18 reaches about 98% validation accuracy on digits by its fourth dense epoch (measured).
 # The paper trains 300 epochs at lr 2e-4 with batch 128; a short run needs a larger step to converge.
+# Bounds that keep a value meaningful: seeds go to numpy/torch generators (32-bit for numpy); an idle
+# measurement of more than a day or a sampling period of more than a minute is a typo, not a measurement.
+MAX_SEED = 2**32 - 1
+MAX_IDLE_S = 86400.0
+MAX_SAMPLE_PERIOD_S = 60.0
+
+
+def _finite(value: Any) -> bool:
+    """A real number (not a bool) that is neither NaN nor infinite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 DEFAULT_EPOCHS = 4
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_LR = 1e-3
@@ -96,6 +108,14 @@ class ExperimentConfig:
         def bad(field_name: str, message: str) -> ConfigError:
             return ConfigError(message, field=field_name)
 
+        for name in ("model", "dataset", "data_dir", "device", "country", "project", "out"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:  # undecodable bytes from argv (surrogateescape): records are UTF-8
+                    raise bad(name, f"{value.encode('utf-8', 'surrogateescape')!r} is not valid UTF-8 text; "
+                              "use a UTF-8 name") from None
         if self.kind not in ("compare", "sweep"):
             raise bad("kind", f"unknown experiment kind {self.kind!r}")
         for d in self.drop_rates:
@@ -132,27 +152,34 @@ class ExperimentConfig:
         for name, (words, value) in positive_ints.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise bad(name, f"{words} must be a positive integer, got {value!r}")
-        if self.warmup_epochs < 0:
+        if isinstance(self.warmup_epochs, bool) or not isinstance(self.warmup_epochs, int) or self.warmup_epochs < 0:
             raise bad("warmup_epochs", f"warm-up epochs must be >= 0, got {self.warmup_epochs}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise bad("lr", f"learning rate must be a positive number, got {self.lr!r}")
-        if self.weight_decay < 0:
-            raise bad("weight_decay", f"weight decay must be >= 0, got {self.weight_decay!r}")
-        if not (self.sample_period_s > 0):
-            raise bad("sample_period_s", f"power sampling period must be positive, got {self.sample_period_s!r} s")
-        if self.idle_s < 0:
-            raise bad("idle_s", f"idle measurement must be >= 0 seconds, got {self.idle_s!r}")
-        if not (self.pue >= 1.0 and math.isfinite(self.pue)):
+        if not (_finite(self.weight_decay) and self.weight_decay >= 0):
+            raise bad("weight_decay", f"weight decay must be a number >= 0, got {self.weight_decay!r}")
+        if not (_finite(self.sample_period_s) and 0 < self.sample_period_s <= MAX_SAMPLE_PERIOD_S):
+            raise bad("sample_period_s", f"power sampling period must be in (0, {MAX_SAMPLE_PERIOD_S:g}] s, "
+                      f"got {self.sample_period_s!r}")
+        if not (_finite(self.idle_s) and 0 <= self.idle_s <= MAX_IDLE_S):
+            raise bad("idle_s", f"idle measurement must be 0 to {MAX_IDLE_S:g} seconds, got {self.idle_s!r}")
+        if not (_finite(self.start_drop_rate) and 0.0 <= self.start_drop_rate < 1.0):
+            raise bad("start_drop_rate", f"start drop rate must be in [0, 1), got {self.start_drop_rate!r}")
+        if not (_finite(self.pue) and self.pue >= 1.0):
             raise bad("pue", f"PUE must be a number >= 1.0, got {self.pue!r}")
         if self.carbon_intensity is not None and not (self.carbon_intensity >= 0 and math.isfinite(self.carbon_intensity)):
             raise bad("carbon_intensity", f"carbon intensity must be >= 0 g/kWh, got {self.carbon_intensity!r}")
-        if self.image_size is not None and self.image_size < 4:
+        if self.image_size is not None and (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)
+                                            or self.image_size < 4):
             raise bad("image_size", f"image size must be at least 4 pixels, got {self.image_size}")
         for s in self.eval_noise:
             if not (s > 0 and math.isfinite(s)):
                 raise bad("eval_noise", f"evaluation noise levels must be positive, got {s!r}")
         if not self.seeds:
             raise bad("seeds", "at least one seed is needed")
+        for seed in self.seeds:
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+                raise bad("seeds", f"a seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
         if len(set(self.seeds)) != len(self.seeds):
             raise bad("seeds", f"seeds have duplicates: {self.seeds}")
         for s in self.schedules:  # every schedule this run will build, checked now (its own messages)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ssprop_energy.data import BatchLoader, DatasetSplits
 from ssprop_energy.energy import open_meter
 from ssprop_energy.energy.select import MeterChoice
+from ssprop_energy.errors import ConfigError
 from ssprop_energy.experiment.config import ArmSpec, ExperimentConfig
 from ssprop_energy.experiment.plan import ArmRunKey, Group, epoch_order
 from ssprop_energy.flops import FlopMeter
@@ -37,6 +38,21 @@ if TYPE_CHECKING:
     from ssprop_energy.energy.base import EnergyReport
 
 log = logging.getLogger(__name__)
+
+
+def out_of_memory_error(exc: BaseException, cfg: ExperimentConfig, image_size: int | None = None) -> ConfigError | None:
+    """A one-line error naming the settings to lower when ``exc`` is an out-of-memory error (CUDA, MPS or
+    host allocator), else None."""
+    text = str(exc).lower()
+    oom = isinstance(exc, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))) or (
+        isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
+    if not oom:
+        return None
+    size = image_size or cfg.image_size
+    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    return ConfigError(
+        f"out of memory with {cfg.model} at batch size {cfg.batch_size} and image size "
+        f"{size if size is not None else 'the dataset default'}: lower --batch-size or --image-size ({first})")
 
 
 class _Dense:

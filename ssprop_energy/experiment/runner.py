@@ -36,7 +36,8 @@ from ssprop_energy.energy import open_meter, resolve_meter
 from ssprop_energy.energy.carbon import resolve_intensity
 from ssprop_energy.errors import ConfigError, RecordError, RunInterrupted
 from ssprop_energy.experiment.config import ArmSpec, ExperimentConfig
-from ssprop_energy.experiment.execute import Executor
+from ssprop_energy.experiment.execute import Executor, out_of_memory_error
+from ssprop_energy.experiment.lock import RunLock
 from ssprop_energy.experiment.plan import ArmRunKey, Group, all_runs, plan_groups
 from ssprop_energy.experiment.summarize import summarize_arms, write_tables
 from ssprop_energy.records import (
@@ -179,17 +180,32 @@ class Experiment:
     def run(self) -> RunSummary:
         """Run (or resume) every arm-run; returns the final summary, also written to the run directory.
 
+        The run directory is locked (:class:`~ssprop_energy.experiment.lock.RunLock`) while this runs.
+
         Raises:
-            RunInterrupted: the stop flag was raised; the summary is saved with status ``interrupted``.
+            RunInterrupted: the stop flag was raised, or KeyboardInterrupt arrived (a signal, in any phase);
+                the summary is saved with status ``interrupted``.
+            ConfigError: another process holds the run directory, or the run is already complete.
         """
-        ledger = LedgerHook(self, self.hooks.command or sys.argv) if self.hooks.ledger else None
-        (self.run_dir / "runs").mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.run_dir / CONFIG_FILE, self.cfg.to_dict())
-        self.environment = self._environment()
-        self._write_summary("running")
-        monitor = self.hooks.monitor(self.device) if self.hooks.monitor is not None else None
-        self.executor.monitor = monitor
+        lock = RunLock(self.run_dir).acquire()
         try:
+            summary_path = self.run_dir / SUMMARY_FILE
+            if summary_path.exists() and read_json(summary_path).get("status") == "complete":
+                raise ConfigError(f"--resume {self.run_dir}: the run is already complete")
+            return self._run()
+        finally:
+            lock.release()
+
+    def _run(self) -> RunSummary:
+        ledger = LedgerHook(self, self.hooks.command or sys.argv) if self.hooks.ledger else None
+        monitor = None
+        try:
+            (self.run_dir / "runs").mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.run_dir / CONFIG_FILE, self.cfg.to_dict())
+            self.environment = self._environment()
+            self._write_summary("running")
+            monitor = self.hooks.monitor(self.device) if self.hooks.monitor is not None else None
+            self.executor.monitor = monitor
             if monitor is not None:
                 monitor.start()
             if self.cfg.idle_s > 0:
@@ -203,16 +219,19 @@ class Experiment:
                 if pending:
                     self.executor.run_group(group, pending, self._save_run)
             summary = self._finalise()
-        except RunInterrupted:
-            self._write_summary("interrupted", self._arms(complete=False))
-            if ledger is not None:
-                ledger.close("interrupted")
-            raise
+        except (RunInterrupted, KeyboardInterrupt) as exc:
+            # a signal in any phase (setup, counting, warm-up, idle, training, evaluation, finalisation):
+            # what finished is on disk; the record says interrupted and --resume continues from there
+            self._close_unfinished("interrupted", ledger)
+            if isinstance(exc, RunInterrupted):
+                raise
+            raise RunInterrupted("interrupted") from None
         except BaseException as exc:
-            reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, KeyboardInterrupt) else "KeyboardInterrupt"
-            self._write_summary("failed", self._arms(complete=False), failure_reason=reason)
-            if ledger is not None:
-                ledger.close("failed", note=reason)
+            oom = out_of_memory_error(exc, self.cfg, self.data.image_size)
+            reason = str(oom) if oom is not None else f"{type(exc).__name__}: {exc}"
+            self._close_unfinished("failed", ledger, reason)
+            if oom is not None:
+                raise oom from None
             raise
         finally:
             if monitor is not None:
@@ -224,6 +243,23 @@ class Experiment:
         except OSError:
             pass
         return summary
+
+    def _close_unfinished(self, status: str, ledger: LedgerHook | None, reason: str | None = None) -> None:
+        """Save the summary of the finished arm-runs (and their tables, for a partial report) with ``status``
+        and close the ledger row. A failure here (a full disk) is logged, never raised over the original
+        error: the summary then stays ``running``, which readers treat as stopped once no process holds the
+        run's lock."""
+        try:
+            arms = self._arms(complete=False)
+            self._write_summary(status, arms, failure_reason=reason)
+            write_tables(self.run_dir, self._runs_by_arm())
+        except Exception as exc:  # noqa: BLE001 - the original error is what the user must see
+            log.warning("could not save the %s run record in %s: %s", status, self.run_dir, exc)
+        if ledger is not None:
+            try:
+                ledger.close(status, note=reason)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not close the audit-ledger row: %s", exc)
 
     def spent_components(self) -> list[EnergyComponent]:
         """Energy every meter of this process measured (training, evaluation and the gaps between windows,
