@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from ssprop_energy.errors import ConfigError
+from ssprop_energy.records import RecordWriteError
 from ssprop_energy.report import FORMATS, render_report
 
 
@@ -38,8 +41,33 @@ def _resolve(args: argparse.Namespace) -> tuple[Path, str]:
     return out, fmt
 
 
+def resume_hint(run_dir: str | Path) -> str | None:
+    """The line for a run that did not finish (interrupted, failed, or stopped while ``running``), or None."""
+    from ssprop_energy.errors import RecordError
+    from ssprop_energy.experiment.lock import run_dir_in_use
+    from ssprop_energy.records import SUMMARY_FILE, read_json
+
+    try:
+        data = read_json(Path(run_dir) / SUMMARY_FILE)
+    except RecordError:
+        return None
+    status, kind = data.get("status"), data.get("kind") or "compare"
+    if status == "complete" or (status == "running" and run_dir_in_use(Path(run_dir))):
+        return None
+    what = {"interrupted": "run interrupted", "failed": "run failed"}.get(status, "run stopped before it finished")
+    return (f"{run_dir}: {what}; the report covers the arm-runs that finished. Resume with "
+            f"`ssprop-energy {kind} --resume {run_dir}`")
+
+
 def run(args: argparse.Namespace) -> int:
     out, fmt = _resolve(args)
-    path = render_report(args.run_dirs, out, fmt=fmt)
+    for run_dir in args.run_dirs:
+        hint = resume_hint(run_dir)
+        if hint:
+            sys.stderr.write(f"note: {hint}\n")
+    try:
+        path = render_report(args.run_dirs, out, fmt=fmt)
+    except RecordWriteError as exc:
+        raise ConfigError(f"cannot write the report: {exc}") from None
     print(f"wrote {path}")
     return 0

@@ -66,3 +66,26 @@ class RunLock:
     @property
     def held(self) -> bool:
         return self._fh is not None
+
+
+def run_dir_in_use(run_dir: Path) -> bool:
+    """True while a process holds the run directory's lock (a run in progress); never creates the lock file.
+
+    A ``running`` summary with no holder belongs to a process that is gone (killed, or stopped by a full
+    disk before it could say so): the run is stopped, and ``--resume`` continues it.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        return False
+    try:
+        fh = open(Path(run_dir) / LOCK_FILE, encoding="utf-8")
+    except OSError:
+        return False
+    with fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return False

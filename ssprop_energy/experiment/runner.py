@@ -218,6 +218,10 @@ class Experiment:
                 pending = [key for key in group.runs if not self._result_path(key).exists()]
                 if pending:
                     self.executor.run_group(group, pending, self._save_run)
+            # Say "not finished" on disk before finalising: if the tables or the summary cannot be written
+            # (a full disk), the record is never left "running" with every arm-run done; resume finalises.
+            self._write_summary("failed", self._arms(complete=False),
+                                failure_reason=f"finalisation did not finish; run --resume {self.run_dir} to finish it")
             summary = self._finalise()
         except (RunInterrupted, KeyboardInterrupt) as exc:
             # a signal in any phase (setup, counting, warm-up, idle, training, evaluation, finalisation):

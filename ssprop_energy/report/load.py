@@ -237,8 +237,14 @@ def load_run(run_dir: str | Path) -> Run:
     config = read_json(path / CONFIG_FILE)
     if not isinstance(config, dict):
         raise RecordError(f"{path / CONFIG_FILE}: expected a JSON object")
-    epochs = read_epochs(path / EPOCHS_FILE, summary.arms)
     missing: list[str] = []
+    if summary.status != "complete" and not (path / EPOCHS_FILE).exists():
+        # an unfinished run (stopped before any arm-run finished, or by a full disk): report what it has
+        epochs = pd.DataFrame({c: pd.Series(dtype=str if c in ("arm", "repeat") else float) for c in EPOCH_COLUMNS})
+        epochs["epoch"] = epochs["epoch"].astype(int)
+        missing.append(EPOCHS_FILE)
+    else:
+        epochs = read_epochs(path / EPOCHS_FILE, summary.arms)
     trace = layers = None
     if (path / TRACE_FILE).exists():
         trace = read_trace(path / TRACE_FILE, summary.arms)

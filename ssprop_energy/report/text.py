@@ -130,6 +130,13 @@ def status_banner(run: Run) -> str | None:
     if s.status == "failed":
         reason = s.failure_reason or "no reason recorded"
         return f"Failed run ({reason}): numbers cover {progress} and are not a finished result."
+    from ssprop_energy.experiment.lock import run_dir_in_use
+
+    if not run_dir_in_use(run.path):
+        return (
+            f"Unfinished run: it stopped after {progress} without saying why (the process was killed, or its "
+            "disk filled); every number covers only the completed part and is not a finished result."
+        )
     return f"Run still in progress ({progress} so far): numbers are provisional."
 
 
