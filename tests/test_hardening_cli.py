@@ -199,3 +199,29 @@ def test_out_of_memory_names_the_batch_and_image_size(
     line = _one_line(capsys.readouterr().err)
     assert "out of memory with mlp at batch size 32 and image size 16: lower --batch-size or --image-size" in line
     assert load_summary(out).status == "failed"
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--epochs", "1"], "the bar schedule at drop rate 0.8 never drops a gradient in 1 epoch(s) of 2 batch(es) "
+                            "(bar alternates dense and sparse epochs, dense first: it needs at least 2 epochs)"),
+        (["--epochs", "2", "--schedule", "halves", "--schedule-by", "iteration", "--period", "5"],
+         "the halves schedule at drop rate 0.8 never drops a gradient in 2 epoch(s) of 2 batch(es)"),
+        (["--dataset", "synthetic:1x8x8:4:12"], "--dataset synthetic:1x8x8:4:12: split(s) too small to measure "
+                                                "(validation 3, test 3 images; at least 4 each are needed)"),
+    ],
+)
+def test_a_sparse_arm_that_never_drops_and_tiny_splits_are_refused(
+    args: list[str], needle: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    base = [a for a in TINY if a != "--epochs" and a != "2"]
+    assert main(["compare", *base, *args, "--out", str(out)]) == 2
+    assert needle in _one_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_drop_rate_zero_stays_an_explicit_control(tmp_path: Path) -> None:
+    # an A/A control (ssProp layers at drop 0) is a deliberate dense arm, not a schedule that never drops
+    assert main(["compare", *TINY, "--schedule", "constant", "--drop-rate", "0", "--out", str(tmp_path / "r")]) == 0

@@ -20,6 +20,7 @@ Run directory (see ``records.py``): ``config.json``, ``summary.json`` (status ``
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import socket
 import sys
@@ -101,6 +102,35 @@ def prepare_run_dir(path: Path) -> None:
         raise ConfigError(f"--out {path} is not writable ({exc.strerror or exc})") from None
 
 
+# An accuracy over fewer images than this is no measurement (0 images read as 0.00%; 1 image as 0 or 100%).
+MIN_SPLIT_IMAGES = 4
+
+
+def check_split_sizes(dataset: str, data: Any) -> None:
+    """Refuse a dataset whose train, validation or test split is below :data:`MIN_SPLIT_IMAGES` images."""
+    sizes = {"train": len(data.train), "validation": len(data.val), "test": len(data.test)}
+    small = [f"{name} {n}" for name, n in sizes.items() if n < MIN_SPLIT_IMAGES]
+    if small:
+        raise ConfigError(
+            f"--dataset {dataset}: split(s) too small to measure ({', '.join(small)} images; at least "
+            f"{MIN_SPLIT_IMAGES} each are needed): add images (a folder dataset without a val/test folder gives "
+            "each about 20% of its images)", field="dataset")
+
+
+def check_schedule_drops(arm: ArmSpec, schedule: Any, epochs: int, iters_per_epoch: int) -> None:
+    """Refuse an ssProp arm whose schedule never drops anything in this run (it would be a dense arm shown
+    as ssProp), as a warm-up covering every epoch is refused. A drop rate of 0 is an explicit A/A control."""
+    if schedule is None or (arm.drop_rate <= 0 and schedule.start_drop_rate <= 0):
+        return
+    if schedule.average_drop_rate(epochs, iters_per_epoch) <= 0:
+        hint = (" (bar alternates dense and sparse epochs, dense first: it needs at least 2 epochs)"
+                if arm.schedule == "bar" and schedule.by == "epoch" else "")
+        raise ConfigError(
+            f"the {arm.schedule} schedule at drop rate {arm.drop_rate:g} never drops a gradient in {epochs} "
+            f"epoch(s) of {iters_per_epoch} batch(es){hint}: the ssProp arm would be dense; use more epochs or "
+            "another schedule", field="epochs")
+
+
 def load_run_config(run_dir: Path) -> ExperimentConfig:
     """Read the configuration of an existing run directory for ``--resume``."""
     if not run_dir.is_dir():
@@ -161,10 +191,12 @@ class Experiment:
             cfg, self.data, self.device, self.meter_choice, None, run_dir / "checkpoints",
             self.hooks.callbacks, self.hooks.stop_requested,
         )
+        check_split_sizes(cfg.dataset, self.data)
         # Unknown model names, or a model with no layer of the kinds to sparsify, fail now, not mid-run.
+        n_batches = math.ceil(len(self.data.train) / cfg.batch_size)
         for arm in cfg.arms():
             if arm.sparse:
-                self.executor.schedule(arm)
+                check_schedule_drops(arm, self.executor.schedule(arm), cfg.epochs, n_batches)
         self.executor.build_model(next(a for a in cfg.arms() if a.sparse), cfg.seeds[0])
         self.groups: list[Group] = plan_groups(cfg)
         self.created_at = now_iso()
