@@ -14,6 +14,14 @@ RAM: codecarbon's RAM model applied to this process tree (``codecarbon.external.
 "process").total_power()``; in codecarbon 3 that is 5 W per estimated DIMM, at least two DIMMs on x86, so
 10 W for any process under 16 GB), evaluated once when the source opens and held constant; the meter
 integrates it over its own timestamps like any power reading.
+
+Convention (issue 18): this is ``compare``'s estimate, and it is CodeCarbon's ``process`` tracking mode with
+the same inputs: a lab running ``OfflineEmissionsTracker(tracking_mode="process", force_cpu_power=TDP,
+force_ram_power=RAM_W)`` around the same work gets the same CPU and RAM joules
+(``tests/test_hardening_energy_convention.py`` checks it against CodeCarbon itself). CodeCarbon's
+``machine`` mode (machine-wide load with a 10%-of-TDP floor) is a different, larger figure. ``audit run``
+charges machine-wide CPU and RAM by the command's share of busy CPU time (``ledger.attribution``): a third
+convention, not CodeCarbon's, so its figure is not directly comparable with this one.
 """
 
 from __future__ import annotations
