@@ -206,3 +206,14 @@ def test_sigterm_saves_interrupted_and_resume_completes(tmp_path: Path) -> None:
         assert [e["train_loss"] for e in got["epochs"]] == [e.train_loss for e in want.epochs]
         assert [e["val_accuracy"] for e in got["epochs"]] == [e.val_accuracy for e in want.epochs]
         assert got["test_accuracy"] == want.test_accuracy and got["flops_backward"] == want.flops_backward
+
+
+def test_log_to_tensorboard_from_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    assert main(["compare", *TINY, "--epochs", "1", "--log-to", "tensorboard", "--out", str(out)]) == 0
+    events = list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
+    capsys.readouterr()
+    assert main(["compare", *TINY, "--log-to", "wandb", "--out", str(tmp_path / "bad")]) == 2
+    assert "wandb" in _one_line_error(capsys) and not (tmp_path / "bad").exists()
