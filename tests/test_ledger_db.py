@@ -146,8 +146,10 @@ def test_eight_processes_append_concurrently(tmp_path):
 
 def test_migration_from_version_1(tmp_path):
     path = tmp_path / "ledger.sqlite"
-    conn = db.connect(path, migrate_to=1)
-    assert db.schema_version(conn) == 1
+    c = db.connect(path, migrate_to=1)
+    assert db.schema_version(c) == 1
+    c.close()
+    conn = sqlite3.connect(path, isolation_level=None)
     conn.execute(
         "INSERT INTO entries (uid, kind, project, user, host, command, started_at, finished_at, status, energy_j, "
         "energy_source, co2_g) VALUES ('old', 'compare', 'legacy', 'ann', 'h1', '[\"a\"]', "
@@ -160,16 +162,72 @@ def test_migration_from_version_1(tmp_path):
 
     df = ledger.load_entries(path)  # opening migrates
     conn = db.connect(path)
-    assert db.schema_version(conn) == 2
+    assert db.schema_version(conn) == db.SCHEMA_VERSION == 3
     conn.close()
     assert list(df["uid"]) == ["old"] and df.loc[0, "energy_j"] == 72.0 and df.loc[0, "project"] == "legacy"
     assert df.loc[0, "components"] == [{"component": "gpu:0", "energy_j": 72.0, "source": "counter", "device": "",
-                                        "machine_energy_j": None, "share": None}]
+                                        "machine_energy_j": None, "share": None, "share_method": None}]
     assert df["cpu_share"].isna().all() and df.loc[0, "month"] == "2025-01"
     new = ledger.start_entry(kind="audit-run", ledger_path=path)
     new.finish("complete", [], None, None, None, None,
                attribution=CpuAttribution(1.0, 2.0, 0.5))
     assert _rows(path)[1]["cpu_share"] == 0.5
+
+
+# The DDL of schema versions 1 and 2 exactly as ssprop-energy 0.1 wrote it (hand-written sqlite3 SQL), to check
+# that a ledger file made by that version opens, migrates and keeps every figure.
+_OLD_V2_DDL = [
+    """CREATE TABLE entries (id INTEGER PRIMARY KEY AUTOINCREMENT, uid TEXT NOT NULL UNIQUE, kind TEXT NOT NULL,
+       project TEXT NOT NULL, user TEXT NOT NULL, host TEXT NOT NULL, command TEXT NOT NULL,
+       redacted INTEGER NOT NULL DEFAULT 0, tags TEXT NOT NULL DEFAULT '[]', started_at TEXT NOT NULL,
+       finished_at TEXT, wall_s REAL, status TEXT NOT NULL, exit_code INTEGER, energy_j REAL, energy_source TEXT,
+       co2_g REAL, intensity_g_per_kwh REAL, intensity_source TEXT, pue REAL, run_dir TEXT, note TEXT)""",
+    """CREATE TABLE components (entry_id INTEGER NOT NULL REFERENCES entries(id) ON DELETE CASCADE,
+       component TEXT NOT NULL, energy_j REAL NOT NULL, source TEXT NOT NULL, device TEXT NOT NULL DEFAULT '',
+       PRIMARY KEY (entry_id, component))""",
+    "CREATE INDEX entries_started ON entries(started_at)",
+    "ALTER TABLE entries ADD COLUMN pid INTEGER",
+    "ALTER TABLE entries ADD COLUMN cpu_share REAL",
+    "ALTER TABLE entries ADD COLUMN tree_cpu_s REAL",
+    "ALTER TABLE entries ADD COLUMN machine_cpu_s REAL",
+    "ALTER TABLE components ADD COLUMN machine_energy_j REAL",
+    "ALTER TABLE components ADD COLUMN share REAL",
+    "CREATE INDEX entries_project ON entries(project)",
+    "PRAGMA user_version = 2",
+]
+
+
+def test_existing_version_2_file_migrates_and_keeps_its_rows(tmp_path, monkeypatch):
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    for stmt in _OLD_V2_DDL:
+        conn.execute(stmt)
+    conn.execute(
+        "INSERT INTO entries (uid, kind, project, user, host, command, started_at, finished_at, wall_s, status, "
+        "exit_code, energy_j, energy_source, co2_g, intensity_g_per_kwh, intensity_source, pue, pid, cpu_share, "
+        "tree_cpu_s, machine_cpu_s) VALUES ('u2', 'audit-run', 'vision', 'ann', 'h1', '[\"sleep\", \"1\"]', "
+        "'2026-05-01T00:00:00.000+00:00', '2026-05-01T00:00:01.000+00:00', 1.0, 'complete', 0, 25.0, 'counter', "
+        "0.0025, 360.0, 'override', 1.0, 4242, 0.25, 0.5, 2.0)"
+    )
+    conn.execute("INSERT INTO components VALUES (1, 'cpu:package-0', 25.0, 'counter', 'Xeon', 100.0, 0.25)")
+    conn.close()
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    df = ledger.load_entries(path)
+    row = df.iloc[0]
+    assert (row["uid"], row["energy_j"], row["cpu_share"], row["pid"]) == ("u2", 25.0, 0.25, 4242)
+    assert row["slurm_job_id"] is None and row["command"] == ["sleep", "1"]
+    assert row["components"][0]["machine_energy_j"] == 100.0 and row["components"][0]["share_method"] is None
+    raw = sqlite3.connect(path)
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == 3
+    cols = {r[1] for r in raw.execute("PRAGMA table_info(entries)")}
+    assert {"slurm_job_id", "slurm_partition", "cuda_visible_devices", "gpu_share_method"} <= cols
+    raw.close()
+    e = ledger.start_entry(kind="audit-run", ledger_path=path)  # a new row after the migration
+    e.finish("complete", [EnergyComponent("cpu", 3.6e6, "estimated")], None, 100.0, 1.0, "override")
+    rows = _rows(path)
+    assert [r["id"] for r in rows] == [1, 2] and rows[1]["slurm_job_id"] == "777"
+    assert rows[1]["co2_g"] == pytest.approx(100.0)
 
 
 def test_newer_schema_is_refused(tmp_path):

@@ -38,13 +38,15 @@ Rows written as JSON while the ledger was unusable: :func:`pending_rows`, :func:
 from __future__ import annotations
 
 from ssprop_energy.ledger.attribution import AttributedComponent, CpuAttribution, attribute, cpu_share
-from ssprop_energy.ledger.db import SCHEMA_VERSION, connect, default_ledger_path, pending_dir
+from ssprop_energy.ledger.db import SCHEMA_VERSION, LedgerLocation, connect, default_ledger_path, locate, pending_dir
 from ssprop_energy.ledger.entries import (
     LedgerEntry,
     import_fallback,
+    job_metadata,
     pending_rows,
     redact_command,
     start_entry,
+    sync_pending,
 )
 from ssprop_energy.ledger.summary import export_csv, load_entries, parse_since, summarize
 from ssprop_energy.ledger.wrap import WrapResult, run_wrapped
@@ -54,6 +56,7 @@ __all__ = [
     "AttributedComponent",
     "CpuAttribution",
     "LedgerEntry",
+    "LedgerLocation",
     "WrapResult",
     "attribute",
     "connect",
@@ -61,7 +64,9 @@ __all__ = [
     "default_ledger_path",
     "export_csv",
     "import_fallback",
+    "job_metadata",
     "load_entries",
+    "locate",
     "parse_since",
     "pending_dir",
     "pending_rows",
@@ -69,4 +74,5 @@ __all__ = [
     "run_wrapped",
     "start_entry",
     "summarize",
+    "sync_pending",
 ]

@@ -39,11 +39,14 @@ class AttributedComponent:
         component: the energy charged to the run (the machine-wide figure x ``share`` when attributed).
         machine_energy_j: the machine-wide energy measured over the run, in joules; None when not attributed.
         share: the fraction of ``machine_energy_j`` charged to the run; None when not attributed.
+        method: how the share was found (:data:`ATTRIBUTION_RULE` for CPU-side components; see
+            :mod:`.gpushare` for GPUs).
     """
 
     component: EnergyComponent
     machine_energy_j: float | None = None
     share: float | None = None
+    method: str = "cpu-time share"
 
 
 @dataclass(frozen=True)
