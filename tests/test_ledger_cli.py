@@ -18,6 +18,16 @@ from ssprop_energy.energy.carbon import co2_g
 from ssprop_energy.ledger import entries
 from ssprop_energy.records import EnergyComponent
 
+from pg_server import pg_server, pg_url  # noqa: F401 - fixtures
+
+
+@pytest.fixture(autouse=True, params=["sqlite", "postgresql"])
+def backend(request, monkeypatch) -> str:
+    """Every test here runs against an SQLite file and against a real PostgreSQL server."""
+    if request.param == "postgresql":
+        monkeypatch.setenv("SSPROP_ENERGY_LEDGER", request.getfixturevalue("pg_url"))
+    return request.param
+
 
 def _ledger_path() -> Path:
     return ledger.default_ledger_path()
@@ -180,7 +190,9 @@ def test_cli_audit_run_passes_exit_code_through(capsys):
     assert main(["audit", "run", "--meter", "fake", "--carbon-intensity", "300", "--", sys.executable, "-c", "pass"]) == 0
 
 
-def test_corrupt_ledger_cli_error_and_audit_run_fallback(capsys):
+def test_corrupt_ledger_cli_error_and_audit_run_fallback(capsys, backend):
+    if backend != "sqlite":
+        pytest.skip("a corrupt file is an SQLite matter (the server case is test_ledger_pg's outage test)")
     path = _ledger_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"\x13\x37 definitely not sqlite " * 100)
@@ -206,8 +218,8 @@ def test_corrupt_ledger_cli_error_and_audit_run_fallback(capsys):
     assert list(ledger.load_entries()["exit_code"]) == [5]
 
 
-def test_cli_audit_run_sigterm_records_interrupted(tmp_path):
-    path = tmp_path / "ledger.sqlite"
+def test_cli_audit_run_sigterm_records_interrupted(tmp_path, backend):
+    path = tmp_path / "ledger.sqlite" if backend == "sqlite" else str(_ledger_path())
     child = "import time; print('ready', flush=True); time.sleep(60)"
     wrapper = subprocess.Popen(
         [sys.executable, "-m", "ssprop_energy", "audit", "--ledger", str(path), "run", "--meter", "fake",

@@ -9,6 +9,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from ssprop_energy import ledger
 from ssprop_energy.errors import ConfigError, LedgerError
@@ -17,21 +18,37 @@ from ssprop_energy.ledger.attribution import CpuAttribution
 from ssprop_energy.ledger.entries import FALLBACK_FILE
 from ssprop_energy.records import EnergyComponent
 
+from pg_server import pg_server, pg_url  # noqa: F401 - fixtures
 
-def _rows(path: Path) -> list[dict]:
-    conn = sqlite3.connect(path)
-    conn.row_factory = sqlite3.Row
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def where(request, tmp_path) -> str:
+    """A fresh ledger: an SQLite file (in a folder that does not exist yet), or a database on a real server."""
+    if request.param == "postgresql":
+        return request.getfixturevalue("pg_url")
+    return str(tmp_path / "sub" / "ledger.sqlite")
+
+
+def _rows(path) -> list[dict]:
+    conn = db.connect(path, create=False) if db.locate(path).is_server else None
+    if conn is None:
+        raw = sqlite3.connect(path)
+        raw.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in raw.execute("SELECT * FROM entries ORDER BY id")]
+        finally:
+            raw.close()
     try:
-        return [dict(r) for r in conn.execute("SELECT * FROM entries ORDER BY id")]
+        return [dict(r._mapping) for r in conn.execute(sa.select(db.ENTRIES).order_by(db.ENTRIES.c.id))]
     finally:
         conn.close()
 
 
-def _components(path: Path, entry_id: int) -> list[dict]:
-    conn = sqlite3.connect(path)
-    conn.row_factory = sqlite3.Row
+def _components(path, entry_id: int) -> list[dict]:
+    conn = db.connect(path)
     try:
-        return [dict(r) for r in conn.execute("SELECT * FROM components WHERE entry_id = ? ORDER BY rowid", (entry_id,))]
+        rows = conn.execute(sa.select(db.COMPONENTS).where(db.COMPONENTS.c.entry_id == entry_id))
+        return [dict(r._mapping) for r in rows]
     finally:
         conn.close()
 
@@ -48,8 +65,8 @@ def test_default_path_and_project(monkeypatch, tmp_path):
     assert entry.entry_id == 1
 
 
-def test_start_finish_round_trip(tmp_path):
-    path = tmp_path / "ledger.sqlite"
+def test_start_finish_round_trip(tmp_path, where):
+    path = where
     entry = ledger.start_entry(kind="compare", project="p1", tags=["a", "b"], command=["train.py", "--lr", "0.1"],
                                run_dir=tmp_path / "run", ledger_path=path)
     (row,) = _rows(path)
@@ -57,9 +74,12 @@ def test_start_finish_round_trip(tmp_path):
     assert json.loads(row["command"]) == ["train.py", "--lr", "0.1"]
     assert json.loads(row["tags"]) == ["a", "b"]
     assert row["run_dir"] == str((tmp_path / "run").resolve())
-    conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION
+    if not db.locate(path).is_server:
+        conn = sqlite3.connect(path)
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        conn.close()
+    conn = db.connect(path)
+    assert db.schema_version(conn) == db.SCHEMA_VERSION
     conn.close()
 
     comps = [EnergyComponent("gpu:0", 7200.0, "counter", "H100"), EnergyComponent("cpu:package-0", 1800.0, "counter")]
@@ -72,14 +92,14 @@ def test_start_finish_round_trip(tmp_path):
     assert row["co2_g"] == pytest.approx(1.5, rel=1e-12)
     assert row["wall_s"] >= 0 and row["finished_at"] >= row["started_at"]
     stored = _components(path, row["id"])
-    assert [(c["component"], c["energy_j"], c["source"], c["device"]) for c in stored] == [
-        ("gpu:0", 7200.0, "counter", "H100"), ("cpu:package-0", 1800.0, "counter", "")]
+    assert sorted((c["component"], c["energy_j"], c["source"], c["device"]) for c in stored) == [
+        ("cpu:package-0", 1800.0, "counter", ""), ("gpu:0", 7200.0, "counter", "H100")]
     with pytest.raises(ConfigError):
         entry.finish("complete", comps, None, 400.0, 1.0, "override")
 
 
-def test_finish_checks_totals_against_parts(tmp_path, caplog):
-    path = tmp_path / "ledger.sqlite"
+def test_finish_checks_totals_against_parts(where, caplog):
+    path = where
     entry = ledger.start_entry(kind="compare", ledger_path=path)
     comps = [EnergyComponent("gpu:0", 3.6e6, "counter"), EnergyComponent("cpu", 3.6e6, "estimated")]
     with caplog.at_level(logging.WARNING):
@@ -93,8 +113,8 @@ def test_finish_checks_totals_against_parts(tmp_path, caplog):
         ledger.start_entry(kind="x", ledger_path=path).finish("finished", [], None, None, None, None)
 
 
-def test_attributed_components_are_stored_with_share(tmp_path):
-    path = tmp_path / "ledger.sqlite"
+def test_attributed_components_are_stored_with_share(where):
+    path = where
     entry = ledger.start_entry(kind="audit-run", ledger_path=path)
     att = CpuAttribution(tree_cpu_s=3.0, machine_cpu_s=12.0, share=0.25)
     comps = ledger.attribute([EnergyComponent("cpu:package-0", 400.0, "counter"),
@@ -118,11 +138,11 @@ def _append_many(path: str, worker: int, n: int) -> None:
                  None, 100.0, 1.0, "override", exit_code=worker)
 
 
-def test_eight_processes_append_concurrently(tmp_path):
-    path = tmp_path / "sub" / "ledger.sqlite"  # created by the racing processes themselves
+def test_eight_processes_append_concurrently(where):
+    path = where  # an SQLite file is created by the racing processes themselves
     n = 15
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_append_many, args=(str(path), w, n)) for w in range(8)]
+    procs = [ctx.Process(target=_append_many, args=(path, w, n)) for w in range(8)]
     for p in procs:
         p.start()
     for p in procs:
@@ -318,8 +338,8 @@ def test_finish_into_ledger_removes_start_fallback(tmp_path, monkeypatch):
     assert _rows(path)[0]["status"] == "complete" and _rows(path)[0]["uid"] == entry.uid
 
 
-def test_redaction_and_no_environment_stored(tmp_path, monkeypatch):
-    path = tmp_path / "ledger.sqlite"
+def test_redaction_and_no_environment_stored(where, monkeypatch):
+    path = where
     monkeypatch.setenv("WANDB_API_KEY", "s3cr3t-token-value")
     argv = ["python", "train.py", "--token", "hunter2"]
     ledger.start_entry(kind="audit-run", command=argv, redact=True, ledger_path=path).finish(
@@ -330,6 +350,9 @@ def test_redaction_and_no_environment_stored(tmp_path, monkeypatch):
     assert json.loads(rows[0]["command"]) == ["python", "<redacted>"] and rows[0]["redacted"] == 1
     assert json.loads(rows[1]["command"]) == argv and rows[1]["redacted"] == 0
     assert ledger.redact_command(["prog"]) == ["prog"]
+    assert "s3cr3t" not in json.dumps(rows, default=str)
+    if db.locate(path).is_server:
+        return
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
