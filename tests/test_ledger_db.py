@@ -356,6 +356,6 @@ def test_redaction_and_no_environment_stored(where, monkeypatch):
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
-    raw = path.read_bytes()
+    raw = Path(path).read_bytes()
     assert b"s3cr3t-token-value" not in raw
     assert raw.count(b"hunter2") == 1  # only the unredacted row's command holds it
