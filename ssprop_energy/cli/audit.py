@@ -205,8 +205,9 @@ def run_command(args: argparse.Namespace) -> int:
         redact=args.redact, whole_machine=args.whole_machine, country=args.country,
         intensity_g_per_kwh=args.carbon_intensity, pue=args.pue, ledger_path=ledger,
     )
-    where = (f"ledger {ledger} row #{res.entry.entry_id}" if res.entry.entry_id is not None
-             else f"fallback file {res.entry.fallback_path} (the ledger was unusable)")
+    # a fallback file means the finished row is not in the ledger, even where its start row is
+    where = (f"fallback file {res.entry.fallback_path} (the ledger was unusable)" if res.entry.fallback_path
+             else f"ledger {ledger} row #{res.entry.entry_id}")
     if res.energy_j is None:
         energy = "energy not measured"
     else:
