@@ -48,6 +48,10 @@ class FakeGpu:
         self.energy_j = energy_j
         self.offset_j = offset_j
         self.lost = False
+        # Shared-GPU figures (None: the driver does not support the call): per-process SM utilisation
+        # samples as (pid, sm_percent) and the pids of the compute processes, both read at call time.
+        self.process_utilisation: Callable[[], list[tuple[int, int]]] | None = None
+        self.compute_pids: Callable[[], list[int]] | None = None
 
 
 def make_pynvml(clock: FakeClock, gpus: list[FakeGpu], init_error: int | None = None) -> types.ModuleType:
@@ -91,8 +95,24 @@ def make_pynvml(clock: FakeClock, gpus: list[FakeGpu], init_error: int | None = 
             raise NVMLError(15)
         return int(round((h.offset_j + h.energy_j(clock() - t0)) * 1000))
 
+    def nvmlDeviceGetProcessUtilization(h: FakeGpu, last_seen_ts: int) -> list[types.SimpleNamespace]:
+        # Like NVML: samples newer than last_seen_ts (microseconds), NVMLError(6) "Not Found" when none.
+        if h.process_utilisation is None:
+            raise NVMLError_NotSupported()
+        ts = int(clock() * 1e6)
+        if ts <= last_seen_ts:
+            raise NVMLError(6)
+        return [types.SimpleNamespace(pid=pid, timeStamp=ts, smUtil=sm, memUtil=0, encUtil=0, decUtil=0)
+                for pid, sm in h.process_utilisation()]
+
+    def nvmlDeviceGetComputeRunningProcesses(h: FakeGpu) -> list[types.SimpleNamespace]:
+        if h.compute_pids is None:
+            raise NVMLError_NotSupported()
+        return [types.SimpleNamespace(pid=pid, usedGpuMemory=1 << 20) for pid in h.compute_pids()]
+
     for fn in (nvmlInit, nvmlShutdown, nvmlSystemGetDriverVersion, nvmlDeviceGetCount, nvmlDeviceGetHandleByIndex,
-               nvmlDeviceGetName, nvmlDeviceGetPowerUsage, nvmlDeviceGetTotalEnergyConsumption):
+               nvmlDeviceGetName, nvmlDeviceGetPowerUsage, nvmlDeviceGetTotalEnergyConsumption,
+               nvmlDeviceGetProcessUtilization, nvmlDeviceGetComputeRunningProcesses):
         setattr(mod, fn.__name__, fn)
     return mod
 

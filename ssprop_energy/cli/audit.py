@@ -215,6 +215,9 @@ def run_command(args: argparse.Namespace) -> int:
         if res.attribution is not None:
             energy += (f"; CPU-side energy attributed by CPU time, share {100 * res.attribution.share:.1f}% of "
                        f"{_fmt_energy(res.machine_energy_j or 0.0)} machine-wide")
+        if res.gpu_attribution is not None:
+            energy += (f"; shared GPU charged {100 * res.gpu_attribution.share:.1f}% by "
+                       f"{res.gpu_attribution.method}")
         energy += f"), {_fmt_co2(res.co2_g if res.co2_g is not None else math.nan)} CO2e"
     print(f"ssprop-energy audit: {res.status} (exit {res.exit_code}), {energy}; recorded in {where}", file=sys.stderr)
     return res.exit_code

@@ -15,7 +15,9 @@ the terminal's foreground group (``kill -INT`` from elsewhere). SIGTERM is alway
 
 Machine-wide energy (RAPL, the CPU estimate) is charged by the command's share of the machine's busy CPU
 time (see :mod:`.attribution`) unless ``whole_machine``; the wrapper's own sampling thread is measurement
-overhead and is not charged to the command.
+overhead and is not charged to the command. A GPU that other processes use at the same time is charged by
+the command's share of it, from NVML's per-process samples (see :mod:`.gpushare`), also unless
+``whole_machine``; the whole device's energy stays in the row beside the charged part.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from ssprop_energy.ledger.attribution import (
     machine_busy_cpu_s,
 )
 from ssprop_energy.ledger.entries import LedgerEntry, start_entry
+from ssprop_energy.ledger.gpushare import GpuAttribution, GpuShareSampler, attribute_gpus
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +62,7 @@ class WrapResult:
         energy_source: provenance of ``energy_j`` (``counter``/``sampled``/``estimated``/``mixed``).
         attribution: the CPU-time share used, None when nothing was attributed.
         machine_energy_j: the machine-wide energy before attribution (all components), joules.
+        gpu_attribution: the shares of shared GPUs, None when every GPU was charged whole.
     """
 
     exit_code: int
@@ -69,6 +73,7 @@ class WrapResult:
     energy_source: str | None
     attribution: CpuAttribution | None
     machine_energy_j: float | None
+    gpu_attribution: GpuAttribution | None = None
 
 
 def _in_foreground_group() -> bool:
@@ -100,6 +105,7 @@ def run_wrapped(
     ledger_path: str | os.PathLike[str] | None = None,
     fallback_dir: str | os.PathLike[str] | None = None,
     cpu_clock: Callable[[], float] = machine_busy_cpu_s,
+    gpu_sampler: GpuShareSampler | None = None,
 ) -> WrapResult:
     """Run ``command`` to completion under an energy meter and record it in the ledger.
 
@@ -117,6 +123,8 @@ def run_wrapped(
         pue: power usage effectiveness applied to the CO2 figure.
         ledger_path, fallback_dir: as for :func:`entries.start_entry`.
         cpu_clock: the machine's busy CPU seconds (tests fake it).
+        gpu_sampler: samples the command's share of each GPU; default a :class:`GpuShareSampler` on NVML
+            (inert where NVML is unusable), none with ``whole_machine``.
 
     Returns:
         A :class:`WrapResult`.
@@ -139,6 +147,9 @@ def run_wrapped(
 
         meter = open_meter(meter_kind, sample_period_s=sample_period_s)
 
+    if gpu_sampler is None and not whole_machine:
+        gpu_sampler = GpuShareSampler(period_s=sample_period_s)
+    gpu_shares: GpuAttribution | None = None
     received: list[int] = []
     not_sent: list[int] = []  # signals that arrived while Popen was starting the command
     proc: subprocess.Popen[bytes] | None = None
@@ -178,15 +189,21 @@ def run_wrapped(
         except OSError as exc:
             child_code = 127 if isinstance(exc, FileNotFoundError) else 126  # the shell's codes
             notes.append(f"could not start {command[0]!r}: {exc.strerror or exc}")
+            if gpu_sampler is not None:
+                gpu_sampler.stop()  # releases NVML; nothing was sampled
         else:
             while not_sent:
                 send(not_sent.pop(0))
+            if gpu_sampler is not None:
+                gpu_sampler.start(proc.pid)
             # wait4 (not Popen.wait) because its rusage is the command's CPU time including every
             # descendant it waited for: the tree's time, even after the processes are gone.
             _, wait_status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(wait_status)
             child_code = _exit_code_from_status(wait_status)
             tree_cpu_s = usage.ru_utime + usage.ru_stime
+            if gpu_sampler is not None:
+                gpu_shares = gpu_sampler.stop()
         # A signal after the command ended did not interrupt it; it only waits for the row to be written.
         stopped_by = received[0] if received else None
         try:
@@ -211,9 +228,10 @@ def run_wrapped(
     attribution = None
     if not whole_machine and any(is_machine_wide(c) for c in components):
         attribution = CpuAttribution(tree_cpu_s, machine_cpu_s, cpu_share(tree_cpu_s, machine_cpu_s))
+    charged, gpu_attribution = attribute_gpus(attribute(components, attribution), gpu_shares)
     entry.finish(
         status,
-        attribute(components, attribution),
+        charged,
         co2_g=None,
         intensity_g_per_kwh=intensity.g_per_kwh,
         pue=pue,
@@ -221,6 +239,7 @@ def run_wrapped(
         exit_code=child_code,
         note="; ".join(notes) or None,
         attribution=attribution,
+        gpu_attribution=gpu_attribution,
     )
     machine_energy_j = sum(c.energy_j for c in components) if components else None
     return WrapResult(
@@ -232,4 +251,5 @@ def run_wrapped(
         energy_source=entry.row["energy_source"],
         attribution=attribution,
         machine_energy_j=machine_energy_j,
+        gpu_attribution=gpu_attribution,
     )
