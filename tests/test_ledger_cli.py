@@ -166,7 +166,8 @@ def test_html_report_self_contained_and_escaped(tmp_path, capsys):
     assert main(["audit", "report", "-o", str(page_path)]) == 0
     page = page_path.read_text()
     assert "<script>" not in page and "&lt;script&gt;" in page
-    assert "http://" not in page and "https://" not in page and " src=" not in page
+    assert "http://" not in page and "https://" not in page
+    assert page.count(" src=") == page.count(" src='data:")  # figures are inline data: URIs, nothing fetched
     assert "<style>" in page and "By project" in page and "2026-03" in page
     assert "200 g CO2e" in page  # 1 kWh x 200 g/kWh
 
@@ -237,3 +238,49 @@ def test_cli_audit_run_sigterm_records_interrupted(tmp_path, backend):
     assert b"interrupted (exit 143)" in wrapper.stderr.read()
     row = ledger.load_entries(path).iloc[0]
     assert row["status"] == "interrupted" and row["exit_code"] == 143 and row["energy_j"] > 0
+
+
+def test_who_ran_what_where_summary_by_several_keys_and_report(monkeypatch, tmp_path, capsys):
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "3", "SLURM_JOB_NODELIST": "gpu[01-02]",
+             "SLURM_JOB_PARTITION": "a100", "CUDA_VISIBLE_DEVICES": "0,1"}
+    for k, v in slurm.items():
+        monkeypatch.setenv(k, v)
+    _record(project="vision", user="ann", host="n1", started="2026-09-03T10:00:00.000+00:00", status="complete",
+            energy=[3.6e6], intensity=100.0)  # 1 kWh, 100 g
+    for k in slurm:
+        monkeypatch.delenv(k)
+    _record(project="vision", user="bob", host="n2", started="2026-09-10T10:00:00.000+00:00", status="complete",
+            energy=[7.2e6], intensity=100.0)
+    _record(project="nlp", user="ann", host="n1", started="2026-10-01T00:00:00.000+00:00", status="complete",
+            energy=[1.8e6], intensity=200.0)
+    df = ledger.load_entries()
+    first = df.iloc[0]
+    assert (first["slurm_job_id"], first["slurm_array_task_id"], first["slurm_nodelist"], first["slurm_partition"],
+            first["cuda_visible_devices"]) == ("4242", "3", "gpu[01-02]", "a100", "0,1")
+    assert df.iloc[1]["slurm_job_id"] is None
+
+    table = ledger.summarize(df, ["user", "project"])
+    assert list(table.index) == [("ann", "nlp"), ("ann", "vision"), ("bob", "vision")]
+    assert table.loc[("ann", "vision"), "energy_j"] == 3.6e6 and table.loc[("bob", "vision"), "co2_g"] == 200.0
+    by_part = ledger.summarize(df, ["partition", "month"])
+    assert by_part.loc[("a100", "2026-09"), "runs"] == 1 and by_part.loc[("-", "2026-09"), "energy_j"] == 7.2e6
+
+    assert main(["audit", "summary", "--by", "user,project"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["user", "project", "runs"]
+    assert out[1].split()[:3] == ["ann", "nlp", "1"] and out[3].split()[:3] == ["bob", "vision", "1"]
+    assert out[4].split()[:2] == ["TOTAL", "3"]
+    assert main(["audit", "summary", "--by", "user,planet"]) == 2
+
+    from ssprop_energy.ledger.html import monthly_table
+
+    energy = monthly_table(df, "energy_j")
+    assert list(energy.index) == ["2026-09", "2026-10"] and list(energy.columns) == ["vision", "nlp"]
+    assert energy.loc["2026-09", "vision"] == 10.8e6 and energy.loc["2026-09", "nlp"] == 0.0
+    assert monthly_table(df, "co2_g").loc["2026-10", "nlp"] == pytest.approx(100.0)  # 0.5 kWh x 200 g/kWh
+
+    page_path = tmp_path / "lab.html"
+    assert main(["audit", "report", "-o", str(page_path)]) == 0
+    page = page_path.read_text()
+    assert "Per month and project" in page and "data:image/svg+xml;base64," in page
+    assert "4242_3" in page and "a100 gpu[01-02]" in page and "By SLURM partition" in page
