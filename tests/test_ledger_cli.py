@@ -284,3 +284,31 @@ def test_who_ran_what_where_summary_by_several_keys_and_report(monkeypatch, tmp_
     page = page_path.read_text()
     assert "Per month and project" in page and "data:image/svg+xml;base64," in page
     assert "4242_3" in page and "a100 gpu[01-02]" in page and "By SLURM partition" in page
+
+
+def test_non_utf8_command_and_project_do_not_break_the_report(tmp_path, capsys):
+    bad = "caf\udce9"  # what sys.argv holds for the bytes b"caf\xe9" (not UTF-8)
+    assert main(["audit", "run", "--meter", "fake", "--carbon-intensity", "100", "--project", bad, "--",
+                 sys.executable, "-c", "pass", bad]) == 0
+    row = ledger.load_entries().iloc[0]
+    assert row["command"][-1] == "caf\\xe9" and row["project"] == "caf\\xe9"  # the byte kept, visibly
+    page = tmp_path / "r.html"
+    assert main(["audit", "report", "-o", str(page)]) == 0
+    assert "caf\\xe9" in page.read_text(encoding="utf-8")
+    assert main(["audit", "export", "--csv", str(tmp_path / "x.csv")]) == 0
+    assert main(["audit", "list"]) == 0
+
+
+def test_missing_command_shows_the_reason(capsys):
+    assert main(["audit", "run", "--meter", "fake", "--", "/nonexistent/prog-xyz", "a"]) == 127
+    err = capsys.readouterr().err
+    assert "failed (exit 127: could not start '/nonexistent/prog-xyz': No such file or directory)" in err
+
+
+def test_home_unset_says_which_ledger(monkeypatch, caplog):
+    monkeypatch.delenv("SSPROP_ENERGY_LEDGER")
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    with caplog.at_level("WARNING"):
+        loc = ledger.locate()
+    assert "HOME is not set" in caplog.text and str(loc.path) in caplog.text

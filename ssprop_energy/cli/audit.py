@@ -219,7 +219,8 @@ def run_command(args: argparse.Namespace) -> int:
             energy += (f"; shared GPU charged {100 * res.gpu_attribution.share:.1f}% by "
                        f"{res.gpu_attribution.method}")
         energy += f"), {_fmt_co2(res.co2_g if res.co2_g is not None else math.nan)} CO2e"
-    print(f"ssprop-energy audit: {res.status} (exit {res.exit_code}), {energy}; recorded in {where}", file=sys.stderr)
+    status = f"{res.status} (exit {res.exit_code}" + (f": {res.start_error})" if res.start_error else ")")
+    print(f"ssprop-energy audit: {status}, {energy}; recorded in {where}", file=sys.stderr)
     return res.exit_code
 
 

@@ -129,20 +129,25 @@ def _insert_components(conn: Connection, entry_id: int, components: Sequence[dic
                      [{"entry_id": entry_id, **{k: _db_value(c.get(k)) for k in COMPONENT_COLUMNS}} for c in components])
 
 
+def utf8_text(value: str) -> str:
+    """``value`` as valid UTF-8 text: bytes that were not UTF-8 (decoded by Python with surrogateescape, as in
+    ``sys.argv``) become ``\\xNN``, so that every reader, a UTF-8 HTML page, and PostgreSQL can take it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return value
+
+
 def _db_value(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
-        return json.dumps(list(value))
+        return json.dumps([utf8_text(v) if isinstance(v, str) else v for v in value])
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, str):
-        # Text that is not valid UTF-8 (a command's bytes decoded with surrogateescape) is stored with
-        # the bad bytes escaped as \\xNN, so that every reader, and PostgreSQL, can take it.
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return utf8_text(value)
     return value
 
 

@@ -7,7 +7,11 @@ stderr inherited), the wrapper waits for it, the meter stops, and the row is com
 - ``complete``    exit code 0;
 - ``failed``      any other exit code, or death by a signal nobody asked for (SIGSEGV, SIGKILL by the OOM
                   killer...); the wrapper exits with the same code (128 + signal for a signal death);
-- ``interrupted`` the wrapper got SIGINT or SIGTERM, forwarded it to the command, and exits 128 + signal.
+- ``interrupted`` the wrapper got SIGINT or SIGTERM, forwarded it to the command, and exits 128 + signal;
+                  a command that handles the signal and still exits 0 is ``complete`` (exit 0), with a note.
+
+On Linux the command gets ``PR_SET_PDEATHSIG`` = SIGTERM: if the wrapper itself is killed (``kill -9``), the
+command is told to stop instead of running on unrecorded.
 
 A terminal's Ctrl-C already reaches the whole foreground process group, command included; forwarding it
 again would interrupt the command's own clean-up, so SIGINT is forwarded only when the wrapper is not in
@@ -22,10 +26,13 @@ the command's share of it, from NVML's per-process samples (see :mod:`.gpushare`
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -37,6 +44,7 @@ from ssprop_energy.ledger.attribution import (
     cpu_share,
     is_machine_wide,
     machine_busy_cpu_s,
+    machine_cpu_resolution_s,
 )
 from ssprop_energy.ledger.entries import LedgerEntry, start_entry
 from ssprop_energy.ledger.gpushare import GpuAttribution, GpuShareSampler, attribute_gpus
@@ -63,6 +71,7 @@ class WrapResult:
         attribution: the CPU-time share used, None when nothing was attributed.
         machine_energy_j: the machine-wide energy before attribution (all components), joules.
         gpu_attribution: the shares of shared GPUs, None when every GPU was charged whole.
+        start_error: why the command could not be started (``exit 127``/``126``), else None.
     """
 
     exit_code: int
@@ -74,6 +83,7 @@ class WrapResult:
     attribution: CpuAttribution | None
     machine_energy_j: float | None
     gpu_attribution: GpuAttribution | None = None
+    start_error: str | None = None
 
 
 def _in_foreground_group() -> bool:
@@ -81,6 +91,32 @@ def _in_foreground_group() -> bool:
         return os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()
     except OSError:
         return False
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _parent_death_signal() -> Any:
+    """A ``preexec_fn`` that makes the child receive SIGTERM when the wrapper dies (Linux), or None.
+
+    libc and its ``prctl`` are looked up here, before the fork: the function run in the child between
+    fork and exec only calls it (no imports, no allocation worth naming), which keeps ``preexec_fn`` safe
+    enough beside the meter's sampling thread.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the wrapper died before the call: nobody would send the signal
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
 
 
 def _exit_code_from_status(wait_status: int) -> int:
@@ -173,6 +209,7 @@ def run_wrapped(
     if threading.current_thread() is threading.main_thread():
         previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
     notes: list[str] = []
+    start_error: str | None = None
     wait_status: int | None = None
     tree_cpu_s = 0.0
     try:
@@ -185,10 +222,11 @@ def run_wrapped(
             meter.stop()
             raise
         try:
-            proc = subprocess.Popen(command)
+            proc = subprocess.Popen(command, preexec_fn=_parent_death_signal())
         except OSError as exc:
             child_code = 127 if isinstance(exc, FileNotFoundError) else 126  # the shell's codes
-            notes.append(f"could not start {command[0]!r}: {exc.strerror or exc}")
+            start_error = f"could not start {command[0]!r}: {exc.strerror or exc}"
+            notes.append(start_error)
             if gpu_sampler is not None:
                 gpu_sampler.stop()  # releases NVML; nothing was sampled
         else:
@@ -218,7 +256,11 @@ def run_wrapped(
             signal.signal(s, handler)
 
     exit_code = child_code
-    if stopped_by is not None:
+    if stopped_by is not None and wait_status is not None and os.WIFEXITED(wait_status) and child_code == 0:
+        # The command handled the signal and finished its work: its own exit status says so.
+        status = "complete"
+        notes.append(f"{signal.Signals(stopped_by).name} was forwarded; the command handled it and exited 0")
+    elif stopped_by is not None:
         status, exit_code = "interrupted", 128 + stopped_by
     elif wait_status is not None and os.WIFSIGNALED(wait_status):
         status = "interrupted" if os.WTERMSIG(wait_status) in _STOP_SIGNALS else "failed"
@@ -227,7 +269,13 @@ def run_wrapped(
 
     attribution = None
     if not whole_machine and any(is_machine_wide(c) for c in components):
-        attribution = CpuAttribution(tree_cpu_s, machine_cpu_s, cpu_share(tree_cpu_s, machine_cpu_s))
+        resolution_s = machine_cpu_resolution_s()
+        attribution = CpuAttribution(tree_cpu_s, machine_cpu_s,
+                                     cpu_share(tree_cpu_s, machine_cpu_s, resolution_s=resolution_s))
+        if machine_cpu_s < resolution_s:
+            notes.append(f"the machine's busy CPU time over the run ({machine_cpu_s:.3f} s) is below the "
+                         f"resolution of /proc/stat ({resolution_s:.3f} s); the share is taken against that "
+                         "resolution, an upper bound for a command this idle")
     charged, gpu_attribution = attribute_gpus(attribute(components, attribution), gpu_shares)
     entry.finish(
         status,
@@ -252,4 +300,5 @@ def run_wrapped(
         attribution=attribution,
         machine_energy_j=machine_energy_j,
         gpu_attribution=gpu_attribution,
+        start_error=start_error,
     )
