@@ -359,3 +359,30 @@ def test_redaction_and_no_environment_stored(where, monkeypatch):
     raw = Path(path).read_bytes()
     assert b"s3cr3t-token-value" not in raw
     assert raw.count(b"hunter2") == 1  # only the unredacted row's command holds it
+
+
+def test_read_only_ledger_is_listed_without_writing(tmp_path, monkeypatch):
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    for stmt in _OLD_V2_DDL:  # an older schema: reading must not migrate it
+        conn.execute(stmt)
+    conn.execute("INSERT INTO entries (uid, kind, project, user, host, command, started_at, status, energy_j) "
+                 "VALUES ('r', 'compare', 'p', 'ann', 'h', '[]', '2026-01-01T00:00:00.000+00:00', 'complete', 5.0)")
+    conn.execute("INSERT INTO components (entry_id, component, energy_j, source) VALUES (1, 'cpu', 5.0, 'counter')")
+    conn.close()
+    before = path.read_bytes()
+    # We run as root in CI, where chmod does not stop writes: the ledger's access check is what is faked.
+    monkeypatch.setattr(db, "writable", lambda p: False)
+    from ssprop_energy.ledger import summary
+
+    monkeypatch.setattr(summary, "writable", lambda p: False)
+    df = ledger.load_entries(path)
+    assert list(df["uid"]) == ["r"] and df.loc[0, "energy_j"] == 5.0 and df.loc[0, "slurm_job_id"] is None
+    assert df.loc[0, "components"][0]["share_method"] is None
+    assert path.read_bytes() == before  # not migrated, not touched
+    ro = db.connect(path, read_only=True)
+    with pytest.raises(Exception, match="readonly"):
+        ro.exec_driver_sql("DELETE FROM entries")
+    ro.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2

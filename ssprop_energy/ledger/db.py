@@ -285,6 +285,20 @@ def _sqlite_engine(path: Path, timeout_s: float) -> Engine:
     return engine
 
 
+def _sqlite_read_only_engine(path: Path, timeout_s: float, immutable: bool) -> Engine:
+    # mode=ro: no write, no migration, no WAL switch (which would write). immutable=1 also skips the
+    # -shm file, which a WAL-mode ledger needs and a reader without write access to its folder cannot create.
+    flag = "immutable=1" if immutable else "mode=ro"
+    return sa.create_engine(f"sqlite:///file:{path}?{flag}&uri=true", poolclass=sa.pool.NullPool,
+                            connect_args={"timeout": timeout_s})
+
+
+def writable(path: Path) -> bool:
+    """Whether this process may write the SQLite ledger ``path`` (the file and, for its journal, its folder)."""
+    target = path if path.exists() else path.parent
+    return os.access(target, os.W_OK) and os.access(path.parent, os.W_OK)
+
+
 def _server_engine(url: URL) -> Engine:
     try:
         import psycopg  # noqa: F401 - only to name the fix when it is missing
@@ -361,6 +375,7 @@ def connect(
     timeout_s: float | None = None,
     create: bool = True,
     migrate_to: int = SCHEMA_VERSION,
+    read_only: bool = False,
 ) -> Connection:
     """Open the ledger, creating or migrating it as needed.
 
@@ -370,6 +385,8 @@ def connect(
             default :data:`BUSY_TIMEOUT_S`.
         create: create a missing SQLite file; when False a missing file is a :class:`LedgerError`.
         migrate_to: the schema version to bring the ledger to (tests build older versions with it).
+        read_only: open an SQLite file for reading only (no WAL switch, no migration): for a ledger this
+            process may not write. Readers then see the schema version the file has.
 
     Returns:
         An SQLAlchemy connection; the caller closes it and opens its own transactions
@@ -381,6 +398,8 @@ def connect(
     """
     loc = locate(ledger)
     timeout_s = BUSY_TIMEOUT_S if timeout_s is None else timeout_s
+    if read_only and loc.path is not None:
+        return _connect_read_only(loc, timeout_s)
     if loc.path is not None and not loc.path.exists():
         if not create:
             raise LedgerError(f"no ledger at {loc.path} (nothing has been recorded yet)")
@@ -402,6 +421,34 @@ def connect(
         conn.close()
         raise
     return conn
+
+
+def _connect_read_only(loc: LedgerLocation, timeout_s: float) -> Connection:
+    assert loc.path is not None
+    if not loc.path.exists():
+        raise LedgerError(f"no ledger at {loc.path} (nothing has been recorded yet)")
+    last: BaseException | None = None
+    for immutable in (False, True):
+        key = (os.getpid(), f"ro|{loc}|{timeout_s}|{immutable}")
+        engine = _ENGINES.get(key)
+        if engine is None:
+            engine = _ENGINES[key] = _sqlite_read_only_engine(loc.path, timeout_s, immutable)
+        try:
+            conn = engine.connect()
+            version = schema_version(conn)
+            conn.commit()
+        except (SQLAlchemyError, sqlite3.Error) as exc:
+            last = exc
+            continue
+        if version > SCHEMA_VERSION:
+            conn.close()
+            raise LedgerError(f"ledger {loc} has schema version {version}, newer than this ssprop-energy "
+                              f"understands ({SCHEMA_VERSION}); upgrade ssprop-energy")
+        if immutable:
+            logger.warning("ledger %s is read-only here and its WAL index cannot be opened; reading the file as "
+                           "it is on disk (rows not yet checkpointed by its writers may be missing)", loc)
+        return conn
+    raise ledger_error(loc, last)  # type: ignore[arg-type]
 
 
 @contextmanager

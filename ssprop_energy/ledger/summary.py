@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ssprop_energy.energy.carbon import J_PER_KWH
 from ssprop_energy.errors import ConfigError
-from ssprop_energy.ledger.db import COMPONENTS, ENTRIES, LedgerLocation, connect, ledger_error, locate
+from ssprop_energy.ledger.db import COMPONENTS, ENTRIES, LedgerLocation, connect, ledger_error, locate, writable
 from ssprop_energy.ledger.entries import COMPONENT_COLUMNS, ENTRY_COLUMNS, sync_pending
 from ssprop_energy.records import write_text_atomic
 
@@ -76,16 +76,23 @@ def load_entries(
         return pd.DataFrame(columns=columns)
     if loc.is_server:
         sync_pending(loc, quiet=True)
-    conn = connect(loc)
+    read_only = loc.path is not None and not writable(loc.path)
+    conn = connect(loc, read_only=read_only)
     try:
-        query = sa.select(ENTRIES.c.id, *(ENTRIES.c[c] for c in ENTRY_COLUMNS)).order_by(ENTRIES.c.id)
+        # A read-only ledger keeps the schema it has: columns added since read as missing values.
+        have = {c["name"] for c in sa.inspect(conn).get_columns("entries")} if read_only else set(ENTRY_COLUMNS)
+        have_c = ({c["name"] for c in sa.inspect(conn).get_columns("components")} if read_only
+                  else set(COMPONENT_COLUMNS))
+        query = sa.select(ENTRIES.c.id, *(ENTRIES.c[c] if c in have else sa.null().label(c)
+                                          for c in ENTRY_COLUMNS)).order_by(ENTRIES.c.id)
         if since is not None:
             query = query.where(ENTRIES.c.started_at >= since.astimezone(timezone.utc).isoformat(timespec="milliseconds"))
         if project is not None:
             query = query.where(ENTRIES.c.project == project)
         entries = [dict(r._mapping) for r in conn.execute(query)]
         comps: dict[int, list[dict[str, Any]]] = {}
-        cq = sa.select(COMPONENTS.c.entry_id, *(COMPONENTS.c[c] for c in COMPONENT_COLUMNS)).order_by(
+        cq = sa.select(COMPONENTS.c.entry_id, *(COMPONENTS.c[c] if c in have_c else sa.null().label(c)
+                                                for c in COMPONENT_COLUMNS)).order_by(
             COMPONENTS.c.entry_id, COMPONENTS.c.component)
         if project is not None or since is not None:
             cq = cq.where(COMPONENTS.c.entry_id.in_([e["id"] for e in entries]))
