@@ -256,3 +256,41 @@ def test_partly_corrupt_sqlite_detected_and_row_goes_to_fallback(tmp_path):
                       cpu_clock=fake_clock(0.0, 1.0))
     assert res.entry.fallback_path == db.pending_dir(path) / f"{res.entry.uid}.json"
     assert "quick_check" in json.loads(res.entry.fallback_path.read_text())["reason"]
+
+
+def test_killed_wrapper_leaves_a_partial_row_charged_up_to_its_heartbeat(tmp_path):
+    from ssprop_energy import ledger
+
+    path = tmp_path / "ledger.sqlite"
+    code = textwrap.dedent(f"""
+        import sys
+        from ssprop_energy.energy import open_meter
+        from ssprop_energy.ledger.wrap import run_wrapped
+        from types import SimpleNamespace
+        child = "import time; print('ready', flush=True); time.sleep(60)"
+        run_wrapped([sys.executable, "-c", child], meter=open_meter("fake", sample_period_s=0.05),
+                    intensity=SimpleNamespace(g_per_kwh=360.0, source="override"), ledger_path={str(path)!r},
+                    heartbeat_s=0.2)
+    """)
+    driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert driver.stdout.readline().strip() == b"ready"
+        deadline = time.monotonic() + 30
+        while _row(path)["heartbeat_at"] is None:
+            assert time.monotonic() < deadline, "no heartbeat written"
+            time.sleep(0.1)
+        time.sleep(0.3)
+        driver.kill()  # kill -9: finish() never runs
+        driver.wait(30)
+    finally:
+        driver.kill()
+        driver.wait()
+    row = _row(path)
+    assert row["status"] == "running" and row["finished_at"] is None  # what the file holds
+    assert row["energy_j"] > 0 and row["co2_g"] == pytest.approx(row["energy_j"] / 3.6e6 * 360.0)
+    df = ledger.load_entries(path)
+    assert df.loc[0, "status"] == "partial"  # the wrapper's pid is gone: readers charge what was measured
+    comps = df.loc[0, "components"]
+    assert comps and row["energy_j"] == pytest.approx(sum(c["energy_j"] for c in comps))
+    total = ledger.summarize(df, None).loc["all"]
+    assert total["partial"] == 1 and total["energy_j"] == pytest.approx(row["energy_j"])

@@ -269,14 +269,16 @@ def summary_command(args: argparse.Namespace) -> int:
     def cells(key: Any, r: Any) -> list[str]:
         key = key if isinstance(key, tuple) else (key,) + ("",) * (len(keys) - 1)
         return [*map(str, key), str(r["runs"]), str(r["complete"]), str(r["failed"]), str(r["interrupted"]),
-                str(r["running"]), _fmt_energy(r["energy_j"]), r["energy_source"] or "-", _fmt_co2(r["co2_g"]),
+                str(r["partial"]), str(r["running"]), _fmt_energy(r["energy_j"]), r["energy_source"] or "-", _fmt_co2(r["co2_g"]),
                 _fmt_wall(r["wall_s"]), str(r["unmeasured"])]
 
     table = summarize(df, keys)
     rows = [cells(key, r) for key, r in table.iterrows()]
     rows.append(cells("TOTAL", summarize(df, None).iloc[0]))
-    _print_table([*keys, "runs", "complete", "failed", "interrupted", "running", "energy", "source", "CO2e",
+    _print_table([*keys, "runs", "complete", "failed", "interrupted", "partial", "running", "energy", "source", "CO2e",
                   "wall", "unmeasured"], rows, left=len(keys))
+    if table["partial"].sum():
+        print("note: 'partial' runs were killed; they are charged what was measured up to their last heartbeat")
     if (table["energy_source"].isin(["estimated", "mixed"])).any():
         print("note: 'estimated' energy comes from a power model, not a meter; 'mixed' adds both")
     _pending_note(ledger)

@@ -184,7 +184,7 @@ _ENTRY_SPECS: list[tuple[str, Any, dict[str, Any]]] = [
     ("cpu_share", sa.Double, {}),
     ("tree_cpu_s", sa.Double, {}),
     ("machine_cpu_s", sa.Double, {}),
-    # v3: the scheduler's job metadata, GPU visibility, and the GPU share's method
+    # v3: the scheduler's job metadata, GPU visibility, the GPU share's method, and the running heartbeat
     ("slurm_job_id", sa.Text, {}),
     ("slurm_array_task_id", sa.Text, {}),
     ("slurm_nodelist", sa.Text, {}),
@@ -192,6 +192,7 @@ _ENTRY_SPECS: list[tuple[str, Any, dict[str, Any]]] = [
     ("cuda_visible_devices", sa.Text, {}),
     ("gpu_share", sa.Double, {}),
     ("gpu_share_method", sa.Text, {}),
+    ("heartbeat_at", sa.Text, {}),  # last time a running row's energy so far was written (ISO 8601, UTC)
 ]
 _COMPONENT_SPECS: list[tuple[str, Any, dict[str, Any]]] = [
     ("entry_id", _ID, {"nullable": False}),
@@ -249,7 +250,7 @@ def _v2(conn: Connection) -> None:
 def _v3(conn: Connection) -> None:
     # Who ran what, where (a lab ledger spans machines and a scheduler), and the GPU share of shared GPUs.
     _add_columns(conn, ENTRIES, ("slurm_job_id", "slurm_array_task_id", "slurm_nodelist", "slurm_partition",
-                                 "cuda_visible_devices", "gpu_share", "gpu_share_method"))
+                                 "cuda_visible_devices", "gpu_share", "gpu_share_method", "heartbeat_at"))
     _add_columns(conn, COMPONENTS, ("share_method",))
     prep = conn.dialect.identifier_preparer
     conn.exec_driver_sql(f"CREATE INDEX entries_user ON entries({prep.quote('user')})")

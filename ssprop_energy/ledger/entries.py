@@ -54,7 +54,7 @@ ENTRY_COLUMNS = (
     "wall_s", "status", "exit_code", "energy_j", "energy_source", "co2_g", "intensity_g_per_kwh",
     "intensity_source", "pue", "run_dir", "note", "pid", "cpu_share", "tree_cpu_s", "machine_cpu_s",
     "slurm_job_id", "slurm_array_task_id", "slurm_nodelist", "slurm_partition", "cuda_visible_devices",
-    "gpu_share", "gpu_share_method",
+    "gpu_share", "gpu_share_method", "heartbeat_at",
 )
 COMPONENT_COLUMNS = ("component", "energy_j", "source", "device", "machine_energy_j", "share", "share_method")
 
@@ -326,6 +326,59 @@ class LedgerEntry:
         self.row["note"] = "; ".join(notes) or None
         self._finished = True
         self._store()
+
+    def heartbeat(
+        self,
+        components: Sequence[EnergyComponent | AttributedComponent],
+        intensity_g_per_kwh: float | None,
+        pue: float | None,
+        intensity_source: str | None,
+        attribution: CpuAttribution | None = None,
+    ) -> bool:
+        """Write the energy measured so far into the ``running`` row (status unchanged).
+
+        If the process is then killed (``kill -9``, a closed ssh session, the OOM killer) the row keeps what
+        was measured up to its last heartbeat, and readers label it ``partial``. A heartbeat that cannot be
+        written is skipped (the next one, or ``finish``, will carry the figures); it never raises.
+
+        Returns:
+            True when the row was updated.
+        """
+        if self._finished or self.entry_id is None:
+            return False
+        attributed = [c if isinstance(c, AttributedComponent) else AttributedComponent(c) for c in components]
+        if not attributed:
+            return False
+        energy_j, source = total_energy([a.component for a in attributed])
+        co2 = (carbon_co2_g(energy_j, intensity_g_per_kwh, 1.0 if pue is None else pue)
+               if intensity_g_per_kwh is not None else None)
+        values = {
+            "energy_j": energy_j, "energy_source": source, "co2_g": co2, "intensity_g_per_kwh": intensity_g_per_kwh,
+            "intensity_source": intensity_source, "pue": pue, "wall_s": time.monotonic() - self._t0,
+            "heartbeat_at": utc_now(),
+        }
+        if attribution is not None:
+            values.update(cpu_share=attribution.share, tree_cpu_s=attribution.tree_cpu_s,
+                          machine_cpu_s=attribution.machine_cpu_s)
+        comps = [{"component": a.component.component, "energy_j": a.component.energy_j, "source": a.component.source,
+                  "device": a.component.device, "machine_energy_j": a.machine_energy_j, "share": a.share,
+                  "share_method": a.method if a.share is not None else None} for a in attributed]
+        entry_id = self.entry_id
+
+        def store(conn: Connection) -> None:
+            # only while still running: a finished row (written by finish, or an import) is never overwritten
+            res = conn.execute(sa.update(ENTRIES).where(ENTRIES.c.id == entry_id, ENTRIES.c.status == "running")
+                               .values(**{k: _db_value(v) for k, v in values.items()}))
+            if res.rowcount:
+                conn.execute(sa.delete(COMPONENTS).where(COMPONENTS.c.entry_id == entry_id))
+                _insert_components(conn, entry_id, comps)
+
+        try:
+            _write(self.ledger_path, store)
+        except LedgerError as exc:
+            logger.info("ledger heartbeat for row %s skipped: %s", self.uid, exc)
+            return False
+        return True
 
     def _store(self) -> None:
         try:

@@ -158,6 +158,14 @@ class GpuShareSampler:
             tally.all_procs += len(procs)
             tally.tree_procs += sum(1 for p in procs if p.pid in self._tree)
 
+    def current(self) -> GpuAttribution | None:
+        """The shares so far, without stopping (for the running row's heartbeat)."""
+        if not self.active:
+            return None
+        per_device = {f"gpu:{i}": t.share() for i, t in self.tallies.items()}
+        found = {k: v for k, v in per_device.items() if v is not None}
+        return GpuAttribution(found) if found else None
+
     def stop(self) -> GpuAttribution | None:
         """Stop sampling; the per-device shares, or None when nothing could be sampled."""
         if not self.active:

@@ -54,7 +54,7 @@ def _group_table(entries: pd.DataFrame, by: str) -> str:
     for key, r in table.iterrows():
         co2 = _num(r["co2_g"])
         share = co2 / total_co2 if total_co2 > 0 and math.isfinite(co2) else 0.0
-        status = ", ".join(f"{int(r[s])} {s}" for s in ("failed", "interrupted", "running") if r[s])
+        status = ", ".join(f"{int(r[s])} {s}" for s in ("failed", "interrupted", "partial", "running") if r[s])
         source = r["energy_source"] or "none"
         rows.append(
             f"<tr><td class='text'>{_e(key)}</td><td>{int(r['runs'])}</td>"
@@ -202,7 +202,7 @@ def render_ledger_html(
         body.append("<div class='cards'>"
                     + _card("runs", f"{int(t['runs'])}",
                             f"{int(t['complete'])} complete, {int(t['failed'])} failed, "
-                            f"{int(t['interrupted'])} interrupted, {int(t['running'])} running")
+                            f"{int(t['interrupted'])} interrupted, {int(t['partial'])} partial, {int(t['running'])} running")
                     + _card("energy", fmt_energy(_num(t["energy_j"])), SOURCE_WORDS.get(source, source))
                     + _card("CO2e", fmt_co2(_num(t["co2_g"])), "energy x grid intensity x PUE, per run")
                     + _card("run time", fmt_seconds(_num(t["wall_s"])), f"{int(t['unmeasured'])} run(s) unmeasured")
@@ -230,7 +230,8 @@ def render_ledger_html(
         "<code>codecarbon</code> were imported from CodeCarbon's emissions CSV: their energy and CO2e are "
         "CodeCarbon's (source <code>codecarbon</code>, its tracking mode in their tags). CO2e = energy x the grid "
         "carbon intensity recorded with each run x PUE. Runs still running, and runs whose meter failed, count as runs "
-        "but add no energy. Commands are shown as recorded (redacted where asked).</p>"
+        "but add no energy; <code>partial</code> runs were killed and are charged what was measured up to their "
+        "last heartbeat. Commands are shown as recorded (redacted where asked).</p>"
     )
     body.append(f"<footer>ssprop-energy {_e(__version__)} carbon-audit ledger report.</footer>")
     return (

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
-
+import psutil
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -29,8 +30,11 @@ GROUP_KEYS = ("project", "user", "host", "month", "kind", "status", "partition",
 # group key -> column (``partition`` and ``job`` are the scheduler's)
 _KEY_COLUMNS = {"partition": "slurm_partition", "job": "slurm_job_id"}
 
+# A running row whose heartbeat is older than this is presumed dead (host gone, kill -9): it is `partial`.
+STALE_HEARTBEAT_S = 3 * 60.0
+
 SUMMARY_COLUMNS = [
-    "runs", "complete", "failed", "interrupted", "running", "unmeasured",
+    "runs", "complete", "failed", "interrupted", "partial", "running", "unmeasured",
     "energy_j", "energy_kwh", "energy_source", "co2_g", "wall_s",
 ]
 
@@ -108,11 +112,32 @@ def load_entries(
         e["redacted"] = bool(e["redacted"])
         e["month"] = e["started_at"][:7]
         e["components"] = comps.get(e["id"], [])
+    _label_partial(entries)
     # object columns keep None as None (pandas would turn missing text into NaN, which is truthy)
     df = pd.DataFrame(entries, columns=columns, dtype=object)
     for col in ("energy_j", "co2_g", "wall_s", "intensity_g_per_kwh", "pue", "cpu_share", "gpu_share"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     return df
+
+
+def _label_partial(entries: list[dict[str, Any]]) -> None:
+    """``running`` rows whose process is gone, with energy from a heartbeat, become ``partial``.
+
+    Gone: on this host, the pid no longer exists; anywhere, the last heartbeat is older than
+    :data:`STALE_HEARTBEAT_S`. Their energy is what was measured up to the last heartbeat (a lower bound).
+    """
+    here = socket.gethostname()
+    now = datetime.now(timezone.utc)
+    for e in entries:
+        if e["status"] != "running" or e.get("energy_j") is None or not e.get("heartbeat_at"):
+            continue
+        gone = e["host"] == here and e.get("pid") is not None and not psutil.pid_exists(int(e["pid"]))
+        try:
+            stale = (now - datetime.fromisoformat(e["heartbeat_at"])).total_seconds() > STALE_HEARTBEAT_S
+        except ValueError:
+            stale = False
+        if gone or stale:
+            e["status"] = "partial"
 
 
 def _common_source(sources: pd.Series) -> str | None:
@@ -157,18 +182,21 @@ def summarize(entries: pd.DataFrame, by: str | Sequence[str] | None) -> pd.DataF
     for key, group in groups:
         key = key if isinstance(key, tuple) else (key,)
         status = group["status"]
+        done = group[status != "running"]
         out.append({
             **dict(zip(names, key)),
             "runs": len(group),
             "complete": int((status == "complete").sum()),
             "failed": int((status == "failed").sum()),
             "interrupted": int((status == "interrupted").sum()),
+            "partial": int((status == "partial").sum()),
             "running": int((status == "running").sum()),
             "unmeasured": int(((status != "running") & group["energy_j"].isna()).sum()),
-            "energy_j": group["energy_j"].sum(min_count=1),
-            "energy_source": _common_source(group["energy_source"]),
-            "co2_g": group["co2_g"].sum(min_count=1),
-            "wall_s": group["wall_s"].sum(min_count=1),
+            # a row still running (its heartbeat's figure so far) adds nothing until it ends
+            "energy_j": done["energy_j"].sum(min_count=1),
+            "energy_source": _common_source(done["energy_source"]),
+            "co2_g": done["co2_g"].sum(min_count=1),
+            "wall_s": done["wall_s"].sum(min_count=1),
         })
     table = pd.DataFrame(out).set_index(names if len(names) > 1 else names[0])
     table["energy_kwh"] = table["energy_j"] / J_PER_KWH

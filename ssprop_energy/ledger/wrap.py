@@ -37,6 +37,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import psutil
+
 from ssprop_energy.errors import ConfigError, SSPropEnergyError
 from ssprop_energy.ledger.attribution import (
     CpuAttribution,
@@ -48,10 +50,14 @@ from ssprop_energy.ledger.attribution import (
 )
 from ssprop_energy.ledger.entries import LedgerEntry, start_entry
 from ssprop_energy.ledger.gpushare import GpuAttribution, GpuShareSampler, attribute_gpus
+from ssprop_energy.records import EnergyComponent
 
 logger = logging.getLogger(__name__)
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# How often the running row gets the energy measured so far: a wrapper killed with kill -9 (or by the OOM
+# killer, or a closed ssh session) leaves a row that readers charge as `partial` with that figure.
+HEARTBEAT_S = 60.0
 # a command killed by one of these was stopped on purpose, not broken
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
@@ -119,6 +125,45 @@ def _parent_death_signal() -> Any:
     return arm
 
 
+def tree_cpu_s_so_far(root_pid: int) -> float:
+    """CPU seconds of a live process tree: the root's own and reaped children's, plus every live descendant's."""
+    try:
+        root = psutil.Process(root_pid)
+        t = root.cpu_times()
+        total = t.user + t.system + getattr(t, "children_user", 0.0) + getattr(t, "children_system", 0.0)
+        for child in root.children(recursive=True):
+            try:
+                ct = child.cpu_times()
+                total += ct.user + ct.system
+            except psutil.Error:
+                continue
+        return total
+    except psutil.Error:
+        return 0.0
+
+
+class _Heartbeat:
+    """Writes the energy measured so far into the running row every ``period_s`` (a daemon thread)."""
+
+    def __init__(self, entry: LedgerEntry, meter: Any, period_s: float, beat: Callable[[], Any]) -> None:
+        self._stop = threading.Event()
+        self._beat = beat
+        self._period_s = period_s
+        self._thread = threading.Thread(target=self._loop, name="ssprop-ledger-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._period_s):
+            try:
+                self._beat()
+            except Exception as exc:  # noqa: BLE001 - a heartbeat is best effort; finish() carries the figures
+                logger.info("ledger heartbeat failed: %s", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
 def _exit_code_from_status(wait_status: int) -> int:
     code = os.waitstatus_to_exitcode(wait_status)
     return 128 - code if code < 0 else code  # shell convention: death by signal N is 128 + N
@@ -142,6 +187,7 @@ def run_wrapped(
     fallback_dir: str | os.PathLike[str] | None = None,
     cpu_clock: Callable[[], float] = machine_busy_cpu_s,
     gpu_sampler: GpuShareSampler | None = None,
+    heartbeat_s: float | None = HEARTBEAT_S,
 ) -> WrapResult:
     """Run ``command`` to completion under an energy meter and record it in the ledger.
 
@@ -161,6 +207,8 @@ def run_wrapped(
         cpu_clock: the machine's busy CPU seconds (tests fake it).
         gpu_sampler: samples the command's share of each GPU; default a :class:`GpuShareSampler` on NVML
             (inert where NVML is unusable), none with ``whole_machine``.
+        heartbeat_s: period of the running row's energy-so-far updates, seconds; None for none (also none
+            for a meter without ``snapshot``).
 
     Returns:
         A :class:`WrapResult`.
@@ -234,12 +282,32 @@ def run_wrapped(
                 send(not_sent.pop(0))
             if gpu_sampler is not None:
                 gpu_sampler.start(proc.pid)
+            heartbeat = None
+            if heartbeat_s is not None and hasattr(meter, "snapshot"):
+                root_pid = proc.pid
+
+                def beat() -> None:
+                    specs = getattr(meter, "specs", {})
+                    comps = [EnergyComponent(c, j, specs[c].source, specs[c].device)
+                             for c, j in meter.snapshot().items() if c in specs]
+                    att = None
+                    if not whole_machine and any(is_machine_wide(c) for c in comps):
+                        tree, machine = tree_cpu_s_so_far(root_pid), max(0.0, cpu_clock() - cpu0)
+                        att = CpuAttribution(tree, machine,
+                                             cpu_share(tree, machine, resolution_s=machine_cpu_resolution_s()))
+                    charged, _ = attribute_gpus(attribute(comps, att),
+                                                gpu_sampler.current() if gpu_sampler is not None else None)
+                    entry.heartbeat(charged, intensity.g_per_kwh, pue, intensity.source, attribution=att)
+
+                heartbeat = _Heartbeat(entry, meter, heartbeat_s, beat)
             # wait4 (not Popen.wait) because its rusage is the command's CPU time including every
             # descendant it waited for: the tree's time, even after the processes are gone.
             _, wait_status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(wait_status)
             child_code = _exit_code_from_status(wait_status)
             tree_cpu_s = usage.ru_utime + usage.ru_stime
+            if heartbeat is not None:
+                heartbeat.stop()
             if gpu_sampler is not None:
                 gpu_shares = gpu_sampler.stop()
         # A signal after the command ended did not interrupt it; it only waits for the row to be written.
