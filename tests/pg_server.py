@@ -89,8 +89,8 @@ class PgServer:
         opts = f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100"
         self._run("pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.log), "-w", "-t", "60", "start")
 
-    def stop(self) -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop", check=False)
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop", check=False)
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
@@ -106,7 +106,7 @@ class PgServer:
         return self.url(name)
 
     def close(self) -> None:
-        self.stop()
+        self.stop("immediate")  # the cluster is thrown away: no shutdown checkpoint to wait for
         shutil.rmtree(self.base, ignore_errors=True)
 
 
