@@ -312,3 +312,17 @@ def test_home_unset_says_which_ledger(monkeypatch, caplog):
     with caplog.at_level("WARNING"):
         loc = ledger.locate()
     assert "HOME is not set" in caplog.text and str(loc.path) in caplog.text
+
+
+@pytest.mark.parametrize("command", ["compare", "sweep"])
+def test_compare_and_sweep_take_ledger_flag_and_refuse_bad_url(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = main([command, "--ledger", "mysql://x@y/z", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "unsupported scheme 'mysql'" in err
+    assert list(tmp_path.iterdir()) == []  # no run dir, no `mysql:` folder
+    from ssprop_energy.cli import build_parser
+
+    args = build_parser().parse_args([command, "--ledger", str(tmp_path / "lab.sqlite")])
+    assert args.ledger == str(tmp_path / "lab.sqlite")
+    assert ledger.default_ledger_path() == tmp_path / "lab.sqlite"  # what start_entry(ledger_path=None) uses

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shlex
 import socket
 import sys
@@ -123,6 +124,29 @@ def register(sub: Any) -> argparse.ArgumentParser:
 
 LEDGER_HELP = ("ledger: an SQLite file or a postgresql://user@host:port/dbname URL "
                "(default $SSPROP_ENERGY_LEDGER, else ledger.sqlite in the user data directory)")
+
+
+class _LedgerForRun(argparse.Action):
+    """``--ledger`` for commands that append through ``ledger.start_entry`` without a ledger argument
+    (``compare``, ``sweep``): validated when parsed (a bad URL is one line, exit 2, before anything runs) and
+    handed on as ``$SSPROP_ENERGY_LEDGER`` for this process."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any,
+                 option_string: str | None = None) -> None:
+        from ssprop_energy.errors import LedgerError
+        from ssprop_energy.ledger.db import LEDGER_ENV
+
+        try:
+            locate(value)
+        except LedgerError as exc:
+            parser.error(str(exc))
+        os.environ[LEDGER_ENV] = str(value)
+        setattr(namespace, self.dest, value)
+
+
+def add_ledger_flag(parser: argparse.ArgumentParser) -> None:
+    """Add ``--ledger PATH|URL`` to a command that records itself in the ledger (compare, sweep)."""
+    parser.add_argument("--ledger", action=_LedgerForRun, metavar="PATH|URL", help=LEDGER_HELP)
 
 
 def _group_keys(text: str) -> list[str]:
