@@ -259,3 +259,18 @@ def test_migrate_sqlite_ledger_to_server(pg_url, tmp_path, capsys):
 
 def pd_isna(x) -> bool:
     return x is None or (isinstance(x, float) and x != x)
+
+
+def test_sync_reclaims_files_of_a_sync_that_died(pg_url):
+    loc = db.locate(pg_url)
+    spool = db.pending_dir(loc)
+    spool.mkdir(parents=True, exist_ok=True)
+    e = ledger.start_entry(kind="x", ledger_path=pg_url)
+    doc = {"format": entries.FALLBACK_FORMAT, "reason": "t", "components": [],
+           "entry": {**e.row, "uid": "orphan", "status": "complete"}}
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (spool / f"orphan.json.sending-{dead.pid}").write_text(json.dumps(doc))
+    assert ledger.sync_pending(pg_url) == (1, 0)
+    assert list(spool.iterdir()) == []
+    assert "orphan" in set(ledger.load_entries(pg_url)["uid"])

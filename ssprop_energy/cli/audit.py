@@ -30,7 +30,7 @@ import psutil
 
 from ssprop_energy.energy import KINDS
 from ssprop_energy.errors import ConfigError
-from ssprop_energy.ledger.db import LedgerLocation, locate, pending_dir
+from ssprop_energy.ledger.db import LedgerLocation, locate, pending_dir, require_driver
 from ssprop_energy.ledger.entries import import_fallback, pending_rows, sync_pending
 from ssprop_energy.ledger.summary import GROUP_KEYS, export_csv, load_entries, parse_since, summarize
 from ssprop_energy.records import write_text_atomic
@@ -137,7 +137,7 @@ class _LedgerForRun(argparse.Action):
         from ssprop_energy.ledger.db import LEDGER_ENV
 
         try:
-            locate(value)
+            require_driver(locate(value))
         except LedgerError as exc:
             parser.error(str(exc))
         os.environ[LEDGER_ENV] = str(value)
@@ -162,7 +162,9 @@ def _group_keys(text: str) -> list[str]:
 
 def _ledger(args: argparse.Namespace) -> LedgerLocation:
     """The ledger named by ``--ledger`` or the environment; a bad URL is a one-line error before any work."""
-    return locate(args.ledger)
+    loc = locate(args.ledger)
+    require_driver(loc)
+    return loc
 
 
 def _nothing(args: argparse.Namespace, ledger: LedgerLocation) -> str:

@@ -300,11 +300,18 @@ def writable(path: Path) -> bool:
     return os.access(target, os.W_OK) and os.access(path.parent, os.W_OK)
 
 
+def require_driver(loc: LedgerLocation) -> None:
+    """Raise :class:`LedgerError` when ``loc`` is a server and its driver (psycopg 3) is not installed: a
+    setup mistake to report before a run starts, not an outage to spool around."""
+    if loc.is_server:
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise LedgerError(f"a PostgreSQL ledger needs the psycopg package: {POSTGRES_INSTALL_FIX}") from None
+
+
 def _server_engine(url: URL) -> Engine:
-    try:
-        import psycopg  # noqa: F401 - only to name the fix when it is missing
-    except ImportError:
-        raise LedgerError(f"a PostgreSQL ledger needs the psycopg package: {POSTGRES_INSTALL_FIX}") from None
+    require_driver(LedgerLocation(url=url))
     args: dict[str, Any] = {}
     if "connect_timeout" not in url.query:
         args["connect_timeout"] = CONNECT_TIMEOUT_S

@@ -551,6 +551,30 @@ def import_fallback(
     return result
 
 
+def _reclaim_abandoned(folder: Path) -> None:
+    """Put back files claimed by a sync that died before it finished (its pid is gone)."""
+    if not folder.is_dir():
+        return
+    for claimed in folder.glob("*.json.sending-*"):
+        pid = claimed.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            original = claimed.with_name(claimed.name.split(".sending-")[0])
+            if original.exists():
+                claimed.unlink(missing_ok=True)  # a newer version of the row is waiting already
+            else:
+                claimed.rename(original)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def sync_pending(
     ledger_path: str | os.PathLike[str] | LedgerLocation | None = None, *, quiet: bool = False
 ) -> tuple[int, int]:
@@ -570,6 +594,7 @@ def sync_pending(
         LedgerError: the ledger cannot be written (unless ``quiet``).
     """
     ledger = locate(ledger_path)
+    _reclaim_abandoned(pending_dir(ledger))
     claimed: list[tuple[Path, Path, dict[str, Any]]] = []
     for f in pending_rows(ledger):
         mine = f.with_name(f"{f.name}.sending-{os.getpid()}")
