@@ -252,6 +252,7 @@ def test_partly_corrupt_sqlite_detected_and_row_goes_to_fallback(tmp_path):
     assert len(data) > 8 * page
     data[5 * page:7 * page] = b"\xa5" * (2 * page)  # two pages in the middle; header and schema intact
     path.write_bytes(bytes(data))
+    db._CHECKED.clear()  # a new `audit run` process: it has not checked this ledger yet
     res = run_wrapped([sys.executable, "-c", "pass"], meter=FakeMeter(), intensity=INTENSITY, ledger_path=path,
                       cpu_clock=fake_clock(0.0, 1.0))
     assert res.entry.fallback_path == db.pending_dir(path) / f"{res.entry.uid}.json"

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -480,13 +481,24 @@ def transaction(ledger: str | os.PathLike[str] | LedgerLocation | None = None) -
         conn.close()
 
 
+_CHECKED: dict[tuple[int, str], float] = {}
+INTEGRITY_RECHECK_S = 300.0
+
+
 def _check_integrity(conn: Connection, loc: LedgerLocation) -> None:
     # A partly corrupt file can still take an INSERT into a sound page while the rows already there are
     # unreadable: writing on would report "recorded" for a row nobody can list. quick_check reads every
-    # page (not the index cross-checks of integrity_check), milliseconds for a lab-sized ledger.
+    # page (not the index cross-checks of integrity_check): milliseconds for a lab-sized ledger, so it runs
+    # before a process's first write and again at most every INTEGRITY_RECHECK_S (heartbeats write often).
+    key = (os.getpid(), str(loc))
+    if time.monotonic() - _CHECKED.get(key, -math.inf) < INTEGRITY_RECHECK_S:
+        return
     result = conn.exec_driver_sql("PRAGMA quick_check(1)").scalar()
     conn.commit()
-    if result != "ok":
+    if result == "ok":
+        _CHECKED[key] = time.monotonic()
+    else:
+        _CHECKED.pop(key, None)
         conn.close()
         raise LedgerError(f"ledger {loc} is corrupt or not an SQLite database (quick_check: {result})")
 
