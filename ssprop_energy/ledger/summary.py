@@ -89,17 +89,19 @@ def load_entries(
                   else set(COMPONENT_COLUMNS))
         query = sa.select(ENTRIES.c.id, *(ENTRIES.c[c] if c in have else sa.null().label(c)
                                           for c in ENTRY_COLUMNS)).order_by(ENTRIES.c.id)
+        conds = []
         if since is not None:
-            query = query.where(ENTRIES.c.started_at >= since.astimezone(timezone.utc).isoformat(timespec="milliseconds"))
+            conds.append(ENTRIES.c.started_at >= since.astimezone(timezone.utc).isoformat(timespec="milliseconds"))
         if project is not None:
-            query = query.where(ENTRIES.c.project == project)
+            conds.append(ENTRIES.c.project == project)
+        query = query.where(*conds)
         entries = [dict(r._mapping) for r in conn.execute(query)]
         comps: dict[int, list[dict[str, Any]]] = {}
         cq = sa.select(COMPONENTS.c.entry_id, *(COMPONENTS.c[c] if c in have_c else sa.null().label(c)
                                                 for c in COMPONENT_COLUMNS)).order_by(
             COMPONENTS.c.entry_id, COMPONENTS.c.component)
-        if project is not None or since is not None:
-            cq = cq.where(COMPONENTS.c.entry_id.in_([e["id"] for e in entries]))
+        if conds:  # a subquery, not a list of ids: no limit on the number of bound parameters
+            cq = cq.where(COMPONENTS.c.entry_id.in_(sa.select(ENTRIES.c.id).where(*conds)))
         for r in conn.execute(cq):
             comps.setdefault(r.entry_id, []).append({k: r._mapping[k] for k in COMPONENT_COLUMNS})
     except SQLAlchemyError as exc:
