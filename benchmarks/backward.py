@@ -14,6 +14,8 @@ allocation/free event of one step, summed in time order, gives the peak bytes al
 above its starting level (parameters and the input batch exist before; gradients are set to None first).
 
 Run: ``python benchmarks/backward.py`` (``--repeats``, ``--batch-size``, ``--quick`` for a smoke run).
+The load before, during and after is printed with the figures (``benchmarks/_load.py``); figures taken
+under load are marked NOT CITABLE.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+import _load
 from ssprop_energy.sparse import densify, keep_count, sparsify
 
 SELECTIONS = ("topk", "random", "quantile")
@@ -208,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     torch.manual_seed(0)
+    load = _load.begin()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
           f"{'channels_last' if args.channels_last else 'NCHW'}, median of {args.repeats} interleaved repeats; "
           "speedups are medians of per-repeat ratios to dense")
@@ -286,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ndrop 0 overhead vs nn.Conv2d: {overhead * 100:+.1f}% (target <= +3%)")
     best = max(paired_speedup(samples, base, f"ssprop d=0.8 {s}") for s in SELECTIONS)
     print(f"best whole-step speedup at drop 0.8: {best:.2f}x (target >= 1.9x)")
+    _load.end(load)
     return 0
 
 

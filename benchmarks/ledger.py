@@ -8,7 +8,9 @@
 
 Run: ``python benchmarks/ledger.py`` (``--pairs``, ``--rounds``). ``--server postgresql://...`` runs
 ``append`` and ``parallel`` against a PostgreSQL ledger too, side by side with SQLite (give an empty
-database: the benchmark's rows stay there). Figures go in BENCHMARKS.md.
+database: the benchmark's rows stay there). Figures go in BENCHMARKS.md. The load
+before, during and after is printed with the figures (``benchmarks/_load.py``); figures taken under load
+are marked NOT CITABLE.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import _load
 from ssprop_energy import ledger
 from ssprop_energy.energy import open_meter
 from ssprop_energy.ledger.wrap import run_wrapped
@@ -65,6 +68,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7, help="wrap rounds")
     ap.add_argument("--server", metavar="URL", help="also measure a PostgreSQL ledger (an empty database)")
     args = ap.parse_args()
+    load = _load.begin()
     with tempfile.TemporaryDirectory() as tmp:
         _append_and_parallel("sqlite", str(Path(tmp) / "one.sqlite"), str(Path(tmp) / "many.sqlite"), args.pairs)
         if args.server:
@@ -84,6 +88,7 @@ def main() -> None:
         d, w = statistics.median(direct_s), statistics.median(wrap_s)
         print(f"wrap: median {d * 1e3:.0f} ms direct, {w * 1e3:.0f} ms wrapped: +{(w - d) * 1e3:.0f} ms per run "
               f"({args.rounds} interleaved rounds)")
+    _load.end(load)
 
 
 if __name__ == "__main__":

@@ -48,10 +48,16 @@ class FakeGpu:
         self.energy_j = energy_j
         self.offset_j = offset_j
         self.lost = False
-        # Shared-GPU figures (None: the driver does not support the call): per-process SM utilisation
-        # samples as (pid, sm_percent) and the pids of the compute processes, both read at call time.
+        # For the interference monitor: processes on the device, temperature, clock event reasons, and
+        # NVML errors to raise per function name (e.g. {"nvmlDeviceGetTemperature": 3}).
+        # A list, or a callable giving the list at call time (the shared-GPU tests list the wrapped command).
+        self.compute_pids: list[int] | Callable[[], list[int]] = []
+        self.graphics_pids: list[int] = []
+        self.temperature_c = 40
+        self.throttle_mask = 0
+        self.errors: dict[str, int] = {}
+        # Per-process SM utilisation samples as (pid, sm_percent), read at call time; None: not supported.
         self.process_utilisation: Callable[[], list[tuple[int, int]]] | None = None
-        self.compute_pids: Callable[[], list[int]] | None = None
 
 
 def make_pynvml(clock: FakeClock, gpus: list[FakeGpu], init_error: int | None = None) -> types.ModuleType:
@@ -95,24 +101,46 @@ def make_pynvml(clock: FakeClock, gpus: list[FakeGpu], init_error: int | None = 
             raise NVMLError(15)
         return int(round((h.offset_j + h.energy_j(clock() - t0)) * 1000))
 
+    def _fail(h: FakeGpu, name: str) -> None:
+        if name in h.errors:
+            raise NVMLError_NotSupported() if h.errors[name] == 3 else NVMLError(h.errors[name])
+        if h.lost:
+            raise NVMLError(15)
+
+    def nvmlDeviceGetComputeRunningProcesses(h: FakeGpu) -> list[types.SimpleNamespace]:
+        _fail(h, "nvmlDeviceGetComputeRunningProcesses")
+        pids = h.compute_pids() if callable(h.compute_pids) else h.compute_pids
+        return [types.SimpleNamespace(pid=p, usedGpuMemory=1 << 30) for p in pids]
+
+    def nvmlDeviceGetGraphicsRunningProcesses(h: FakeGpu) -> list[types.SimpleNamespace]:
+        _fail(h, "nvmlDeviceGetGraphicsRunningProcesses")
+        return [types.SimpleNamespace(pid=p, usedGpuMemory=None) for p in h.graphics_pids]
+
+    def nvmlDeviceGetTemperature(h: FakeGpu, sensor: int) -> int:
+        assert sensor == 0  # NVML_TEMPERATURE_GPU
+        _fail(h, "nvmlDeviceGetTemperature")
+        return h.temperature_c
+
+    def nvmlDeviceGetCurrentClocksEventReasons(h: FakeGpu) -> int:
+        _fail(h, "nvmlDeviceGetCurrentClocksEventReasons")
+        return h.throttle_mask
+
     def nvmlDeviceGetProcessUtilization(h: FakeGpu, last_seen_ts: int) -> list[types.SimpleNamespace]:
         # Like NVML: samples newer than last_seen_ts (microseconds), NVMLError(6) "Not Found" when none.
         if h.process_utilisation is None:
             raise NVMLError_NotSupported()
+        _fail(h, "nvmlDeviceGetProcessUtilization")
         ts = int(clock() * 1e6)
         if ts <= last_seen_ts:
             raise NVMLError(6)
         return [types.SimpleNamespace(pid=pid, timeStamp=ts, smUtil=sm, memUtil=0, encUtil=0, decUtil=0)
                 for pid, sm in h.process_utilisation()]
 
-    def nvmlDeviceGetComputeRunningProcesses(h: FakeGpu) -> list[types.SimpleNamespace]:
-        if h.compute_pids is None:
-            raise NVMLError_NotSupported()
-        return [types.SimpleNamespace(pid=pid, usedGpuMemory=1 << 20) for pid in h.compute_pids()]
-
+    mod.NVML_TEMPERATURE_GPU = 0
     for fn in (nvmlInit, nvmlShutdown, nvmlSystemGetDriverVersion, nvmlDeviceGetCount, nvmlDeviceGetHandleByIndex,
                nvmlDeviceGetName, nvmlDeviceGetPowerUsage, nvmlDeviceGetTotalEnergyConsumption,
-               nvmlDeviceGetProcessUtilization, nvmlDeviceGetComputeRunningProcesses):
+               nvmlDeviceGetComputeRunningProcesses, nvmlDeviceGetGraphicsRunningProcesses, nvmlDeviceGetTemperature,
+               nvmlDeviceGetCurrentClocksEventReasons, nvmlDeviceGetProcessUtilization):
         setattr(mod, fn.__name__, fn)
     return mod
 

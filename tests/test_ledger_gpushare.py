@@ -86,8 +86,9 @@ def test_shared_gpu_charged_by_nvml_utilisation_and_by_process_count(tmp_path):
 def test_gpu_alone_or_without_nvml_is_charged_whole(tmp_path):
     clock = FakeClock()
     g0 = FakeGpu("Fake A100", lambda t: 100.0, None)  # neither call supported: nothing to divide by
+    g0.errors = {"nvmlDeviceGetComputeRunningProcesses": 3}
     g1 = FakeGpu("Fake A100", lambda t: 100.0, None)
-    g1.compute_pids = lambda: []  # supported, but nobody on it
+    g1.compute_pids = []  # supported, but nobody on it
     nvml = make_pynvml(clock, [g0, g1])
     path = tmp_path / "ledger.sqlite"
     run_wrapped([sys.executable, "-c", "pass"], meter=GpuMeter(), intensity=INTENSITY, ledger_path=path,
