@@ -187,6 +187,12 @@ def test_channel_l1_is_the_per_channel_abs_sum_in_every_layout(layout: str) -> N
         dy, dims = base.reshape(3, 5, 24), (0, 2)
     expected = dy.abs().sum(dim=dims)
     assert torch.allclose(channel_l1(dy), expected, rtol=1e-12)
+    # Large enough to be scored in several cache-sized chunks (2^18 elements each), the last one partial.
+    big = torch.randn(70, 2, 48, 48, dtype=F64)
+    if layout == "channels_last":
+        big = big.to(memory_format=torch.channels_last)
+    if layout in ("nchw", "channels_last"):
+        assert torch.allclose(channel_l1(big), big.abs().sum(dim=(0, 2, 3)), rtol=1e-12)
     # The mean is the sum over the same element count.
     assert torch.allclose(channel_scores(dy), expected / (dy.numel() // dy.shape[1]), rtol=1e-12)
 
