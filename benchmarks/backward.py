@@ -24,7 +24,8 @@ allocation/free event of one step, summed in time order, gives the peak bytes al
 above its starting level (parameters and the input batch exist before; gradients are set to None first).
 
 Run: ``python benchmarks/backward.py`` (``--threads``, ``--repeats``, ``--batch-size``, ``--quick`` for a
-smoke run). Only a quiet machine gives citable figures: check the load before and after.
+smoke run). The load before, during and after is printed with the figures (``benchmarks/_load.py``);
+figures taken under load are marked NOT CITABLE.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+import _load
 from ssprop_energy.sparse import densify, keep_count, sparsify
 
 SELECTIONS = ("topk", "random", "quantile")
@@ -362,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         args.batch_size, args.repeats, args.layer_repeats = 8, 2, 2
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     default_threads = torch.get_num_threads()
+    load = _load.begin()
     for threads in thread_counts:
         torch.set_num_threads(threads if threads > 0 else default_threads)
         torch.manual_seed(0)
@@ -371,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
               "speedups are medians of per-repeat ratios to dense")
         per_layer_table(args, fmt)
         whole_step_table(args, fmt)
+    _load.end(load)
     return 0
 
 

@@ -9,6 +9,8 @@ and their ratio. Settings:
 - ``cifar-shaped``: ``synthetic:3x32x32:10:50000``, CIFAR-10's shape and size, 50 000 train images in memory.
 
 Run: ``python benchmarks/data_loading.py`` (``--batch-size``, ``--rounds``, ``--threads``, ``--device``).
+The load before, during and after is printed with the figures (``benchmarks/_load.py``); figures taken
+under load are marked NOT CITABLE.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import _load
 from ssprop_energy.data import BatchLoader, load_dataset
 from ssprop_energy.models import get_model
 
@@ -93,6 +96,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    load = _load.begin(gpu_index=_load.nvml_index(str(device)))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, batch {args.batch_size}, "
           f"{args.rounds} rounds")
     print(f"{'setting':<13} {'shape':<8} {'train':>6} {'load s':>7} {'batch ms':>9} {'(min)':>7} {'step ms':>9} {'batch/step':>11}")
@@ -100,6 +104,7 @@ def main() -> None:
         r = bench(name, SETTINGS[name], args.batch_size, args.rounds, device)
         print(f"{r['setting']:<13} {r['shape']:<8} {r['train_images']:>6} {r['load_s']:>7.2f} {r['batch_ms']:>9.3f} "
               f"{r['batch_min_ms']:>7.3f} {r['step_ms']:>9.1f} {r['ratio']:>11.3e}")
+    _load.end(load)
 
 
 if __name__ == "__main__":

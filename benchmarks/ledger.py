@@ -6,7 +6,9 @@
 - ``wrap``:     ``python -c pass`` run directly vs. through ``run_wrapped`` (fake meter, so the cost is the
   wrapper's: ledger rows, meter thread, wait4), rounds interleaved so machine load hits both alike.
 
-Run: ``python benchmarks/ledger.py`` (``--pairs``, ``--rounds``). Figures go in BENCHMARKS.md.
+Run: ``python benchmarks/ledger.py`` (``--pairs``, ``--rounds``). Figures go in BENCHMARKS.md. The load
+before, during and after is printed with the figures (``benchmarks/_load.py``); figures taken under load
+are marked NOT CITABLE.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import _load
 from ssprop_energy import ledger
 from ssprop_energy.energy import open_meter
 from ssprop_energy.ledger.wrap import run_wrapped
@@ -40,6 +43,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=100, help="start+finish pairs per process")
     ap.add_argument("--rounds", type=int, default=7, help="wrap rounds")
     args = ap.parse_args()
+    load = _load.begin()
     with tempfile.TemporaryDirectory() as tmp:
         one = Path(tmp) / "one.sqlite"
         _pairs(str(one), 3)  # create and migrate outside the timing
@@ -76,6 +80,7 @@ def main() -> None:
         d, w = statistics.median(direct_s), statistics.median(wrap_s)
         print(f"wrap: median {d * 1e3:.0f} ms direct, {w * 1e3:.0f} ms wrapped: +{(w - d) * 1e3:.0f} ms per run "
               f"({args.rounds} interleaved rounds)")
+    _load.end(load)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ also measured in isolation (one sample tick; one window open+close) and turned i
 ``tick_s / period_s`` for the sampler and ``4 x window_s / step_s`` for the windows.
 
 Run: ``python benchmarks/meters.py`` (``--meter``, ``--rounds``, ``--steps``, ``--batch-size``, ``--threads``).
+The load before, during and after is printed with the figures (``benchmarks/_load.py``); figures taken
+under load are marked NOT CITABLE.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+import _load
 from ssprop_energy.energy import open_meter
 from ssprop_energy.models import get_model
 
@@ -95,6 +98,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    load = _load.begin()
     step = make_step(args.batch_size)
     for _ in range(2):  # warm-up: allocator and kernels
         step(no_window)
@@ -134,6 +138,7 @@ def main() -> None:
     print(f"isolated costs: one sample tick {tick_s * 1e6:.1f} us, one window open+close {window_s * 1e6:.1f} us")
     print(f"overhead bound: sampler {tick_s / args.period_s:.4%} of wall time, "
           f"windows {4 * window_s / step_s:.4%} of a {step_s:.3f} s step")
+    _load.end(load)
 
 
 if __name__ == "__main__":

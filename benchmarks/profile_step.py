@@ -6,7 +6,8 @@ step and calls per step of every op above ``--min-ms``, side by side, then where
 issue-12 cost breakdown (forward convolutions, conv backward, copies, channel scoring).
 
 Run: ``python benchmarks/profile_step.py`` (``--threads``, ``--steps``, ``--batch-size``, ``--drop-rate``).
-Profiler times are wall times of each op on the main thread: cite them only from a quiet machine.
+Profiler times are wall times of each op on the main thread: cite them only from a quiet machine (the load
+before, during and after is printed, ``benchmarks/_load.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+import _load
 from backward import ResNet18, step
 from ssprop_energy.sparse import densify, sparsify
 
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     model = ResNet18()
     x = torch.randn(args.batch_size, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch_size,))
+    load = _load.begin()
     densify(model)
     dense = profile_steps(model, x, y, args.steps)
     sparsify(model, args.drop_rate)
@@ -91,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{label}: where the copy_/fill_ calls come from (ms per step, calls per step)")
         for (op, chain), (ms, calls) in sorted(copy_sources(prof, args.steps).items(), key=lambda kv: -kv[1][0]):
             print(f"  {ms:8.2f} ms {calls:5.0f}x  {op} < {chain}")
+    _load.end(load)
     return 0
 
 

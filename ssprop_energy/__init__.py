@@ -28,6 +28,7 @@ _LAZY = {
     "FlopMeter": "ssprop_energy.flops",
     "open_meter": "ssprop_energy.energy",
     "render_report": "ssprop_energy.report",
+    "load_runs": "ssprop_energy.runs",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -48,6 +48,13 @@ class FakeGpu:
         self.energy_j = energy_j
         self.offset_j = offset_j
         self.lost = False
+        # For the interference monitor: processes on the device, temperature, clock event reasons, and
+        # NVML errors to raise per function name (e.g. {"nvmlDeviceGetTemperature": 3}).
+        self.compute_pids: list[int] = []
+        self.graphics_pids: list[int] = []
+        self.temperature_c = 40
+        self.throttle_mask = 0
+        self.errors: dict[str, int] = {}
 
 
 def make_pynvml(clock: FakeClock, gpus: list[FakeGpu], init_error: int | None = None) -> types.ModuleType:
@@ -91,8 +98,34 @@ def make_pynvml(clock: FakeClock, gpus: list[FakeGpu], init_error: int | None = 
             raise NVMLError(15)
         return int(round((h.offset_j + h.energy_j(clock() - t0)) * 1000))
 
+    def _fail(h: FakeGpu, name: str) -> None:
+        if name in h.errors:
+            raise NVMLError_NotSupported() if h.errors[name] == 3 else NVMLError(h.errors[name])
+        if h.lost:
+            raise NVMLError(15)
+
+    def nvmlDeviceGetComputeRunningProcesses(h: FakeGpu) -> list[types.SimpleNamespace]:
+        _fail(h, "nvmlDeviceGetComputeRunningProcesses")
+        return [types.SimpleNamespace(pid=p, usedGpuMemory=1 << 30) for p in h.compute_pids]
+
+    def nvmlDeviceGetGraphicsRunningProcesses(h: FakeGpu) -> list[types.SimpleNamespace]:
+        _fail(h, "nvmlDeviceGetGraphicsRunningProcesses")
+        return [types.SimpleNamespace(pid=p, usedGpuMemory=None) for p in h.graphics_pids]
+
+    def nvmlDeviceGetTemperature(h: FakeGpu, sensor: int) -> int:
+        assert sensor == 0  # NVML_TEMPERATURE_GPU
+        _fail(h, "nvmlDeviceGetTemperature")
+        return h.temperature_c
+
+    def nvmlDeviceGetCurrentClocksEventReasons(h: FakeGpu) -> int:
+        _fail(h, "nvmlDeviceGetCurrentClocksEventReasons")
+        return h.throttle_mask
+
+    mod.NVML_TEMPERATURE_GPU = 0
     for fn in (nvmlInit, nvmlShutdown, nvmlSystemGetDriverVersion, nvmlDeviceGetCount, nvmlDeviceGetHandleByIndex,
-               nvmlDeviceGetName, nvmlDeviceGetPowerUsage, nvmlDeviceGetTotalEnergyConsumption):
+               nvmlDeviceGetName, nvmlDeviceGetPowerUsage, nvmlDeviceGetTotalEnergyConsumption,
+               nvmlDeviceGetComputeRunningProcesses, nvmlDeviceGetGraphicsRunningProcesses, nvmlDeviceGetTemperature,
+               nvmlDeviceGetCurrentClocksEventReasons):
         setattr(mod, fn.__name__, fn)
     return mod
 

@@ -11,7 +11,9 @@ from ssprop_energy.errors import ConfigError
 from ssprop_energy.models import count_parameters, get_model, list_models
 from ssprop_energy.sparse import keep_count, set_drop_rate, sparsify, ssprop_layers
 
-NAMES = [m.name for m in list_models()]
+ALL_NAMES = [m.name for m in list_models()]
+# Classifiers return logits and train with cross-entropy; generation models (ddpm-unet) are tested below.
+NAMES = [m.name for m in list_models() if m.task == "classification"]
 
 
 @pytest.fixture(autouse=True)
@@ -155,8 +157,9 @@ def test_dropout_acts_in_training_only(name):
 
 def test_list_models_describes_every_model():
     infos = list_models()
-    assert [i.name for i in infos] == ["resnet18", "resnet34", "resnet50", "cnn", "mlp", "vit"]
+    assert [i.name for i in infos] == ["resnet18", "resnet34", "resnet50", "cnn", "mlp", "vit", "ddpm-unet"]
     assert all(i.description and i.default_image_size == 32 for i in infos)
+    assert [i.task for i in infos] == ["classification"] * 6 + ["generation"]
 
 
 def _dense_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -200,8 +203,138 @@ def test_models_command_lists_counts(capsys):
 
     assert main(["models", "--json", "--in-channels", "1", "--image-size", "28"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
-    assert list(rows) == NAMES
+    assert list(rows) == ALL_NAMES
     assert rows["resnet18"]["parameters"] == cifar_resnet_params((2, 2, 2, 2), False, 10, 1)
     assert rows["mlp"]["parameters"] == (784 * 256 + 256) + (256 * 256 + 256) + (256 * 10 + 10)
     assert main(["models"]) == 0
     assert "11,173,962" in capsys.readouterr().out
+
+
+# ---- ddpm-unet: the paper's DDPM noise predictor ----------------------------------------------------------
+
+
+def _unet_params(in_channels: int, base: int = 16) -> int:
+    """Parameters of the public code's MNIST UNet, written from its block list (models/unet.py, train_ddpm.py:
+    model_channels 16, channel_mult (1, 2, 4), 2 res blocks, num_attention_blocks [0, 0, 2], GroupNorm)."""
+
+    def conv(ci, co, k):
+        return ci * co * k * k + co
+
+    def lin(i, o):
+        return i * o + o
+
+    def gn(c):
+        return 2 * c
+
+    emb = 4 * base
+
+    def res(ci, co):
+        skip = conv(ci, co, 1) if ci != co else 0
+        return gn(ci) + conv(ci, co, 3) + lin(emb, co) + gn(co) + conv(co, co, 3) + skip
+
+    def attn(c):
+        return gn(c) + (c * 3 * c + 3 * c) + (c * c + c)  # 1-D 1x1 qkv and output projections
+
+    b1, b2, b4 = base, 2 * base, 4 * base
+    total = lin(base, emb) + lin(emb, emb) + conv(in_channels, b1, 3)
+    total += 2 * res(b1, b1) + conv(b1, b1, 3)  # level 0 + downsample
+    total += res(b1, b2) + res(b2, b2) + conv(b2, b2, 3)  # level 1 + downsample
+    total += res(b2, b4) + attn(b4) + res(b4, b4) + attn(b4)  # level 2, attention after both
+    total += 2 * res(b4, b4) + attn(b4)  # middle
+    total += res(2 * b4, b4) + attn(b4) + res(2 * b4, b4) + attn(b4) + res(b4 + b2, b4) + conv(b4, b4, 3)
+    total += res(b4 + b2, b2) + res(2 * b2, b2) + res(b2 + b1, b2) + conv(b2, b2, 3)
+    total += res(b2 + b1, b1) + res(2 * b1, b1) + res(2 * b1, b1)
+    return total + gn(b1) + conv(b1, in_channels, 3)
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_unet_parameter_count_follows_the_public_architecture(in_channels):
+    model = get_model("ddpm-unet", in_channels=in_channels, num_classes=123)  # num_classes is ignored
+    assert count_parameters(model) == _unet_params(in_channels)
+    assert count_parameters(get_model("ddpm-unet", in_channels=1)) == 972_449
+    attn = [m for m in model.modules() if type(m).__name__ == "AttentionBlock"]
+    assert len(attn) == 5 and all(a.heads == 8 for a in attn)
+
+
+@pytest.mark.parametrize("image_size", [8, 16, 28, 32])
+def test_unet_maps_images_to_images_and_starts_at_zero(image_size):
+    torch.manual_seed(0)
+    model = get_model("ddpm-unet", in_channels=1, image_size=image_size)
+    x = torch.randn(2, 1, image_size, image_size)
+    out = model(x, torch.tensor([0, 199]))
+    assert out.shape == x.shape
+    # The public code zero-initialises the output convolution: the untrained model predicts no noise.
+    assert torch.count_nonzero(out) == 0
+
+
+def test_unet_depends_on_the_timestep():
+    torch.manual_seed(0)
+    model = get_model("ddpm-unet", in_channels=1, image_size=16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    x = torch.randn(1, 1, 16, 16).expand(2, -1, -1, -1)
+    out = model(x, torch.tensor([3, 150]))
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_unet_rejects_sizes_it_cannot_reassemble():
+    with pytest.raises(ConfigError, match="divisible by 4"):
+        get_model("ddpm-unet", image_size=30)
+    with pytest.raises(ConfigError, match="timesteps"):
+        get_model("ddpm-unet", in_channels=1, image_size=8)(torch.zeros(2, 1, 8, 8), torch.zeros(3, dtype=torch.long))
+
+
+def _masked_dense_grads(model: nn.Module, x, t, target, drop_rate: float) -> dict[str, torch.Tensor]:
+    """Reference: the dense model with every Conv2d's output gradient masked to the top-k channels by mean
+    |grad| (SSPROP.md's rule, written here independently of sparse/functional.py), then dense backward."""
+    handles = []
+
+    def hook(module, args, out):
+        k = keep_count(drop_rate, out.shape[1])
+
+        def mask(grad):
+            score = grad.abs().mean(dim=(0, 2, 3))
+            keep = torch.zeros_like(score, dtype=torch.bool)
+            keep[score.topk(k).indices] = True
+            return grad * keep[None, :, None, None]
+
+        out.register_hook(mask)
+
+    for m in model.modules():
+        if type(m) is nn.Conv2d:
+            handles.append(m.register_forward_hook(hook))
+    model.zero_grad()
+    nn.functional.mse_loss(model(x, t), target).backward()
+    for h in handles:
+        h.remove()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_sparsified_unet_gradients_equal_the_masked_dense_reference():
+    torch.manual_seed(0)
+    dense = get_model("ddpm-unet", in_channels=1, image_size=8).double()
+    with torch.no_grad():  # leave the zero init: with zero output convs most gradients would be zero
+        for p in dense.parameters():
+            p.normal_(0, 0.2)
+    sparse = get_model("ddpm-unet", in_channels=1, image_size=8).double()
+    sparse.load_state_dict(dense.state_dict())
+    sparsify(sparse, drop_rate=0.5, layers=("conv",))
+    layers = ssprop_layers(sparse)
+    # stem 1, 17 residual blocks x 2, 11 channel-changing skips, 2 down, 2 up, output 1
+    assert len(layers) == sum(type(m) is nn.Conv2d for m in dense.modules()) == 51
+    # attention projections are Conv1d and stay dense, as in the public code
+    assert all(type(m) is nn.Conv1d for n, m in sparse.named_modules() if n.endswith(("qkv", "proj_out")))
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    t, target = torch.tensor([1, 50, 190]), torch.randn(3, 1, 8, 8, dtype=torch.float64)
+
+    ref = _masked_dense_grads(dense, x, t, target, 0.5)
+    sparse.zero_grad()
+    nn.functional.mse_loss(sparse(x, t), target).backward()
+    for name, p in sparse.named_parameters():
+        torch.testing.assert_close(p.grad, ref[name], rtol=1e-9, atol=1e-12, msg=name)
+    # and the sparsity is real: C_out - k zero rows in each multi-channel conv's weight gradient
+    for layer in layers:
+        rows = layer.weight.grad.flatten(1).abs().sum(dim=1)
+        c_out = layer.weight.shape[0]
+        assert int((rows == 0).sum()) == c_out - keep_count(0.5, c_out)

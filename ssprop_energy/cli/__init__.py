@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "flops": "flops",
     "report": "report",
     "models": "models",
+    "schedule": "schedule",
 }
 
 EXIT_OK = 0

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ssprop_energy.errors import RunInterrupted
-from ssprop_energy.experiment.config import METERS, SCHEDULES, SELECTIONS, ExperimentConfig
+from ssprop_energy.experiment.config import METERS, PRESETS, SCHEDULES, SELECTIONS, ExperimentConfig
 
 EXIT_INTERRUPTED = 130
 
@@ -38,9 +38,18 @@ def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> 
     p.add_argument("--selection", choices=SELECTIONS, help=f"channel selection (default {defaults.selection})")
     p.add_argument("--layers", type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
                    help="layer kinds ssProp replaces: conv, linear or conv,linear (default conv, as the paper)")
-    p.add_argument("--warmup-epochs", type=int, help="dense warm-up epochs (default 0)")
-    p.add_argument("--schedule-by", choices=("epoch", "iteration"), help="schedule granularity (default epoch)")
-    p.add_argument("--period", type=int, help="period T in iterations for --schedule-by iteration (default 10)")
+    p.add_argument("--warmup-epochs", type=int, help="dense warm-up epochs (default 0; public code: warmup)")
+    p.add_argument("--schedule-by", choices=("epoch", "iteration"),
+                   help="schedule granularity (default epoch; public code: by_epoch)")
+    p.add_argument("--period", type=int, help="period T in iterations for --schedule-by iteration (default 10; public code: T)")
+    p.add_argument("--start-drop-rate", type=float,
+                   help="drop rate where linear / cosine / halves start (default 0 = dense; public code: 1 - percentage)")
+    p.add_argument("--schedule-interleave", action=argparse.BooleanOptionalAction, default=None,
+                   help="alternate dense and sparse epochs after the warm-up, dense first, for any schedule "
+                   "(default: on for bar, off otherwise; by epoch only)")
+    p.add_argument("--preset", choices=PRESETS,
+                   help="paper: the public code's training settings (Adam 0.9/0.999, no weight decay, no LR "
+                   "schedule, batch 128, the bar schedule at drop 0.8); explicit flags override it")
     p.add_argument("--epochs", type=int, help=f"epochs per arm (default {defaults.epochs})")
     p.add_argument("--batch-size", type=int, help=f"batch size (default {defaults.batch_size})")
     p.add_argument("--lr", type=float, help=f"learning rate (default {defaults.lr:g})")
@@ -68,7 +77,10 @@ def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> 
 def config_from_args(args: argparse.Namespace, kind: str, **lists: Any) -> ExperimentConfig:
     """Build and validate a config from parsed flags; unset flags keep the config defaults."""
     cfg = ExperimentConfig(kind=kind)
+    if getattr(args, "preset", None) is not None:
+        cfg.apply_preset(args.preset)
     scalar = ("model", "dataset", "data_dir", "image_size", "selection", "layers", "warmup_epochs", "schedule_by", "period",
+              "start_drop_rate", "schedule_interleave",
               "epochs", "batch_size", "lr", "optimizer", "weight_decay", "lr_schedule", "repeats", "device", "amp",
               "meter", "sample_period_s", "idle_s", "carbon_intensity", "country", "pue", "eval_noise", "project",
               "out")

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from ssprop_energy.cli._experiment import add_common_flags, execute
+from ssprop_energy.cli.schedule import SCHEDULE_HELP
 from ssprop_energy.experiment.config import SCHEDULES, ExperimentConfig
 
 
@@ -16,8 +17,9 @@ def register(sub: Any) -> argparse.ArgumentParser:
         "(bar schedule: dense and 80%%-drop epochs alternate) on the embedded digits dataset.",
     )
     add_common_flags(p, ExperimentConfig())
-    p.add_argument("--drop-rate", type=float, help="ssProp drop rate in [0, 1) (default 0.8)")
-    p.add_argument("--schedule", choices=SCHEDULES, help="drop-rate schedule (default bar)")
+    p.add_argument("--drop-rate", type=float, help="ssProp drop rate in [0, 1) (default 0.8): what bar / constant apply, where "
+                   "linear / cosine / halves end")
+    p.add_argument("--schedule", choices=SCHEDULES, help=SCHEDULE_HELP)
     p.add_argument("--dropout", type=float, help="dropout after conv blocks, both arms (default 0)")
     p.set_defaults(func=run)
     return p

@@ -18,12 +18,18 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "forward and backward FLOPs and MACs per sample, a per-layer table and the ops outside the convention. "
         "With --drop-rate > 0 the model's layers are made ssProp and the dense step is shown beside it.",
     )
-    parser.add_argument("--model", default="resnet18", help="model name from the registry (default resnet18)")
+    parser.add_argument(
+        "--model", default="resnet18",
+        help="a registered model (see 'models'), torchvision:NAME, timm:NAME, path/to/file.py:factory or "
+        "module.sub:factory (default resnet18)",
+    )
     parser.add_argument("--input-shape", default="3,32,32", help="one sample's shape C,H,W (default 3,32,32)")
     parser.add_argument("--num-classes", type=int, default=10, help="number of classes (default 10)")
     parser.add_argument("--drop-rate", type=float, default=0.0, help="ssProp drop rate in [0, 1) (default 0: dense)")
     parser.add_argument(
-        "--layers", default="conv", help="layer kinds made ssProp, comma-separated: conv, linear (default conv)"
+        "--layers", default=None,
+        help="layer kinds made ssProp, comma-separated: conv, linear (default: the model's own, e.g. conv for "
+        "ResNets, linear for mlp, conv,linear for vit and external models that have both)",
     )
     parser.add_argument("--batch-size", type=int, default=2, help="samples in the counted step (default 2)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -46,22 +52,29 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 
 def collect(
-    model_name: str, shape: tuple[int, int, int], num_classes: int, drop_rate: float, layers: str, batch_size: int
+    model_name: str, shape: tuple[int, int, int], num_classes: int, drop_rate: float, layers: str | None,
+    batch_size: int,
 ) -> dict[str, Any]:
     """Count the step (and the dense step when ``drop_rate > 0``); a JSON-ready dict."""
     from ssprop_energy.flops import CONVENTION, CONVENTION_DESCRIPTION, FlopMeter
-    from ssprop_energy.models import get_model
+    from ssprop_energy.layer_coverage import layer_coverage
+    from ssprop_energy.models import default_layers_for, get_model
     from ssprop_energy.sparse import sparsify
     from ssprop_energy.sparse.functional import validate_drop_rate
 
     drop_rate = validate_drop_rate(drop_rate)
-    kinds = tuple(k.strip() for k in layers.split(",") if k.strip())
     model = get_model(model_name, num_classes=num_classes, in_channels=shape[0], image_size=shape[1])
+    if layers is None:
+        kinds = default_layers_for(model_name, model)
+    else:
+        kinds = tuple(k.strip() for k in layers.split(",") if k.strip())
     if drop_rate > 0:
         sparsify(model, drop_rate=drop_rate, layers=kinds)
     meter = FlopMeter(model, shape, num_classes, batch_size=batch_size)
     step = meter.per_sample(drop_rate)
     dense = meter.per_sample(0.0) if drop_rate > 0 else None
+    # Shares from the dense step: the sparse step's own backward would shrink the share it is judged by.
+    coverage = layer_coverage(dense.layers).to_dict() if dense is not None else None
     result: dict[str, Any] = {
         "model": model_name,
         "input_shape": list(shape),
@@ -73,6 +86,7 @@ def collect(
         "convention_description": CONVENTION_DESCRIPTION,
         "step": step.to_dict(),
         "dense": dense.to_dict() if dense is not None else None,
+        "sparsified_layers": coverage,
     }
     if dense is not None:
         result["saving"] = {
@@ -91,7 +105,14 @@ def _print_text(info: dict[str, Any]) -> None:
     sparse = f"ssProp on {'+'.join(info['ssprop_layers'])} at drop rate {info['drop_rate']:g}" if dense else "dense"
     out.write(f"model {info['model']}: {info['params']:,} parameters, input {shape}, {info['num_classes']} classes, "
               f"{sparse}\n")
-    out.write(f"convention: {info['convention']} ({info['convention_description']})\n\n")
+    out.write(f"convention: {info['convention']} ({info['convention_description']})\n")
+    coverage = info.get("sparsified_layers")
+    if coverage:
+        kinds = " + ".join(f"{c['layers']} {k} ({c['share']:.1%})" for k, c in coverage["kinds"].items())
+        out.write(f"sparsified: {kinds or 'no layer'}: {coverage['share']:.1%} of the dense backward FLOPs\n")
+        if coverage["warning"]:
+            out.write(f"WARNING: {coverage['warning']}\n")
+    out.write("\n")
     rows = {
         "forward": (step["forward"], dense and dense["forward"]),
         "backward": (step["backward"], dense and dense["backward"]),

@@ -37,6 +37,7 @@ def collect(num_classes: int, in_channels: int, image_size: int | None) -> list[
                 "description": info.description,
                 "image_size": size,
                 "parameters": count_parameters(model),
+                "default_layers": list(info.default_layers),
             }
         )
     return rows
@@ -51,5 +52,8 @@ def run(args: argparse.Namespace) -> int:
     out.write(f"models for {args.num_classes} classes, {args.in_channels} input channel(s):\n")
     width = max(len(r["name"]) for r in rows)
     for r in rows:
-        out.write(f"  {r['name']:<{width}}  {r['parameters']:>12,d} params @ {r['image_size']}px  {r['description']}\n")
+        out.write(f"  {r['name']:<{width}}  {r['parameters']:>12,d} params @ {r['image_size']}px  "
+                  f"ssProp on {'+'.join(r['default_layers']):<11}  {r['description']}\n")
+    out.write("also: torchvision:NAME, timm:NAME (pip install 'ssprop-energy[vision]'), path/to/file.py:factory, "
+              "module.sub:factory; external models default to ssProp on conv+linear when they have both\n")
     return 0

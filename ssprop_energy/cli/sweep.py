@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from ssprop_energy.cli._experiment import add_common_flags, execute, float_list
+from ssprop_energy.cli.schedule import SCHEDULE_HELP
 from ssprop_energy.experiment.config import ExperimentConfig
 
 
@@ -22,7 +23,7 @@ def register(sub: Any) -> argparse.ArgumentParser:
     add_common_flags(p, ExperimentConfig())
     p.add_argument("--drop-rates", type=float_list, default=[0.2, 0.4, 0.6, 0.8],
                    help="comma-separated drop rates (default 0.2,0.4,0.6,0.8)")
-    p.add_argument("--schedules", type=_names, default=["bar"], help="comma-separated schedules (default bar)")
+    p.add_argument("--schedules", type=_names, default=["bar"], help="comma-separated schedules (default bar); " + SCHEDULE_HELP)
     p.add_argument("--dropout", type=float_list, default=[0.0], help="comma-separated dropout rates (default 0)")
     p.set_defaults(func=run)
     return p

@@ -3,6 +3,11 @@
 The tarball holds pickled dicts with ``data`` (N x 3072 uint8, channel-major 32x32 planes) and ``labels``
 (CIFAR-10) or ``fine_labels`` (CIFAR-100). The members are read straight from the verified tarball, nothing is
 extracted, and the pickles are opened with an unpickler that only admits what a numpy array needs.
+
+A torchvision root works as ``data_dir``: its ``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz`` (verified
+against the same MD5), or else its extracted ``cifar-10-batches-py/`` / ``cifar-100-python/`` folder (each batch
+file verified against torchvision's per-file MD5), is used before the project's own ``DATA_DIR/cifar10/``
+layout, and nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ssprop_energy.data.base import DatasetSplits, make_splits, official_split
-from ssprop_energy.data.download import RemoteFile, ensure_file
+from ssprop_energy.data.download import RemoteFile, ensure_file, verify_file
 from ssprop_energy.errors import DataError
 
 # URLs and published MD5s of the tarballs, as torchvision lists them (torchvision/datasets/cifar.py:
@@ -46,6 +51,20 @@ CIFAR_LAYOUT: dict[str, tuple[str, tuple[str, ...], tuple[str, ...], str, int]] 
         10,
     ),
     "cifar100": ("cifar-100-python", ("train",), ("test",), "fine_labels", 100),
+}
+
+# MD5 of each extracted batch file, as torchvision lists them (torchvision/datasets/cifar.py: CIFAR10.train_list /
+# test_list and CIFAR100.train_list / test_list).
+CIFAR_MEMBER_MD5: dict[str, dict[str, str]] = {
+    "cifar10": {
+        "data_batch_1": "c99cafc152244af753f735de768cd75f",
+        "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+        "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+        "data_batch_4": "634d18415352ddfa80567beed471001a",
+        "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+        "test_batch": "40351d587109b95175f43aff81a1287e",
+    },
+    "cifar100": {"train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc"},
 }
 
 # Normalisation of the paper's public code (train_classifier.py), on the [0, 1] scale.
@@ -87,23 +106,67 @@ def _key(batch: dict[Any, Any], key: str) -> Any:
     raise KeyError(key)
 
 
+def _parse_batch(data: bytes, label_key: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 3, 32, 32) uint8 and labels (N,) int64 from one pickled batch; ``where`` names it in errors."""
+    try:
+        batch = _ArrayUnpickler(io.BytesIO(data), encoding="latin1").load()
+        images = np.asarray(_key(batch, "data"))
+        labels = np.asarray(_key(batch, label_key), dtype=np.int64)
+    except (pickle.UnpicklingError, KeyError, EOFError, ValueError, TypeError, AttributeError) as exc:
+        raise DataError(f"{where} is not a CIFAR batch ({type(exc).__name__}: {exc})") from exc
+    if images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3 * 32 * 32:
+        raise DataError(f"{where}: data is {images.dtype} {images.shape}, expected uint8 (N, 3072)")
+    if labels.shape != (images.shape[0],):
+        raise DataError(f"{where}: {labels.shape[0]} labels for {images.shape[0]} images")
+    return images.reshape(-1, 3, 32, 32), labels
+
+
 def _read_batch(
     tar: tarfile.TarFile, member: tarfile.TarInfo, label_key: str, path: Path
 ) -> tuple[np.ndarray, np.ndarray]:
     fh = tar.extractfile(member)
     if fh is None:
         raise DataError(f"{path}: member {member.name} is not a file")
-    try:
-        batch = _ArrayUnpickler(io.BytesIO(fh.read()), encoding="latin1").load()
-        data = np.asarray(_key(batch, "data"))
-        labels = np.asarray(_key(batch, label_key), dtype=np.int64)
-    except (pickle.UnpicklingError, KeyError, EOFError, ValueError, TypeError, AttributeError) as exc:
-        raise DataError(f"{path}: member {member.name} is not a CIFAR batch ({type(exc).__name__}: {exc})") from exc
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise DataError(f"{path}: member {member.name}: data is {data.dtype} {data.shape}, expected uint8 (N, 3072)")
-    if labels.shape != (data.shape[0],):
-        raise DataError(f"{path}: member {member.name}: {labels.shape[0]} labels for {data.shape[0]} images")
-    return data.reshape(-1, 3, 32, 32), labels
+    return _parse_batch(fh.read(), label_key, f"{path}: member {member.name}")
+
+
+def _join(
+    batches_by_part: list[list[tuple[np.ndarray, np.ndarray]]], num_classes: int, where: Path
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    out: list[np.ndarray] = []
+    for batches in batches_by_part:
+        images = np.concatenate([b[0] for b in batches])
+        labels = np.concatenate([b[1] for b in batches])
+        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+            raise DataError(f"{where}: labels outside 0..{num_classes - 1}")
+        out += [images, labels]
+    return out[0], out[1], out[2], out[3]
+
+
+def read_cifar_folder(
+    folder: str | Path, dataset: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Train images, train labels, test images, test labels from an extracted CIFAR folder (torchvision's
+    ``cifar-10-batches-py/`` or ``cifar-100-python/``), every batch file checked against its published MD5.
+
+    Raises:
+        ChecksumError: a batch file does not match torchvision's MD5.
+        DataError: a batch file is missing or malformed, or a label is out of range.
+    """
+    folder = Path(folder)
+    _, train_members, test_members, label_key, num_classes = CIFAR_LAYOUT[dataset]
+    missing = [m for m in (*train_members, *test_members) if not (folder / m).is_file()]
+    if missing:
+        raise DataError(f"{folder}: batch file(s) {', '.join(missing)} missing from the extracted CIFAR folder")
+    parts = []
+    for members in (train_members, test_members):
+        batches = []
+        for member in members:
+            path = folder / member
+            verify_file(path, CIFAR_MEMBER_MD5[dataset][member])
+            batches.append(_parse_batch(path.read_bytes(), label_key, str(path)))
+        parts.append(batches)
+    return _join(parts, num_classes, folder)
 
 
 def read_cifar_tarball(
@@ -133,14 +196,7 @@ def read_cifar_tarball(
     if missing:
         raise DataError(f"{path}: member(s) {', '.join(missing)} missing from the tarball")
     parts = [[found[f"{folder}/{m}"] for m in members] for members in (train_members, test_members)]
-    out: list[np.ndarray] = []
-    for batches in parts:
-        images = np.concatenate([b[0] for b in batches])
-        labels = np.concatenate([b[1] for b in batches])
-        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-            raise DataError(f"{path}: labels outside 0..{num_classes - 1}")
-        out += [images, labels]
-    return out[0], out[1], out[2], out[3]
+    return _join(parts, num_classes, path)
 
 
 def load_cifar_dataset(
@@ -154,14 +210,20 @@ def load_cifar_dataset(
     """CIFAR-10 or CIFAR-100: the tarball fetched and verified if needed, train split 80/20 into train/val
     with ``seed``, the official test set as test, normalised with the paper's constants."""
     remote = CIFAR_DATASETS[name]
-    path = ensure_file(name, remote, data_dir, mirror=mirror, download=download)
-    train_x, train_y, test_x, test_y = read_cifar_tarball(path, name)
+    root = Path(data_dir)
+    torchvision_tarball = root / remote.filename
+    extracted = root / CIFAR_LAYOUT[name][0]
+    own = root / name / remote.filename
+    if not torchvision_tarball.exists() and not own.exists() and extracted.is_dir():
+        train_x, train_y, test_x, test_y = read_cifar_folder(extracted, name)
+        members = (*CIFAR_LAYOUT[name][1], *CIFAR_LAYOUT[name][2])
+        files = [{"name": m, "md5": CIFAR_MEMBER_MD5[name][m], "path": str(extracted / m)} for m in members]
+    else:
+        path = ensure_file(name, remote, root, mirror=mirror, download=download, elsewhere=[torchvision_tarball])
+        train_x, train_y, test_x, test_y = read_cifar_tarball(path, name)
+        files = [{"name": remote.filename, "md5": remote.md5, "path": str(path)}]
     parts, split_info = official_split(train_x, train_y, test_x, test_y, seed)
-    info = {
-        "source": remote.urls[0],
-        "files": [{"name": remote.filename, "md5": remote.md5, "path": str(path)}],
-        "split": split_info,
-    }
+    info = {"source": remote.urls[0], "files": files, "split": split_info}
     size = 32 if image_size is None else int(image_size)
     num_classes = CIFAR_LAYOUT[name][4]
     return make_splits(name, parts, num_classes, size, CIFAR_NORMALIZATION[name], info, "paper's public code (train_classifier.py)")

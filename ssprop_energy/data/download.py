@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from ssprop_energy import __version__
 from ssprop_energy.errors import ChecksumError, DataError, DownloadError
@@ -81,6 +81,19 @@ def verify_file(path: Path, md5: str) -> None:
         )
 
 
+def find_verified(candidates: Sequence[Path], md5: str) -> Path | None:
+    """The first of ``candidates`` that exists, after checking its MD5; None when none exists.
+
+    A copy that exists but does not match is an error (:class:`ChecksumError` naming it), never skipped for
+    the next candidate: a corrupt file a user pointed at must be heard of, not silently replaced by a download.
+    """
+    for path in candidates:
+        if path.is_file():
+            verify_file(path, md5)
+            return path
+    return None
+
+
 def ensure_file(
     dataset: str,
     remote: RemoteFile,
@@ -89,14 +102,22 @@ def ensure_file(
     download: bool = True,
     attempts: int = 3,
     timeout_s: float = 60.0,
+    elsewhere: Sequence[Path] = (),
 ) -> Path:
     """Return ``data_dir/dataset/filename``, verified, downloading it first if it is missing.
+
+    ``elsewhere`` lists other places the same published file may already lie (a torchvision root); the first
+    that exists is verified and used instead, and nothing is downloaded.
 
     Raises:
         ChecksumError: the cached or downloaded file does not match its published MD5.
         DownloadError: every URL failed.
         DataError: the file is missing and ``download`` is False.
     """
+    found = find_verified(list(elsewhere), remote.md5)
+    if found is not None:
+        log.info("using %s (MD5 verified)", found)
+        return found
     dest = Path(data_dir) / dataset / remote.filename
     if dest.exists():
         verify_file(dest, remote.md5)

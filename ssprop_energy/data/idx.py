@@ -63,6 +63,10 @@ IDX_DATASETS: dict[str, tuple[RemoteFile, RemoteFile, RemoteFile, RemoteFile]] =
     for name, md5s, bases in (("mnist", _MNIST_MD5, _MNIST_BASES), ("fashion-mnist", _FASHION_MD5, _FASHION_BASES))
 }
 
+# torchvision's folder for each dataset under its root (torchvision/datasets/mnist.py: MNIST.raw_folder is
+# ROOT/<class name>/raw), where it keeps the same published .gz files.
+TORCHVISION_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+
 # Normalisation the paper's public code uses (train_classifier.py, transforms.Normalize), per channel on the
 # [0, 1] scale; kept so that reproductions see the paper's inputs.
 IDX_NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -127,7 +131,11 @@ def load_idx_dataset(
     """MNIST or Fashion-MNIST: fetched and verified if needed, train split 80/20 into train/val with
     ``seed`` as the paper does, the official test set as test, normalised with the paper's constants."""
     remotes = IDX_DATASETS[name]
-    paths = [ensure_file(name, r, data_dir, mirror=mirror, download=download) for r in remotes]
+    raw = Path(data_dir) / TORCHVISION_FOLDERS[name] / "raw"
+    paths = [
+        ensure_file(name, r, data_dir, mirror=mirror, download=download, elsewhere=[raw / r.filename])
+        for r in remotes
+    ]
     train_x, train_y = read_idx_pair(paths[0], paths[1])
     test_x, test_y = read_idx_pair(paths[2], paths[3])
     for path, labels in ((paths[1], train_y), (paths[3], test_y)):

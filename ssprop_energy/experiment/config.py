@@ -10,8 +10,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ssprop_energy.errors import ConfigError
+from ssprop_energy.sparse.schedules import BY, SCHEDULES, DropSchedule
 
-SCHEDULES = ("bar", "constant", "linear", "cosine")
+PRESETS = ("paper",)
 SELECTIONS = ("topk", "random", "quantile")
 METERS = ("auto", "nvml", "rapl", "estimate", "fake")
 LAYER_KINDS = ("conv", "linear")
@@ -54,6 +55,9 @@ class ExperimentConfig:
     warmup_epochs: int = 0
     schedule_by: str = "epoch"
     period: int = 10
+    start_drop_rate: float = 0.0  # where linear / cosine / halves start (public code: 1 - percentage)
+    schedule_interleave: bool | None = None  # None: the schedule name's default (on for bar)
+    preset: str | None = None  # recorded only; its values are already in the fields above
     epochs: int = DEFAULT_EPOCHS
     batch_size: int = DEFAULT_BATCH_SIZE
     lr: float = DEFAULT_LR
@@ -96,8 +100,12 @@ class ExperimentConfig:
                 raise ConfigError(f"unknown layer kind {kind!r} in --layers; choose from {', '.join(LAYER_KINDS)}")
         if not self.layers:
             raise ConfigError("--layers needs at least one layer kind")
-        if self.schedule_by not in ("epoch", "iteration"):
-            raise ConfigError(f"unknown --schedule-by {self.schedule_by!r}; choose from epoch, iteration")
+        if self.schedule_by not in BY:
+            raise ConfigError(f"unknown --schedule-by {self.schedule_by!r}; choose from {', '.join(BY)}")
+        if self.schedule_interleave not in (None, True, False):
+            raise ConfigError(f"schedule interleave must be true, false or null (the schedule's default), got {self.schedule_interleave!r}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError(f"unknown --preset {self.preset!r}; choose from {', '.join(PRESETS)}")
         if self.meter not in METERS:
             raise ConfigError(f"unknown meter {self.meter!r}; choose from {', '.join(METERS)}")
         positive_ints = {"epochs": self.epochs, "batch_size": self.batch_size, "repeats": self.repeats,
@@ -128,6 +136,16 @@ class ExperimentConfig:
             raise ConfigError("at least one seed is needed")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"--seeds has duplicates: {self.seeds}")
+        for s in self.schedules:  # every schedule this run will build, checked now (its own messages)
+            for d in self.drop_rates:
+                self.drop_schedule(s, d)
+
+    def drop_schedule(self, name: str, drop_rate: float) -> DropSchedule:
+        """The schedule of an ssProp arm with short name ``name`` and drop rate ``drop_rate``."""
+        return DropSchedule.from_name(
+            name, drop_rate=drop_rate, total_epochs=self.epochs, warmup_epochs=self.warmup_epochs,
+            by=self.schedule_by, period=self.period, start_drop_rate=self.start_drop_rate, interleave=self.schedule_interleave,
+        )
 
     def arms(self) -> list[ArmSpec]:
         """The dense baseline first, then one ssProp arm per (schedule, drop rate, dropout) in the grid.
@@ -149,6 +167,25 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def apply_preset(self, name: str) -> None:
+        """Set every field that preset ``name`` fixes; explicit flags are applied afterwards and win."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown --preset {name!r}; choose from {', '.join(PRESETS)}")
+        # "paper": the training settings of the public code (train_classifier.py): Adam with betas 0.9/0.999
+        # (make_optimizer's Adam), no weight decay, no LR schedule, batch 128, the headline schedule (keep 0.2,
+        # constant, interleaved, by epoch), full precision, no dropout. No augmentation, the 80/20 train/val split
+        # of datasets with an official test set, and test accuracy at the best validation epoch are how every
+        # run here works already. Model, data, lr, epochs and seed stay the user's.
+        values: dict[str, Any] = {
+            "optimizer": "adam", "weight_decay": 0.0, "lr_schedule": "none", "batch_size": 128,
+            "schedules": ["bar"], "drop_rates": [0.8], "start_drop_rate": 0.0, "schedule_interleave": None,
+            "warmup_epochs": 0, "schedule_by": "epoch", "selection": "topk", "layers": ["conv"],
+            "amp": False, "dropouts": [0.0],
+        }
+        for key, value in values.items():
+            setattr(self, key, value)
+        self.preset = name
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:

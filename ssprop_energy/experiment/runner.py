@@ -152,10 +152,7 @@ class Experiment:
                         selection=self.cfg.selection)
 
     def _schedule(self, arm: ArmSpec) -> DropSchedule:
-        return DropSchedule.from_name(
-            arm.schedule, drop_rate=arm.drop_rate, total_epochs=self.cfg.epochs,
-            warmup_epochs=self.cfg.warmup_epochs, by=self.cfg.schedule_by, period=self.cfg.period,
-        )
+        return self.cfg.drop_schedule(arm.schedule, arm.drop_rate)
 
     def _open_meter(self) -> EnergyMeter:
         if self._meters_opened == 0:

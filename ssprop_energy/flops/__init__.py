@@ -11,6 +11,7 @@ from ssprop_energy.flops.counter import (
     CONVENTION_DESCRIPTION,
     LayerFlops,
     StepFlops,
+    StepFn,
     count_step,
     ssprop_drop_rates,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "LayerFlops",
     "RunFlops",
     "StepFlops",
+    "StepFn",
     "count_step",
     "ssprop_drop_rates",
 ]

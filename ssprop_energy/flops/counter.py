@@ -286,12 +286,18 @@ def _cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(output, target)
 
 
+# A whole training step's forward: (model, input batch, CPU generator) -> scalar loss. Everything it runs
+# (noising, embeddings, the model call, the loss) is counted as the forward phase.
+StepFn = Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor]
+
+
 def count_step(
     model: nn.Module,
     input_shape: Sequence[int],
     num_classes: int,
     batch_size: int = 2,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    step_fn: StepFn | None = None,
 ) -> StepFlops:
     """Count the FLOPs of one real training step (forward, loss, backward) per sample.
 
@@ -302,9 +308,13 @@ def count_step(
     Args:
         model: the network, dense or with ssProp layers (their current drop rates are used).
         input_shape: one sample's shape without the batch dimension, e.g. ``(3, 32, 32)``.
-        num_classes: number of classes; labels are drawn in ``[0, num_classes)``.
+        num_classes: number of classes; labels are drawn in ``[0, num_classes)`` (recorded only, with
+            ``step_fn``).
         batch_size: samples in the counted step; every count is divided by it.
         loss_fn: ``loss_fn(output, labels) -> scalar``; cross-entropy by default.
+        step_fn: instead of ``loss_fn(model(x), labels)``, the loss is ``step_fn(model, x, generator)``
+            (a seeded CPU generator for any draws, e.g. a diffusion step's timesteps and noise); for models
+            that are not classifiers. Exclusive with ``loss_fn``.
 
     Returns:
         The per-sample counts (:class:`StepFlops`), FLOPs = 2 x MACs of convolutions and matrix products.
@@ -313,6 +323,8 @@ def count_step(
         ConfigError: a bad shape, class count or batch size, or a model whose output does not fit the loss.
     """
     shape = _check_shape(input_shape, num_classes, batch_size)
+    if step_fn is not None and loss_fn is not None:
+        raise ConfigError("count_step takes a loss_fn or a step_fn, not both")
     loss_fn = loss_fn or _cross_entropy
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -334,7 +346,10 @@ def count_step(
             with counter:
                 counter.phase = "forward"
                 try:
-                    loss = loss_fn(model(x), y)
+                    if step_fn is not None:
+                        loss = step_fn(model, x, torch.Generator().manual_seed(1))
+                    else:
+                        loss = loss_fn(model(x), y)
                 except torch.OutOfMemoryError:
                     raise
                 except RuntimeError as exc:  # shape mismatches between the input, the model and the loss

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ssprop_energy.errors import ConfigError
-from ssprop_energy.flops.counter import LayerFlops, StepFlops, count_step
+from ssprop_energy.flops.counter import LayerFlops, StepFlops, StepFn, count_step
 from ssprop_energy.sparse.convert import ssprop_layers
 from ssprop_energy.sparse.functional import keep_count, validate_drop_rate
 
@@ -133,6 +133,8 @@ class FlopMeter:
         num_classes: number of classes of the loss.
         batch_size: samples in each counted step.
         loss_fn: ``loss_fn(output, labels)``; cross-entropy by default.
+        step_fn: ``step_fn(model, x, generator) -> loss`` for a step that is not ``loss_fn(model(x), y)``
+            (see :func:`~ssprop_energy.flops.counter.count_step`), e.g. a diffusion training step.
     """
 
     def __init__(
@@ -142,12 +144,14 @@ class FlopMeter:
         num_classes: int,
         batch_size: int = 2,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        step_fn: StepFn | None = None,
     ) -> None:
         self.model = model
         self.input_shape = tuple(input_shape)
         self.num_classes = num_classes
         self.batch_size = batch_size
         self.loss_fn = loss_fn
+        self.step_fn = step_fn
         self._cache: dict[tuple[float, ...], StepFlops] = {}
 
     @property
@@ -174,7 +178,9 @@ class FlopMeter:
         try:
             for layer, rate in zip(layers, rates):
                 layer.drop_rate = rate  # type: ignore[attr-defined]
-            counted = count_step(self.model, self.input_shape, self.num_classes, self.batch_size, self.loss_fn)
+            counted = count_step(
+                self.model, self.input_shape, self.num_classes, self.batch_size, self.loss_fn, self.step_fn
+            )
         finally:
             for layer, rate in zip(layers, current):
                 layer.drop_rate = rate  # type: ignore[attr-defined]

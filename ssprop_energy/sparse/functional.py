@@ -4,7 +4,8 @@ Backward at drop rate ``d`` (the rule of the paper's public code, "unified" mode
 
 1. score every output channel ``c`` by ``mean(|grad_output[:, c]|)`` over the batch and all other positions
    (ranked on the per-channel sums, which order the channels exactly as the means do);
-2. keep ``k = max(1, floor((1 - d) * C_out))`` channels (see :func:`keep_count` for the float guard);
+2. keep ``k = max(1, floor((1 - d) * C_out))`` channels (see :func:`keep_count` for the float guard; the
+   public Linear layer has no floor at 1 and can keep 0 features, this one keeps at least 1);
 3. gather the kept channels of ``grad_output`` (and of the weight) into smaller contiguous tensors and run
    the convolution / matmul backward on them, so the executed FLOPs really shrink by ``k / C_out``;
 4. scatter the kept rows of ``grad_weight`` / ``grad_bias`` into zeros. ``grad_input`` needs no scatter: it is
@@ -89,10 +90,18 @@ def validate_selection(selection: str) -> str:
 
 
 def keep_count(drop_rate: float, channels: int) -> int:
-    """Number of channels kept: ``max(1, floor((1 - drop_rate) * channels))``, the paper code's rule.
+    """Number of channels kept: ``max(1, floor((1 - drop_rate) * channels))``, the paper code's conv rule.
 
     The product is rounded to 9 decimals before flooring because binary floating point would otherwise
     lose a channel: ``(1 - 0.8) * 10`` is ``1.9999999999999996``, which must keep 2 channels, not 1.
+
+    Deliberate differences from the public code (``EfficientLayers.py``), both kept here:
+
+    - its Linear layer keeps ``int(percentage * out_features)`` with no floor at 1, so keep 0.1 of 5
+      outputs keeps 0 features and gives an all-zero gradient; this rule (used for Linear too) keeps 1.
+      Its conv layer has the floor, so convolutions agree.
+    - it floors the keep fraction it was given without the 9-decimal rounding; where its own product falls
+      just below an integer (keep 0.57 of 100 channels is ``56.99999999999999``, so 56) this keeps one more.
     """
     return max(1, int(round((1.0 - drop_rate) * channels, 9)))
 
