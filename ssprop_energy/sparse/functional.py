@@ -136,9 +136,9 @@ def channel_l1(grad_output: Tensor, channel_dim: int = 1) -> Tensor:
     else:
         dims = tuple(d for d in range(grad_output.dim()) if d != channel_dim)
         return grad_output.abs().sum(dim=dims, dtype=acc)
-    # abs + sum over cache-sized chunks: about 3x faster on CPU than one L1 vector_norm over dims (0, 2, 3),
-    # whose strided reduction is not vectorised, and 1.5x faster than one abs().sum() with a full-size
-    # temporary (measured, torch 2.13, 1 thread).
+    # abs + sum over cache-sized chunks: 2.5-3.5x faster on CPU than one L1 vector_norm over dims (0, 2, 3),
+    # whose strided reduction is not vectorised, and 1.1-1.7x faster than one abs().sum() with a full-size
+    # temporary (ResNet-18 gradient shapes at batch 64, torch 2.13, 1 thread).
     step = max(1, _SCORE_CHUNK_ELEMS // max(1, rows[0].numel()))
     total = torch.zeros(channels, dtype=acc or grad_output.dtype, device=grad_output.device)
     for part in rows.split(step):
