@@ -13,6 +13,7 @@ from ssprop_energy.errors import ConfigError, RunInterrupted, SSPropEnergyError
 from ssprop_energy.experiment.config import INTERLEAVES, METERS, PRESETS, SELECTIONS, ExperimentConfig
 from ssprop_energy.fmt import fmt_change, fmt_change_pp, fmt_flops
 from ssprop_energy.records import SUMMARY_FILE
+from ssprop_energy.tracking import add_tracking_arguments, loggers_from_args, parse_targets
 
 EXIT_INTERRUPTED = 130
 
@@ -75,10 +76,14 @@ def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> 
     p.add_argument("--pue", type=float, help="data-centre power usage effectiveness (default 1.0)")
     p.add_argument("--eval-noise", type=float_list, help="also test under Gaussian input noise, e.g. 0.1,0.2")
     p.add_argument("--project", help="project name for the audit ledger (default $SSPROP_ENERGY_PROJECT or 'default')")
+    from ssprop_energy.cli.audit import add_ledger_flag  # the ledger's flag, owned by the audit command
+
+    add_ledger_flag(p)
     p.add_argument("--out", help="run directory (default runs/<timestamp>-<model>-<dataset>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run with its recorded settings "
                    "(other setting flags are refused; --quiet is allowed)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_tracking_arguments(p)
 
 
 # config field -> the flag that sets it, for error messages (the config speaks in domain words)
@@ -384,12 +389,17 @@ def execute(args: argparse.Namespace, kind: str, **lists: Any) -> int:
         cfg.out = str(run_dir)
     created = not args.resume and not run_dir.exists()
 
+    parse_targets(getattr(args, "log_to", ""))  # a bad --log-to fails before anything is written
+
     def body(stop: StopFlag, progress: _Progress) -> int:
+        loggers: list[Any] = []
+
         def callbacks(arm: Any, seed: int, repeat: int) -> list[Any]:
-            if args.quiet:
-                return []
-            tag = f"{arm.name} s{seed}" + (f" r{repeat}" if cfg.repeats > 1 else "")
-            return [RichProgress(tag, cfg.epochs)]
+            out = [lg.callback(arm.name, seed, repeat) for lg in loggers]
+            if not args.quiet:
+                tag = f"{arm.name} s{seed}" + (f" r{repeat}" if cfg.repeats > 1 else "")
+                out.append(RichProgress(tag, cfg.epochs))
+            return out
 
         hooks = ExperimentHooks(callbacks=callbacks, stop_requested=stop, command=sys.argv)
         try:
@@ -402,23 +412,32 @@ def execute(args: argparse.Namespace, kind: str, **lists: Any) -> int:
         if not args.resume:
             prepare_run_dir(run_dir)
         print_header(cfg, run_dir, resumed=bool(args.resume))
+        loggers += loggers_from_args(args, run_dir, experiment.carbon.intensity_g_per_kwh, cfg.pue)
         progress.started = True
         try:
-            summary = experiment.run()  # opens and closes the run's audit-ledger row itself
-        except RunInterrupted:
-            _write_report(run_dir)
-            raise
-        except SSPropEnergyError as exc:
-            if not (run_dir / SUMMARY_FILE).exists():  # stopped before its first record (a lock, a bad value)
-                if created:
-                    _remove_run_dir_if_bare(run_dir)
-            raise
-        progress.complete = True
-        print_results(summary)
-        print(f"run record: {run_dir}", flush=True)
-        report = _write_report(run_dir)
-        if report is not None:
-            print(f"report: {report}")
+            for lg in loggers:
+                lg.log_config(cfg.to_dict())
+            try:
+                summary = experiment.run()  # opens and closes the run's audit-ledger row itself
+            except RunInterrupted:
+                _write_report(run_dir)
+                raise
+            except SSPropEnergyError:
+                if not (run_dir / SUMMARY_FILE).exists():  # stopped before its first record (a lock, a bad value)
+                    if created:
+                        _remove_run_dir_if_bare(run_dir)
+                raise
+            progress.complete = True
+            print_results(summary)
+            print(f"run record: {run_dir}", flush=True)
+            report = _write_report(run_dir)
+            if report is not None:
+                print(f"report: {report}")
+            for lg in loggers:
+                lg.on_run_end(run_dir)
+        finally:
+            for lg in loggers:
+                lg.close()
         return 0
 
     return run_with_signals(body, run_dir, kind, created=created)
