@@ -211,7 +211,7 @@ def test_sigterm_saves_interrupted_and_resume_completes(tmp_path: Path) -> None:
 def test_log_to_tensorboard_from_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("tensorboard")
     out = tmp_path / "run"
-    assert main(["compare", *TINY, "--epochs", "1", "--log-to", "tensorboard", "--out", str(out)]) == 0
+    assert main(["compare", *TINY, "--epochs", "1", "--schedule", "constant", "--log-to", "tensorboard", "--out", str(out)]) == 0
     events = list((out / "tensorboard").rglob("events.out.tfevents.*"))
     assert events and all(e.stat().st_size > 0 for e in events)
     capsys.readouterr()

@@ -188,7 +188,7 @@ def test_stop_flag_catches_sigterm() -> None:
 
 
 def test_eval_noise_is_reported_per_level(tmp_path: Path) -> None:
-    summary = run(tiny_config(tmp_path / "run", epochs=1, eval_noise=[0.1, 5.0]))
+    summary = run(tiny_config(tmp_path / "run", epochs=1, schedules=["constant"], eval_noise=[0.1, 5.0]))
     for arm in summary.arms.values():
         assert set(arm.noise_accuracy) == {"0.1", "5"}
         assert all(0.0 <= v <= 1.0 and not math.isnan(v) for v in arm.noise_accuracy.values())

@@ -181,7 +181,7 @@ def test_quiet_run_has_no_badge(tmp_path: Path) -> None:
         def end(self, token: int) -> _Reading:
             return _Reading(0.1)
 
-    summary = run(tiny(tmp_path / "run", epochs=1), ExperimentHooks(monitor=lambda device: Quiet()))
+    summary = run(tiny(tmp_path / "run", epochs=1, schedules=["constant"]), ExperimentHooks(monitor=lambda device: Quiet()))
     assert all(not a.interference.affected_epochs for a in summary.arms.values())
     from ssprop_energy.report import render_report
 
@@ -195,7 +195,7 @@ def test_quiet_run_has_no_badge(tmp_path: Path) -> None:
 def test_python_experiment_records_a_ledger_row_with_fake_energy(tmp_path: Path) -> None:
     from ssprop_energy.ledger import load_entries
 
-    summary = run(tiny(tmp_path / "run", epochs=1))
+    summary = run(tiny(tmp_path / "run", epochs=1, schedules=["constant"]))
     rows = load_entries()
     assert len(rows) == 1
     row = rows.iloc[0]
@@ -209,12 +209,12 @@ def test_python_experiment_records_a_ledger_row_with_fake_energy(tmp_path: Path)
 def test_ledger_opt_out(tmp_path: Path) -> None:
     from ssprop_energy.ledger import load_entries
 
-    run(tiny(tmp_path / "run", epochs=1), ExperimentHooks(monitor=None, ledger=False))
+    run(tiny(tmp_path / "run", epochs=1, schedules=["constant"]), ExperimentHooks(monitor=None, ledger=False))
     assert not Path(os.environ["SSPROP_ENERGY_LEDGER"]).exists() or len(load_entries()) == 0
 
 
 def test_fake_meter_is_fake_everywhere(tmp_path: Path) -> None:
-    run(tiny(tmp_path / "run", epochs=1))
+    run(tiny(tmp_path / "run", epochs=1, schedules=["constant"]))
     text = (tmp_path / "run" / "summary.json").read_text()
     data = json.loads(text)
     sources = {c["source"] for a in data["arms"].values() for c in a["energy_components"]}

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 from ssprop_energy.errors import ConfigError, RunInterrupted, SSPropEnergyError
 from ssprop_energy.experiment.config import INTERLEAVES, METERS, PRESETS, SELECTIONS, ExperimentConfig
 from ssprop_energy.fmt import fmt_change, fmt_change_pp, fmt_flops
-from ssprop_energy.records import SUMMARY_FILE
+from ssprop_energy.records import CONFIG_FILE, SUMMARY_FILE
 from ssprop_energy.tracking import add_tracking_arguments, loggers_from_args, parse_targets
 
 EXIT_INTERRUPTED = 130
@@ -235,22 +235,15 @@ def run_with_signals(body: Callable[[StopFlag, _Progress], int], run_dir: Path, 
             if progress.complete:
                 _say(f"ssprop-energy {kind}: interrupted while writing the report; the run is complete in {run_dir} "
                      f"(render it with `ssprop-energy report {run_dir}`)\n")
-            elif progress.started:
+            elif progress.started and (run_dir / SUMMARY_FILE).exists():
                 _say(f"ssprop-energy {kind}: run interrupted; record saved as 'interrupted' in {run_dir}. "
                      f"Continue with `ssprop-energy {kind} --resume {run_dir}`\n")
             else:
                 if created:
-                    _remove_if_empty(run_dir)
+                    _remove_run_dir_if_bare(run_dir)
                 _say(f"ssprop-energy {kind}: interrupted before the run started; nothing was "
                      + ("changed" if not created else "saved") + "\n")
             return EXIT_INTERRUPTED
-
-
-def _remove_if_empty(run_dir: Path) -> None:
-    try:
-        run_dir.rmdir()
-    except OSError:
-        pass
 
 
 def _change(stat: Any, percent_points: bool = False) -> str:
@@ -444,12 +437,14 @@ def execute(args: argparse.Namespace, kind: str, **lists: Any) -> int:
 
 
 def _remove_run_dir_if_bare(run_dir: Path) -> None:
-    """Remove a run directory this invocation made when it holds nothing but the lock file."""
+    """Remove a run directory this invocation made when it holds nothing but the lock file (and an empty
+    ``runs/``): a run stopped or refused before its first record leaves nothing behind."""
     from ssprop_energy.experiment.lock import LOCK_FILE
 
     try:
-        if {p.name for p in run_dir.iterdir()} <= {LOCK_FILE, "runs"}:
+        if {p.name for p in run_dir.iterdir()} <= {LOCK_FILE, "runs", CONFIG_FILE}:
             (run_dir / LOCK_FILE).unlink(missing_ok=True)
+            (run_dir / CONFIG_FILE).unlink(missing_ok=True)  # no summary beside it: not a resumable run
             if (run_dir / "runs").is_dir():
                 (run_dir / "runs").rmdir()
             run_dir.rmdir()

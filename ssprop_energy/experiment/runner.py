@@ -229,13 +229,17 @@ class Experiment:
             lock.release()
 
     def _run(self) -> RunSummary:
-        ledger = LedgerHook(self, self.hooks.command or sys.argv) if self.hooks.ledger else None
+        ledger: LedgerHook | None = None
         monitor = None
+        self._recorded = False  # a summary exists: from here on, a stop or failure is saved in it
         try:
+            if self.hooks.ledger:
+                ledger = LedgerHook(self, self.hooks.command or sys.argv)
             (self.run_dir / "runs").mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.run_dir / CONFIG_FILE, self.cfg.to_dict())
             self.environment = self._environment()
             self._write_summary("running")
+            self._recorded = True
             monitor = self.hooks.monitor(self.device) if self.hooks.monitor is not None else None
             self.executor.monitor = monitor
             if monitor is not None:
@@ -285,6 +289,13 @@ class Experiment:
         and close the ledger row. A failure here (a full disk) is logged, never raised over the original
         error: the summary then stays ``running``, which readers treat as stopped once no process holds the
         run's lock."""
+        if not self._recorded:  # stopped before the run wrote anything: nothing to save
+            if ledger is not None:
+                try:
+                    ledger.close(status, note=reason)
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("could not close the audit-ledger row: %s", exc)
+            return
         try:
             arms = self._arms(complete=False)
             self._write_summary(status, arms, failure_reason=reason)
