@@ -54,3 +54,28 @@ def test_compare_estimate_matches_codecarbon_process_mode() -> None:
     assert ours["cpu"] == pytest.approx(theirs_cpu_j, rel=0.25)
     assert ours["ram"] == pytest.approx(theirs_ram_j, rel=0.15)
     assert ours["ram"] == pytest.approx(RAM_W * report.wall_s, rel=0.05)
+
+
+def test_audit_run_charges_the_estimate_by_the_same_convention(tmp_path) -> None:
+    """`audit run --meter estimate`: the estimate already covers the process tree (CodeCarbon process mode);
+    a busy machine (the tree's CPU share 25% here) must not scale it down a second time."""
+    import sys
+    from types import SimpleNamespace
+
+    from ssprop_energy.energy.estimate import EstimateSource
+    from ssprop_energy.energy.meter import EnergyMeter
+    from ssprop_energy.ledger.wrap import run_wrapped
+
+    burn = "import time\nend = time.process_time() + 0.5\nwhile time.process_time() < end: pass"
+    meter = EnergyMeter([EstimateSource(cpu_model="test CPU", cpu_tdp_w=TDP_W, ram_power_w=RAM_W, logical_cpus=2)],
+                        kind="estimate", sample_period_s=0.05)
+    clock = iter([0.0, 100.0])  # the machine was busy for 100 CPU seconds: the tree's share is well below 1
+    res = run_wrapped([sys.executable, "-c", burn], meter=meter, ledger_path=tmp_path / "ledger.sqlite",
+                      intensity=SimpleNamespace(g_per_kwh=100.0, source="override", region=None),
+                      cpu_clock=clock.__next__, heartbeat_s=None)
+    assert res.status == "complete"
+    assert res.attribution is None  # nothing machine-wide to attribute
+    # the charge is the process-tree estimate itself (nothing scaled away): at least the child's
+    # 0.5 s x TDP / 2 CPUs plus the RAM power over its 0.5 s or more
+    assert res.energy_j == pytest.approx(res.machine_energy_j)
+    assert res.energy_j >= TDP_W * 0.5 / 2 + RAM_W * 0.5

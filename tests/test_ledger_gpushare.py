@@ -30,7 +30,7 @@ class GpuMeter:
     def stop(self) -> SimpleNamespace:
         return SimpleNamespace(components=[EnergyComponent("gpu:0", 400.0, "counter", "Fake A100"),
                                            EnergyComponent("gpu:1", 100.0, "counter", "Fake A100"),
-                                           EnergyComponent("cpu", 60.0, "estimated")])
+                                           EnergyComponent("cpu", 60.0, "counter")])
 
 
 def _tree_pids(seen: set[int]) -> set[int]:

@@ -19,9 +19,9 @@ Convention (issue 18): this is ``compare``'s estimate, and it is CodeCarbon's ``
 the same inputs: a lab running ``OfflineEmissionsTracker(tracking_mode="process", force_cpu_power=TDP,
 force_ram_power=RAM_W)`` around the same work gets the same CPU and RAM joules
 (``tests/test_hardening_energy_convention.py`` checks it against CodeCarbon itself). CodeCarbon's
-``machine`` mode (machine-wide load with a 10%-of-TDP floor) is a different, larger figure. ``audit run``
-charges machine-wide CPU and RAM by the command's share of busy CPU time (``ledger.attribution``): a third
-convention, not CodeCarbon's, so its figure is not directly comparable with this one.
+``machine`` mode (machine-wide load with a 10%-of-TDP floor) is a different, larger figure. ``audit run
+--meter estimate`` charges this same figure (``ledger.attribution`` scales only machine-wide counters such
+as RAPL by the command's CPU-time share; this estimate is already the process tree's).
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Attributing machine-wide CPU energy to one process tree by its share of the CPU time.
 
-RAPL counters and the load x TDP estimate measure the whole machine: on a shared lab server they include
-every other user's work. ``audit run`` therefore charges the wrapped command with
+RAPL counters measure the whole machine: on a shared lab server they include every other user's work. ``audit run`` therefore charges the wrapped command with
 
     share = (CPU seconds of the command's process tree) / (busy CPU seconds of the whole machine)
 
-over the same interval, and multiplies each machine-wide component (CPU package, DRAM, estimated CPU/RAM)
-by that share. Idle power is thus split in proportion to the work done, the rule Scaphandre and similar
+over the same interval, and multiplies each machine-wide component (CPU package, DRAM) by that share. The
+``estimated`` CPU/RAM is not machine-wide: the estimate source already counts the process tree's CPU seconds
+(CodeCarbon's ``process`` mode, as ``compare`` does), so it is charged whole. Idle power is thus split in proportion to the work done, the rule Scaphandre and similar
 per-process meters use. GPU components are per device and are kept whole: a process's share of a GPU cannot
 be read from CPU time.
 
@@ -103,8 +103,11 @@ def cpu_share(tree_cpu_s: float, machine_cpu_s: float, resolution_s: float = 0.0
 
 
 def is_machine_wide(component: EnergyComponent) -> bool:
-    """True for components that measure the whole machine's CPU side (everything but ``gpu:*``)."""
-    return not component.component.startswith("gpu")
+    """True for components that measure the whole machine's CPU side (RAPL counters: everything but ``gpu:*``
+    and ``estimated`` components). The estimate source already charges the process tree only (CPU seconds of
+    the tree x TDP / CPUs, plus the process-mode RAM power: CodeCarbon's ``process`` mode, the convention of
+    ``compare`` too); multiplying it by the tree's CPU share again would scope it twice (issue 18)."""
+    return not component.component.startswith("gpu") and component.source != "estimated"
 
 
 def attribute(
