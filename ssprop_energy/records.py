@@ -12,7 +12,11 @@ A run directory holds:
 - ``layers.csv``        per-layer FLOPs per arm (``arm, layer, type, flops_forward, flops_backward``): FLOPs per
                         sample of one training step at the arm's nominal drop rate (not the schedule average).
 
-Accuracies are fractions in [0, 1].
+Accuracies are fractions in [0, 1]. A generation run (``task`` ``generation``, the DDPM UNet) has no accuracy:
+its accuracy fields are NaN (``null`` in JSON), its losses are the noise-prediction MSE, and its quality figure is
+``fid`` (Inception-v3) or ``fid_classifier`` (a small classifier's features; lower is better), with the
+extractor, sample count and comparability note in ``quality`` and the end-of-run sampling metered apart
+(``sample_wall_s``, ``sample_energy_components``); its sample grids are ``samples_<arm>__s<seed>__r<repeat>.png``.
 
 This module never imports torch. Every write is atomic (temporary file in the same directory, fsync,
 rename), so a reader sees either the old file or the whole new one, never half of it.
@@ -221,6 +225,16 @@ class EpochRecord:
 
 
 EPOCH_COLUMNS = ["arm", "repeat", *[f.name for f in fields(EpochRecord)]]
+_EPOCH_FLOATS = {f.name for f in fields(EpochRecord) if f.type in ("float", float)}
+
+
+def epoch_from_dict(data: Mapping[str, Any]) -> EpochRecord:
+    """An :class:`EpochRecord` from JSON, where ``null`` stands for NaN (a generation run's accuracies)."""
+    return EpochRecord(**{k: (math.nan if v is None and k in _EPOCH_FLOATS else v) for k, v in data.items()})
+
+
+QUALITY_METRICS = ("fid", "fid_classifier")  # generation: Frechet distance by extractor (lower is better)
+SAMPLES_FILE = "samples_{name}.png"  # a generation arm-run's sample grid, name = <arm>__s<seed>__r<repeat>
 TRACE_COLUMNS = ["arm", "repeat", "t_s", "component", "power_w", "source", "phase"]
 LAYER_COLUMNS = ["arm", "layer", "type", "flops_forward", "flops_backward"]
 
@@ -324,6 +338,10 @@ class RepeatFigures:
     flops_forward: float
     flops_backward: float
     flops_backward_conv: float
+    fid: float | None = None
+    fid_classifier: float | None = None
+    sample_wall_s: float | None = None
+    sample_energy_j: float | None = None
 
 
 @dataclass
@@ -334,6 +352,13 @@ class ArmRun:
     the meter's window names (``train``, ``eval``, ``data``, ``forward``, ``backward``, ``optimizer``) to
     ``{"energy_j", "wall_s", "count"}``. ``trace`` rows are ``[t_s, component, power_w, source, phase]``
     (t_s since the meter started), ``layers`` per-layer FLOPs per sample at the arm's nominal drop rate.
+
+    Generation (``task == "generation"``): ``test_accuracy`` / ``best_val_accuracy`` are NaN, ``test_loss`` is
+    the fixed-noise MSE on the test split at the best epoch; ``fid`` or ``fid_classifier`` is the Frechet
+    distance of the end-of-run samples (``quality`` holds the extractor, its provenance, the sample counts and
+    the comparability note); ``sample_wall_s`` and ``sample_energy_components`` are the sampling window's own
+    time and energy, NOT part of ``energy_components`` (training); ``sampling`` says how the samples were drawn
+    and names their grid file.
     """
 
     arm: str
@@ -356,6 +381,13 @@ class ArmRun:
     interference: list[dict[str, Any]] = field(default_factory=list)
     trace: list[list[Any]] = field(default_factory=list)
     layers: list[dict[str, Any]] = field(default_factory=list)
+    task: str = "classification"
+    fid: float | None = None
+    fid_classifier: float | None = None
+    quality: dict[str, Any] = field(default_factory=dict)
+    sample_wall_s: float | None = None
+    sample_energy_components: list[EnergyComponent] = field(default_factory=list)
+    sampling: dict[str, Any] = field(default_factory=dict)
 
     @property
     def energy_j(self) -> float:
@@ -365,21 +397,34 @@ class ArmRun:
     def energy_source(self) -> str:
         return total_energy(self.energy_components)[1]
 
+    @property
+    def sample_energy_j(self) -> float | None:
+        """Energy of the sampling window (J), or None for a run that did not sample."""
+        return total_energy(self.sample_energy_components)[0] if self.sample_energy_components else None
+
+    @property
+    def quality_metric(self) -> str | None:
+        """``fid`` or ``fid_classifier`` (whichever this run has), or None for classification."""
+        return next((m for m in QUALITY_METRICS if getattr(self, m) is not None), None)
+
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(self, default=_json_default))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "arm-run") -> ArmRun:
         try:
-            kwargs = {k: v for k, v in data.items() if k in _ARM_RUN_FIELDS}
+            kwargs = {k: (math.nan if v is None and k in _ARM_RUN_FLOATS else v)
+                      for k, v in data.items() if k in _ARM_RUN_FIELDS}
             kwargs["energy_components"] = [EnergyComponent(**c) for c in data.get("energy_components", [])]
-            kwargs["epochs"] = [EpochRecord(**e) for e in data.get("epochs", [])]
+            kwargs["sample_energy_components"] = [EnergyComponent(**c) for c in data.get("sample_energy_components", [])]
+            kwargs["epochs"] = [epoch_from_dict(e) for e in data.get("epochs", [])]
             return cls(**kwargs)
         except TypeError as exc:
             raise RecordError(f"{where}: malformed arm-run record ({exc})") from None
 
 
 _ARM_RUN_FIELDS = {f.name for f in fields(ArmRun)}
+_ARM_RUN_FLOATS = {f.name for f in fields(ArmRun) if f.type in ("float", float)}
 
 
 @dataclass
@@ -387,7 +432,10 @@ class ArmRecord:
     """The result of one arm (dense, or one ssProp setting), averaged over its (seed, repeat) runs.
 
     FLOPs are whole-run totals (training steps only; evaluation is reported separately), energy in joules
-    over the training windows, CO2 in grams CO2e (energy x intensity x PUE). ``repeats`` holds the per-run
+    over the training windows, CO2 in grams CO2e (energy x intensity x PUE). A generation arm carries its
+    quality figure (``fid`` / ``fid_classifier``, mean over runs, details in ``quality``) where classification
+    carries ``test_accuracy`` (NaN here), and its sampling window's mean time and energy (``sample_*``, apart
+    from the training energy, with their own provenance). ``repeats`` holds the per-run
     figures; ``paired`` (non-baseline arms) maps a metric to its :class:`PairedStat` against the dense
     baseline; ``epoch_intervals`` maps ``wall_s`` / ``energy_j`` to the single-run :class:`EpochInterval`.
     """
@@ -421,6 +469,26 @@ class ArmRecord:
     epoch_intervals: dict[str, EpochInterval] = field(default_factory=dict)
     interference: Interference | None = None
     status: str = "complete"
+    task: str = "classification"
+    fid: float | None = None
+    fid_classifier: float | None = None
+    quality: dict[str, Any] = field(default_factory=dict)
+    sample_wall_s: float | None = None
+    sample_energy_j: float | None = None
+    sample_energy_source: str | None = None
+    sample_energy_components: list[EnergyComponent] = field(default_factory=list)
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def quality_metric(self) -> str | None:
+        """``fid`` or ``fid_classifier`` (whichever this arm has), or None for classification."""
+        return next((m for m in QUALITY_METRICS if getattr(self, m) is not None), None)
+
+    @property
+    def quality_value(self) -> float | None:
+        """The arm's mean Frechet distance (lower is better), or None for classification."""
+        metric = self.quality_metric
+        return None if metric is None else float(getattr(self, metric))
 
     @property
     def flops_total(self) -> float:
@@ -454,6 +522,8 @@ class RunSummary:
     failure_reason: str | None = None
     finished_at: str | None = None
     schema_version: int = SCHEMA_VERSION
+    task: str = "classification"
+    generation: dict[str, Any] | None = None  # generation runs: the diffusion, sampling and extractor settings
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(self, default=_json_default))
@@ -539,7 +609,8 @@ def _arm_from_dict(name: str, data: Mapping[str, Any], where: str, version: int)
         raise RecordError(f"{where}: arm {name!r} must be an object")
     try:
         comps = [EnergyComponent(**c) for c in data.get("energy_components", [])]
-        epochs = [EpochRecord(**e) for e in data.get("epochs", [])]
+        sample_comps = [EnergyComponent(**c) for c in data.get("sample_energy_components", [])]
+        epochs = [epoch_from_dict(e) for e in data.get("epochs", [])]
         repeat_fields = {f.name for f in fields(RepeatFigures)}
         repeats = [RepeatFigures(**{k: v for k, v in r.items() if k in repeat_fields}) for r in data.get("repeats", [])]
         interference = None
@@ -548,7 +619,7 @@ def _arm_from_dict(name: str, data: Mapping[str, Any], where: str, version: int)
         kwargs = {k: v for k, v in data.items() if k in _ARM_FIELDS and k not in _ARM_NESTED}
         kwargs = {k: (float("nan") if v is None and k in _FLOAT_FIELDS else v) for k, v in kwargs.items()}
         record = ArmRecord(energy_components=comps, epochs=epochs, repeats=repeats, interference=interference,
-                           **kwargs)
+                           sample_energy_components=sample_comps, **kwargs)
     except TypeError as exc:
         raise RecordError(f"{where}: arm {name!r} is malformed ({exc})") from None
     record.paired = _paired_from_dict(data.get("paired") or {}, f"{where}: arms.{name}.paired")
@@ -563,7 +634,8 @@ def _arm_from_dict(name: str, data: Mapping[str, Any], where: str, version: int)
 
 
 _ARM_FIELDS = {f.name for f in fields(ArmRecord)}
-_ARM_NESTED = {"energy_components", "epochs", "repeats", "paired", "epoch_intervals", "interference"}
+_ARM_NESTED = {"energy_components", "epochs", "repeats", "paired", "epoch_intervals", "interference",
+               "sample_energy_components"}
 _FLOAT_FIELDS = {f.name for f in fields(ArmRecord) if f.type in ("float", float)}
 
 

@@ -35,6 +35,12 @@ DEFAULT_EPOCHS = 4
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_LR = 1e-3
 
+# The generation task (a model whose registry entry says ``task="generation"``: the DDPM UNet) starts from these
+# instead, before a preset and explicit flags (``apply_task_defaults``). AdamW at 1e-3 and 32x32 inputs are the
+# paper's DDPM settings (public code ``train_ddpm.py``); 2 epochs (one dense, one sparse under ``bar``) keep the
+# default compare on digits, sampling included, at a few minutes on a 2-core CPU (BENCHMARKS.md).
+GENERATION_DEFAULTS: dict[str, Any] = {"optimizer": "adamw", "lr": 1e-3, "epochs": 2, "image_size": 32}
+
 
 @dataclass(frozen=True)
 class ArmSpec:
@@ -88,6 +94,10 @@ class ExperimentConfig:
     interleave: str = "epoch"
     project: str | None = None
     out: str | None = None
+    # generation task only (None: the task's default; ignored by classification models)
+    samples: int | None = None  # images generated per arm-run at the end (default 32)
+    timesteps: int | None = None  # diffusion steps (default 200, the paper's)
+    inception_weights: str | None = None  # local Inception-v3 weights for the standard FID (else the env var)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad value and the allowed ones, in the domain's words;
@@ -151,6 +161,12 @@ class ExperimentConfig:
         for s in self.eval_noise:
             if not (s > 0 and math.isfinite(s)):
                 raise bad("eval_noise", f"evaluation noise levels must be positive, got {s!r}")
+        if self.samples is not None and (isinstance(self.samples, bool) or not isinstance(self.samples, int)
+                                         or self.samples < 2):
+            raise bad("samples", f"a Frechet distance needs at least 2 samples, got {self.samples!r}")
+        if self.timesteps is not None and (isinstance(self.timesteps, bool) or not isinstance(self.timesteps, int)
+                                           or self.timesteps < 1):
+            raise bad("timesteps", f"diffusion timesteps must be a positive integer, got {self.timesteps!r}")
         if not self.seeds:
             raise bad("seeds", "at least one seed is needed")
         if len(set(self.seeds)) != len(self.seeds):
@@ -186,6 +202,15 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def apply_task_defaults(self, task: str) -> None:
+        """Set the defaults of ``task`` (``models.ModelInfo.task``); call before a preset and explicit values.
+
+        Classification keeps the class defaults; generation takes :data:`GENERATION_DEFAULTS`.
+        """
+        if task == "generation":
+            for key, value in GENERATION_DEFAULTS.items():
+                setattr(self, key, value)
 
     def apply_preset(self, name: str) -> None:
         """Set every field that preset ``name`` fixes; explicit flags are applied afterwards and win."""

@@ -5,6 +5,12 @@ run's interference monitor. Each arm-run keeps its own model, optimizer, schedul
 (re-seeded per epoch by the trainer) and checkpoint, so an interleaved group computes bit for bit what the
 same arm-runs compute one after the other. Its energy is the sum of its own meter windows; the energy the
 meter saw in total (windows of every arm, and the gaps between them) is kept for the ledger.
+
+Generation (the DDPM UNet): each arm-run gets its own :class:`~ssprop_energy.generation.GenerationTask` (its
+training draws are reseeded from (seed, epoch), so both arms see the same timesteps and noise), the FLOP
+count runs the diffusion step (``step_fn``), and after the last epoch every arm-run samples its fixed-seed
+images in its own ``sample`` window (``<arm-run>/sample``: time and energy apart from training), is scored in a
+``score`` window, and writes its sample grid next to the records.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import bisect
 import copy
 import logging
 import math
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -26,7 +33,9 @@ from ssprop_energy.experiment.config import ArmSpec, ExperimentConfig
 from ssprop_energy.experiment.plan import ArmRunKey, Group, epoch_order
 from ssprop_energy.flops import FlopMeter
 from ssprop_energy.models import get_model
-from ssprop_energy.records import ArmRun, EnergyComponent, read_json, write_json_atomic
+from ssprop_energy.records import (
+    SAMPLES_FILE, ArmRun, EnergyComponent, read_json, write_bytes_atomic, write_json_atomic,
+)
 from ssprop_energy.sparse import set_drop_rate, sparsify
 from ssprop_energy.sparse.schedules import DropSchedule
 from ssprop_energy.train import Callback, TrainConfig, Trainer
@@ -35,6 +44,9 @@ from ssprop_energy.train.optim import make_optimizer
 
 if TYPE_CHECKING:
     from ssprop_energy.energy.base import EnergyReport
+    from ssprop_energy.energy.meter import EnergyMeter
+    from ssprop_energy.generation import GenerationConfig, GenerationTask
+    from ssprop_energy.generation.features import FeatureExtractor
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +67,17 @@ class Executor:
         device: where to train.
         meter_choice: the sources every meter of this run opens (resolved once by the experiment).
         monitor: the run's interference monitor (started), or None to record no interference.
-        checkpoint_dir: where arm-runs in progress keep their checkpoints.
+        checkpoint_dir: where arm-runs in progress keep their checkpoints (its parent, the run directory,
+            receives the sample grids of a generation run).
         callbacks: progress callbacks per arm-run.
         stop_requested: polled after each batch.
+        generation: the generation task's settings for a generation model, else None (classification).
     """
 
     def __init__(
         self, cfg: ExperimentConfig, data: DatasetSplits, device: torch.device, meter_choice: MeterChoice,
         monitor: Any, checkpoint_dir: Path, callbacks: Callable[[ArmSpec, int, int], Sequence[Callback]],
-        stop_requested: Callable[[], bool],
+        stop_requested: Callable[[], bool], generation: GenerationConfig | None = None,
     ) -> None:
         self.cfg = cfg
         self.data = data
@@ -75,6 +89,20 @@ class Executor:
         self.stop_requested = stop_requested
         # every meter report's components, finished or interrupted: what this process metered in total
         self.metered: list[list[EnergyComponent]] = []
+        self.generation = generation
+        # the feature extractor of the quality figure, built once by the experiment before any arm starts
+        self.extractor: FeatureExtractor | None = None
+
+    def make_task(self, seed: int) -> GenerationTask | None:
+        """A fresh generation task for one arm-run (None for classification: the trainer's default task)."""
+        if self.generation is None:
+            return None
+        from ssprop_energy.generation import GenerationTask
+
+        task = GenerationTask(self.data, self.generation, seed=seed)
+        if self.extractor is not None:
+            task.use_extractor(self.extractor)
+        return task
 
     # ------------------------------------------------------------------------------------------ building
 
@@ -95,7 +123,8 @@ class Executor:
             return None
         return self.cfg.drop_schedule(arm.schedule, arm.drop_rate)
 
-    def _warm_up(self, model: torch.nn.Module, sparse_rates: Sequence[float]) -> None:
+    def _warm_up(self, model: torch.nn.Module, sparse_rates: Sequence[float],
+                 task: GenerationTask | None = None) -> None:
         """One forward+backward per configuration on a copy of the model (the model itself is untouched), so
         that one-off costs (thread pools, allocator growth, kernel selection) fall outside the measurement."""
         twin = copy.deepcopy(model).to(self.device).train()
@@ -107,7 +136,10 @@ class Executor:
             if rate is not None:
                 set_drop_rate(twin, rate)
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(twin(x), y).backward()
+            if task is not None:  # its own generator: the task's training draws are left untouched
+                task.batch_loss(twin, x, y, generator=torch.Generator().manual_seed(0))[0].backward()
+            else:
+                F.cross_entropy(twin(x), y).backward()
             optimizer.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -123,12 +155,14 @@ class Executor:
         cfg = self.cfg
         model = self.build_model(key.arm, key.seed)
         schedule = self.schedule(key.arm)
+        task = self.make_task(key.seed)
         input_shape = (self.data.in_channels, self.data.image_size, self.data.image_size)
-        flop_meter = FlopMeter(copy.deepcopy(model), input_shape, self.data.num_classes)
+        flop_meter = FlopMeter(copy.deepcopy(model), input_shape, self.data.num_classes,
+                               step_fn=task.step_fn if task is not None else None)
         run_flops = flop_meter.for_schedule(schedule or _Dense(), cfg.epochs, len(self.data.train), cfg.batch_size)
         n_batches = math.ceil(len(self.data.train) / cfg.batch_size)
         rates = sorted({schedule.rate(e, i) for e in range(cfg.epochs) for i in range(n_batches)}) if schedule else []
-        self._warm_up(model, rates)
+        self._warm_up(model, rates, task)
         layer_step = flop_meter.per_sample(key.arm.drop_rate if key.arm.sparse else 0.0)
         train_cfg = TrainConfig(
             epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
@@ -142,7 +176,7 @@ class Executor:
             "model": model, "schedule": schedule, "train_cfg": train_cfg, "run_flops": run_flops,
             "layers": [{"layer": layer.name, "type": layer.type, "flops_forward": layer.forward,
                         "flops_backward": layer.backward} for layer in layer_step.layers],
-            "interference": interference,
+            "interference": interference, "task": task,
         }
 
     # ------------------------------------------------------------------------------------------ running
@@ -165,6 +199,7 @@ class Executor:
                     p["model"], self.data, p["train_cfg"], self.device, schedule=p["schedule"], meter=meter,
                     epoch_flops=p["run_flops"].epochs, callbacks=self.callbacks(key.arm, key.seed, key.repeat),
                     checkpoint_path=self.checkpoint_path(key), stop_requested=self.stop_requested, scope=key.name,
+                    task=p["task"],
                 )
                 trainers[key.name].begin()
             pending_set = {key.name for key in pending}
@@ -183,6 +218,12 @@ class Executor:
                             {"seed": key.seed, "repeat": key.repeat, "epoch": epoch, **reading.to_dict()})
                         write_json_atomic(self._interference_path(key), prepared[key.name]["interference"])
             results = {key.name: trainers[key.name].finish() for key in pending}
+            if self.generation is not None:
+                # after every arm's training, in the group's next ABBA order; finish() left the best epoch's weights
+                for key in epoch_order(group, cfg.epochs):
+                    if key.name in pending_set:
+                        prepared[key.name]["generated"] = self._generate(key, trainers[key.name], prepared[key.name],
+                                                                         meter)
         finally:
             if meter.running:
                 report = meter.stop()
@@ -194,6 +235,38 @@ class Executor:
             on_finished(run)
             self.checkpoint_path(key).unlink(missing_ok=True)  # the record is saved; the checkpoint served resume
             self._interference_path(key).unlink(missing_ok=True)
+
+    def _generate(self, key: ArmRunKey, trainer: Trainer, prepared: dict[str, Any], meter: EnergyMeter
+                  ) -> dict[str, Any]:
+        """Sample (own meter window), score (own window) and write the grid of one generation arm-run.
+
+        Returns the arm-run record's generation fields.
+        """
+        task: GenerationTask = prepared["task"]
+        sync = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
+        scope = f"{key.name}/sample"
+        started = time.perf_counter()
+        with meter.window("sample", scope=scope):
+            samples = task.sample(trainer.model, self.device)
+            sync()
+        sample_wall_s = time.perf_counter() - started
+        window = meter.scope_energy(scope)["sample"]
+        specs = meter.component_info()
+        components = [EnergyComponent(component=c, energy_j=e, source=specs[c].source, device=specs[c].device)
+                      for c, e in sorted(window.components_j.items())]
+        with meter.window("score", scope=f"{key.name}/score"):
+            quality = task.score(samples)
+        grid_file = SAMPLES_FILE.format(name=key.name)
+        write_bytes_atomic(self.checkpoint_dir.parent / grid_file, task.grid(samples))
+        log.info("%s: %d samples in %.1f s, %s %.4g (%s)", key.name, samples.shape[0], sample_wall_s,
+                 quality.metric, quality.value, quality.extractor)
+        return {
+            "task": "generation", quality.metric: quality.value, "quality": quality.to_dict(),
+            "sample_wall_s": sample_wall_s, "sample_energy_components": components,
+            "sampling": {**task.sampling_info(), "grid_file": grid_file, "grid_columns": task.config.grid_columns,
+                         "grid_scale": task.config.grid_scale,
+                         "weights": "the best validation epoch's (lowest fixed-noise validation MSE)"},
+        }
 
     def _arm_run(self, key: ArmRunKey, trainer: Trainer, result: TrainResult, prepared: dict[str, Any],
                  trace: list[list[Any]]) -> ArmRun:
@@ -207,7 +280,7 @@ class Executor:
                                if schedule is not None else 0.0),
             energy_components=result.energy_components, epochs=result.epochs, phases=result.phases,
             noise_accuracy=result.noise_accuracy, interference=prepared["interference"], trace=trace,
-            layers=prepared["layers"],
+            layers=prepared["layers"], **prepared.get("generated", {}),
         )
 
     @staticmethod
@@ -220,9 +293,9 @@ class Executor:
             drops = {e.epoch: e.drop_rate for e in results[key.name].epochs}
             for (scope, name), ivs in intervals.items():
                 run, _, part = scope.partition("/")
-                if run != key.name or name not in ("train", "eval"):
+                if run != key.name or name not in ("train", "eval", "sample"):
                     continue
-                label = "eval"
+                label = "sample" if name == "sample" else "eval"
                 if name == "train":
                     drop = drops.get(int(part[1:]), 0.0) if part.startswith("e") else 0.0
                     label = f"train drop {drop:.2g}" if drop > 0 else "train dense"

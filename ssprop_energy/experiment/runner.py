@@ -12,6 +12,11 @@ The data flows one way through three rooms:
 
 This module ties them to a run directory and to the hooks (progress, stop flag, the audit ledger).
 
+A generation model (``models.model_info(name).task == "generation"``, the DDPM UNet; external models are
+classifiers) makes a generation run: the data default to 32x32 (the paper's size; the dataset record states
+the resize), and the quality figure's feature extractor is built once before any arm starts (a classifier
+trained on first use and cached), in a meter window of its own that the ledger charges and no arm pays.
+
 Run directory (see ``records.py``): ``config.json``, ``summary.json`` (status ``running`` until the end),
 ``runs/<arm>__s<seed>__r<repeat>.json`` (one finished arm-run each, so ``--resume`` skips them),
 ``checkpoints/`` (arm-runs in progress), and at the end ``epochs.csv``, ``power_trace.csv``, ``layers.csv``.
@@ -20,9 +25,11 @@ Run directory (see ``records.py``): ``config.json``, ``summary.json`` (status ``
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,7 +42,7 @@ from ssprop_energy.data import load_dataset
 from ssprop_energy.energy import open_meter, resolve_meter
 from ssprop_energy.energy.carbon import resolve_intensity
 from ssprop_energy.errors import ConfigError, RecordError, RunInterrupted
-from ssprop_energy.experiment.config import ArmSpec, ExperimentConfig
+from ssprop_energy.experiment.config import GENERATION_DEFAULTS, ArmSpec, ExperimentConfig
 from ssprop_energy.experiment.execute import Executor
 from ssprop_energy.experiment.plan import ArmRunKey, Group, all_runs, plan_groups
 from ssprop_energy.experiment.summarize import summarize_arms, write_tables
@@ -46,6 +53,19 @@ from ssprop_energy.records import (
 from ssprop_energy.train import Callback, resolve_device
 
 log = logging.getLogger(__name__)
+
+
+def task_of(model: str) -> str:
+    """``classification`` or ``generation``: the registry's word for a registered model; external models
+    (``torchvision:``, ``timm:``, factories) are classifiers.
+
+    Raises:
+        ConfigError: an unknown registered name.
+    """
+    from ssprop_energy.models import model_info
+    from ssprop_energy.models.external import is_external
+
+    return "classification" if is_external(model) else model_info(model).task
 
 
 def now_iso() -> str:
@@ -151,15 +171,26 @@ class Experiment:
             intensity_g_per_kwh=intensity.g_per_kwh, source=intensity.source, region=intensity.region, pue=cfg.pue,
             pue_source="--pue" if cfg.pue != 1.0 else "default 1.0 (no data-centre overhead)",
         )
+        self.task = task_of(cfg.model)
+        self.generation = self._generation_config() if self.task == "generation" else None
         # The split is fixed (seed 0) whatever the training seeds: every seed is tested on the same images.
-        self.data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size, seed=0)
+        image_size = cfg.image_size
+        if image_size is None and self.task == "generation":
+            image_size = GENERATION_DEFAULTS["image_size"]
+        self.data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, image_size=image_size, seed=0)
         # The meter's fallback chain runs once, here (an unavailable --meter is a user error found now);
         # every meter of the run opens exactly these sources.
         self.meter_choice = resolve_meter(cfg.meter, sample_period_s=cfg.sample_period_s)
         self.executor = Executor(
             cfg, self.data, self.device, self.meter_choice, None, run_dir / "checkpoints",
-            self.hooks.callbacks, self.hooks.stop_requested,
+            self.hooks.callbacks, self.hooks.stop_requested, generation=self.generation,
         )
+        self.generation_info: dict[str, Any] | None = None
+        if self.generation is not None and self.generation.inception_weights:
+            # A named weights file that is missing or unusable is the user's mistake: found now, not mid-run.
+            from ssprop_energy.generation import inception_extractor
+
+            self.executor.extractor = inception_extractor(self.generation.inception_weights)
         # Unknown model names, or a model with no layer of the kinds to sparsify, fail now, not mid-run.
         for arm in cfg.arms():
             if arm.sparse:
@@ -171,6 +202,51 @@ class Experiment:
         self.idle_power_w: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------------ running
+
+    def _generation_config(self) -> Any:
+        """The generation task's settings from the config (unset values: the task's defaults)."""
+        from ssprop_energy.generation import ENV_INCEPTION_WEIGHTS, GenerationConfig
+
+        cfg = self.cfg
+        if cfg.eval_noise:
+            raise ConfigError("--eval-noise (input-noise accuracy) applies to classification, not to the "
+                              f"generation model {cfg.model!r}", field="eval_noise")
+        options: dict[str, Any] = {}
+        if cfg.samples is not None:
+            options["n_samples"] = cfg.samples
+        if cfg.timesteps is not None:
+            options["timesteps"] = cfg.timesteps
+        weights = cfg.inception_weights or os.environ.get(ENV_INCEPTION_WEIGHTS) or None
+        return GenerationConfig(inception_weights=weights, **options)
+
+    def _build_extractor(self) -> None:
+        """Build the quality figure's feature extractor once, before any arm, metered apart from every arm.
+
+        The classifier's one-off training (on first use; cached afterwards) is charged to this invocation in
+        the ledger (it is in ``executor.metered``) but to neither arm.
+        """
+        from ssprop_energy.generation import GenerationTask
+        from ssprop_energy.records import total_energy
+
+        task = GenerationTask(self.data, self.generation)
+        meter = open_meter(choice=self.meter_choice, sample_period_s=self.cfg.sample_period_s)
+        started = time.perf_counter()
+        meter.start()
+        try:
+            with meter.window("extractor", scope="setup"):
+                extractor = self.executor.extractor or task.extractor()
+        finally:
+            report = meter.stop()
+            self.executor.metered.append(list(report.components))
+        self.executor.extractor = extractor
+        energy_j, source = total_energy(report.components)
+        self.generation_info = {
+            **task.describe(),
+            "extractor": extractor.describe(),
+            "extractor_setup": {"wall_s": time.perf_counter() - started, "energy_j": energy_j, "energy_source": source,
+                                "note": "building the extractor (training the classifier when not cached) is "
+                                        "charged to the ledger row, not to any arm"},
+        }
 
     def plan(self) -> list[ArmRunKey]:
         """All arm-runs in execution order (within a group, epochs interleave)."""
@@ -198,6 +274,9 @@ class Experiment:
                     self.idle_power_w = dict(meter.measure_idle(self.cfg.idle_s))
                 finally:
                     meter.close()
+            if self.generation is not None:
+                self._build_extractor()
+                self._write_summary("running")
             for group in self.groups:
                 pending = [key for key in group.runs if not self._result_path(key).exists()]
                 if pending:
@@ -283,7 +362,8 @@ class Experiment:
             kind=self.cfg.kind, status=status, created_at=self.created_at, config=self.cfg.to_dict(),
             environment=self.environment, carbon=self.carbon, arms=arms or {}, paired=paired or {},
             interleave=self.cfg.interleave, failure_reason=failure_reason,
-            finished_at=None if status == "running" else now_iso(),
+            finished_at=None if status == "running" else now_iso(), task=self.task,
+            generation=self.generation_info,
         )
         write_summary(self.run_dir, summary)
         return summary

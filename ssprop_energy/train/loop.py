@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +165,11 @@ class Trainer:
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _as_accuracy(self, metric: float) -> float:
+        """The task's metric for an ``*_accuracy`` field: itself for classification, NaN for a task whose
+        metric is not an accuracy (generation: the noise MSE, already the loss) - never mislabelled."""
+        return metric if self.task.metric == "accuracy" else math.nan
+
     def evaluate(self, split: Any, noise_std: float = 0.0) -> tuple[float, float]:
         """Mean loss and headline metric of the model on a split (see the task)."""
         return self.task.evaluate(self.model, split, self.data, self.config.batch_size, self.device, noise_std)
@@ -196,6 +202,9 @@ class Trainer:
         model.train()
         torch.manual_seed(epoch_seed(self.config.seed, epoch))
         self.train_loader.set_epoch(epoch)
+        set_epoch = getattr(self.task, "set_epoch", None)
+        if set_epoch is not None:  # a task with its own draws (diffusion timesteps, noise) reseeds them per epoch
+            set_epoch(epoch)
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         metric_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         n = 0
@@ -266,8 +275,9 @@ class Trainer:
         energy = self._collect_energy(self._window_scope)
         flops = self.epoch_flops[epoch] if self.epoch_flops is not None else None
         record = EpochRecord(
-            epoch=epoch, drop_rate=mean_drop, train_loss=loss, train_accuracy=acc, val_loss=val_loss,
-            val_accuracy=val_acc, flops_forward=flops.flops_forward if flops else 0.0,
+            epoch=epoch, drop_rate=mean_drop, train_loss=loss, train_accuracy=self._as_accuracy(acc),
+            val_loss=val_loss, val_accuracy=self._as_accuracy(val_acc),
+            flops_forward=flops.flops_forward if flops else 0.0,
             flops_backward=flops.flops_backward if flops else 0.0, energy_j=float(sum(energy.values())),
             wall_s=train_s, lr=float(self.optimizer.param_groups[0]["lr"]),
         )
@@ -312,10 +322,10 @@ class Trainer:
         ]
         return TrainResult(
             epochs=epochs,
-            test_accuracy=test_acc,
+            test_accuracy=self._as_accuracy(test_acc),
             test_loss=test_loss,
             best_epoch=state["best_epoch"],
-            best_val_accuracy=state["best_val_accuracy"],
+            best_val_accuracy=self._as_accuracy(state["best_val_accuracy"]),
             noise_accuracy=noise_acc,
             train_wall_s=sum(e.wall_s for e in epochs),
             eval_wall_s=state["eval_wall_s"],
