@@ -31,7 +31,8 @@ def int_list(text: str) -> list[int]:
 
 def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> None:
     """Flags of every experiment command. Defaults are None here so the config's own defaults apply."""
-    p.add_argument("--model", help=f"model name (default {defaults.model}; see `ssprop-energy models`)")
+    p.add_argument("--model", help=f"model name (default {defaults.model}; see `ssprop-energy models`); ddpm-unet "
+                   "trains the paper's DDPM (generation: AdamW 1e-3, 2 epochs, 32x32 unless flags say otherwise)")
     p.add_argument("--dataset", help=f"dataset (default {defaults.dataset}, embedded and offline); also mnist, "
                    "fashion-mnist, cifar10, cifar100, folder:PATH")
     p.add_argument("--data-dir", help="where downloaded datasets are cached (default: user cache directory)")
@@ -72,6 +73,12 @@ def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> 
     p.add_argument("--country", help="ISO-3 country code for the offline carbon intensity (default: world average)")
     p.add_argument("--pue", type=float, help="data-centre power usage effectiveness (default 1.0)")
     p.add_argument("--eval-noise", type=float_list, help="also test under Gaussian input noise, e.g. 0.1,0.2")
+    p.add_argument("--samples", type=int, help="generation models: images sampled per arm-run at the end, for "
+                   "the Frechet distance and the grid (default 32)")
+    p.add_argument("--timesteps", type=int, help="generation models: diffusion timesteps (default 200, the paper's)")
+    p.add_argument("--inception-weights", help="generation models: a local Inception-v3 weights file "
+                   "(torch-fidelity's) for the standard FID (default $SSPROP_ENERGY_INCEPTION_WEIGHTS; without "
+                   "one, a Frechet distance in a small classifier's features, not comparable to published FIDs)")
     p.add_argument("--project", help="project name for the audit ledger (default $SSPROP_ENERGY_PROJECT or 'default')")
     p.add_argument("--out", help="run directory (default runs/<timestamp>-<model>-<dataset>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (all other flags are ignored)")
@@ -95,14 +102,19 @@ def flag_error(exc: ConfigError, kind: str) -> ConfigError:
 
 def config_from_args(args: argparse.Namespace, kind: str, **lists: Any) -> ExperimentConfig:
     """Build and validate a config from parsed flags; unset flags keep the config defaults."""
+    from ssprop_energy.experiment.runner import task_of
+
     cfg = ExperimentConfig(kind=kind)
+    if getattr(args, "model", None) is not None:
+        cfg.model = args.model
+    cfg.apply_task_defaults(task_of(cfg.model))  # the model's task defaults, then the preset, then flags
     if getattr(args, "preset", None) is not None:
         cfg.apply_preset(args.preset)
     scalar = ("model", "dataset", "data_dir", "image_size", "selection", "layers", "warmup_epochs", "schedule_by", "period",
               "start_drop_rate", "schedule_interleave",
               "epochs", "batch_size", "lr", "optimizer", "weight_decay", "lr_schedule", "repeats", "device", "amp",
               "meter", "sample_period_s", "idle_s", "carbon_intensity", "country", "pue", "eval_noise", "project",
-              "out", "interleave")
+              "out", "interleave", "samples", "timesteps", "inception_weights")
     for name in scalar:
         value = getattr(args, name, None)
         if value is not None:
@@ -204,6 +216,29 @@ def interference_warnings(summary: Any) -> list[str]:
     return lines
 
 
+def generation_lines(summary: Any) -> list[str]:
+    """A generation run's quality provenance and its sampling windows (time and energy apart from training)."""
+    lines = []
+    first = next(iter(summary.arms.values()), None)
+    if first is not None and first.quality:
+        q = first.quality
+        info = q.get("extractor_info") or {}
+        acc = info.get("test_accuracy")
+        lines.append(
+            f"{q.get('metric')}: Frechet distance of {q.get('n_generated')} samples to {q.get('n_real')} test images "
+            f"in the features of {q.get('extractor')}" + (f" (its test accuracy {acc:.1%})" if acc is not None else "")
+            + f"; lower is better. {q.get('note', '')}"
+        )
+    for arm in summary.arms.values():
+        if arm.sample_wall_s is None:
+            continue
+        energy = ("n/a" if arm.sample_energy_j is None
+                  else f"{arm.sample_energy_j:,.0f} J ({arm.sample_energy_source})")
+        lines.append(f"{arm.name}: sampling {arm.sampling.get('n_samples')} images x {arm.sampling.get('timesteps')} "
+                     f"steps took {arm.sample_wall_s:.1f} s, {energy}; not in the training figures above")
+    return lines
+
+
 def print_results(summary: Any) -> None:
     """The short dense-vs-ssProp table: accuracy, time, backward FLOPs, energy and CO2 with their sources,
     then the single-run intervals, interference warnings and provenance notes."""
@@ -213,20 +248,29 @@ def print_results(summary: Any) -> None:
 
     base = summary.arms.get("dense")
     others = [a for name, a in summary.arms.items() if name != "dense"]
+    generation = summary.task == "generation"
+    quality = next((a.quality_metric for a in summary.arms.values() if a.quality_metric), None)
     table = Table(title=f"{summary.kind}: {summary.config['model']} on {summary.config['dataset']}", show_lines=False)
     table.add_column("arm")
     table.add_column("drop rate (avg)", justify="right")
-    table.add_column("test acc", justify="right")
+    # generation: the quality figure (a Frechet distance, lower is better) in accuracy's place
+    table.add_column(f"{quality or 'FID'} (lower better)" if generation else "test acc", justify="right")
     table.add_column("train time", justify="right")
     table.add_column("bwd FLOPs (counted)", justify="right")
     table.add_column("energy", justify="right")
     table.add_column("CO2e", justify="right")
     for arm in [a for a in [base] if a is not None] + others:
         p = arm.paired
+        if generation:
+            value = arm.quality_value
+            first = "n/a" if value is None else f"{value:.4g}"
+            first += f"\n{_change(p.get(quality))}" if p and quality else ""
+        else:
+            first = f"{arm.test_accuracy:.2%}" + (f"\n{_change(p.get('test_accuracy'), True)}" if p else "")
         table.add_row(
             arm.name,
             "dense" if arm.name == "dense" else f"{arm.drop_rate:g} {arm.schedule} ({arm.average_drop_rate:.2f})",
-            f"{arm.test_accuracy:.2%}" + (f"\n{_change(p.get('test_accuracy'), True)}" if p else ""),
+            first,
             f"{arm.wall_s:.1f} s" + (f"\n{_change(p.get('wall_s'))}" if p else ""),
             fmt_flops(arm.flops_backward) + (f"\n{_change(p.get('flops_backward'))}" if p else ""),
             f"{arm.energy_j:,.0f} J ({arm.energy_source})" + (f"\n{_change(p.get('energy_j'))}" if p else ""),
@@ -249,6 +293,9 @@ def print_results(summary: Any) -> None:
         n = next(iter(iv.values())).n_epochs
         console.print(f"{arm.name}: single-run 95% interval from {n} paired epochs: {'; '.join(parts)} "
                       f"({next(iter(iv.values())).label})")
+    if generation:
+        for line in generation_lines(summary):
+            console.print(escape(line))
     console.print(f"arms interleaved in time: {summary.interleave}"
                   + (" (epoch by epoch, ABBA)" if summary.interleave == "epoch" else " (one arm-run after another)"))
     for line in interference_warnings(summary):
