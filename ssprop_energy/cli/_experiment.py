@@ -254,7 +254,7 @@ def print_results(summary: Any) -> None:
     table.add_column("arm")
     table.add_column("drop rate (avg)", justify="right")
     # generation: the quality figure (a Frechet distance, lower is better) in accuracy's place
-    table.add_column(f"{quality or 'FID'} (lower better)" if generation else "test acc", justify="right")
+    table.add_column(f"{quality or 'FID'}\n(lower = better)" if generation else "test acc", justify="right")
     table.add_column("train time", justify="right")
     table.add_column("bwd FLOPs (counted)", justify="right")
     table.add_column("energy", justify="right")
