@@ -427,7 +427,7 @@ def _samples_section(run: Run) -> str:
     if setup:
         facts["extractor setup"] = (f"{T.fmt_seconds(setup['wall_s'])}, {T.fmt_energy(setup['energy_j'])} "
                                     f"({setup['energy_source']}): {setup['note']}")
-    rows = [{"arm": name, "quality": a.quality_value if a.quality_value is not None else math.nan,
+    rows = [{"arm": name, str(a.quality_metric or "quality"): a.quality_value if a.quality_value is not None else math.nan,
              "sampling wall_s": a.sample_wall_s if a.sample_wall_s is not None else math.nan,
              "sampling energy_j": a.sample_energy_j if a.sample_energy_j is not None else math.nan,
              "sampling energy source": a.sample_energy_source or "n/a",

@@ -39,6 +39,12 @@ def _bracketed(s: Saving) -> str:
 
 
 def _acc_text(c: ArmComparison) -> str:
+    if c.quality is not None:  # generation: the Frechet-distance difference (lower is better)
+        q = c.quality
+        text = f"{q.metric} {q.diff:+.4g}"
+        if q.ci is not None:
+            text += f" ({q.ci_level:.0%} CI {q.ci[0]:+.4g} to {q.ci[1]:+.4g}{', includes 0: noise' if q.ci_spans_zero else ''})"
+        return text
     a = c.accuracy
     text = T.fmt_pp(a.diff, 2)
     if a.ci is not None:
@@ -60,7 +66,11 @@ def _headline(run: Run, comps: list[ArmComparison]) -> list[str]:
             ["Backward FLOPs saved", _saving_text(c.flops_backward),
              f"{T.fmt_si(c.flops_backward.baseline, 'FLOP')} -> {T.fmt_si(c.flops_backward.value, 'FLOP')}", "counted"],
             ["Test accuracy difference", _acc_text(c),
-             f"{T.fmt_pct(c.accuracy.baseline, 2)} -> {T.fmt_pct(c.accuracy.value, 2)}", "measured"],
+             f"{T.fmt_pct(c.accuracy.baseline, 2)} -> {T.fmt_pct(c.accuracy.value, 2)}", "measured"]
+            if c.quality is None else
+            [f"Sample quality ({c.quality.metric}, lower is better)", _acc_text(c),
+             f"{c.quality.baseline:.4g} -> {c.quality.value:.4g}",
+             f"{c.quality.extractor} features, {c.quality.n_generated} samples"],
         ]
         out.append(md_table(["", f"{c.arm} vs {c.baseline_arm}", "values", "source"], rows))
         out.append(f"**Verdict.** {T.verdict(c, est)}")
@@ -70,9 +80,14 @@ def _headline(run: Run, comps: list[ArmComparison]) -> list[str]:
         arm = run.arms[c.arm]
         rows.append([c.arm, f"{arm.drop_rate:g} ({arm.schedule})", f"{c.average_drop_rate:.2f}", _saving_text(c.energy),
                      _saving_text(c.co2), _saving_text(c.time), T.less_or_more(c.flops_backward.saved_frac), _acc_text(c)])
-    out.append(md_table(["arm", "drop rate", "avg drop", "energy", "CO2", "time", "backward FLOPs", "test accuracy"], rows))
-    points = [(n, a.energy_j, a.test_accuracy) for n, a in run.arms.items() if math.isfinite(a.test_accuracy)]
-    out.append(f"Energy-accuracy Pareto front: **{', '.join(pareto_front(points))}**.")
+    last = "quality (lower = better)" if run.is_generation else "test accuracy"
+    out.append(md_table(["arm", "drop rate", "avg drop", "energy", "CO2", "time", "backward FLOPs", last], rows))
+    if run.is_generation:
+        points = [(n, a.energy_j, -a.quality_value) for n, a in run.arms.items() if a.quality_value is not None]
+        out.append(f"Energy-quality Pareto front (less energy, lower Frechet distance): **{', '.join(pareto_front(points))}**.")
+    else:
+        points = [(n, a.energy_j, a.test_accuracy) for n, a in run.arms.items() if math.isfinite(a.test_accuracy)]
+        out.append(f"Energy-accuracy Pareto front: **{', '.join(pareto_front(points))}**.")
     out.append("\n".join(f"- {T.verdict(c, est)}" for c in comps))
     return out + _few_pairs(comps)
 
@@ -101,10 +116,11 @@ def _arms(run: Run) -> str:
         return "No arm recorded."
     rows = []
     for name, a in run.arms.items():
-        rows.append([name, f"{a.drop_rate:g}", a.schedule, f"{a.average_drop_rate:.2f}", T.fmt_pct(a.test_accuracy, 2),
+        quality = T.fmt_pct(a.test_accuracy, 2) if a.quality_value is None else f"{a.quality_metric} {a.quality_value:.4g}"
+        rows.append([name, f"{a.drop_rate:g}", a.schedule, f"{a.average_drop_rate:.2f}", quality,
                      T.fmt_seconds(a.wall_s), T.fmt_si(a.flops_forward, "FLOP"), T.fmt_si(a.flops_backward, "FLOP"),
                      T.fmt_energy(a.energy_j), a.energy_source, T.fmt_co2(a.co2_g), repeat_count(a), a.status])
-    return md_table(["arm", "drop rate", "schedule", "avg drop", "test acc", "wall", "fwd FLOPs", "bwd FLOPs", "energy",
+    return md_table(["arm", "drop rate", "schedule", "avg drop", "test acc / quality", "wall", "fwd FLOPs", "bwd FLOPs", "energy",
                      "source", "CO2", "repeats", "status"], rows)
 
 
