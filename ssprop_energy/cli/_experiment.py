@@ -79,6 +79,8 @@ def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> 
     p.add_argument("--inception-weights", help="generation models: a local Inception-v3 weights file "
                    "(torch-fidelity's) for the standard FID (default $SSPROP_ENERGY_INCEPTION_WEIGHTS; without "
                    "one, a Frechet distance in a small classifier's features, not comparable to published FIDs)")
+    p.add_argument("--threads", type=int, help="torch CPU threads for the run (default: torch's; 1 is much faster "
+                   "on a CPU shared with other work)")
     p.add_argument("--project", help="project name for the audit ledger (default $SSPROP_ENERGY_PROJECT or 'default')")
     p.add_argument("--out", help="run directory (default runs/<timestamp>-<model>-<dataset>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (all other flags are ignored)")
@@ -114,7 +116,7 @@ def config_from_args(args: argparse.Namespace, kind: str, **lists: Any) -> Exper
               "start_drop_rate", "schedule_interleave",
               "epochs", "batch_size", "lr", "optimizer", "weight_decay", "lr_schedule", "repeats", "device", "amp",
               "meter", "sample_period_s", "idle_s", "carbon_intensity", "country", "pue", "eval_noise", "project",
-              "out", "interleave", "samples", "timesteps", "inception_weights")
+              "out", "interleave", "samples", "timesteps", "inception_weights", "threads")
     for name in scalar:
         value = getattr(args, name, None)
         if value is not None:

@@ -98,6 +98,7 @@ class ExperimentConfig:
     samples: int | None = None  # images generated per arm-run at the end (default 32)
     timesteps: int | None = None  # diffusion steps (default 200, the paper's)
     inception_weights: str | None = None  # local Inception-v3 weights for the standard FID (else the env var)
+    threads: int | None = None  # torch CPU threads during the run (None: torch's default, recorded either way)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad value and the allowed ones, in the domain's words;
@@ -167,6 +168,9 @@ class ExperimentConfig:
         if self.timesteps is not None and (isinstance(self.timesteps, bool) or not isinstance(self.timesteps, int)
                                            or self.timesteps < 1):
             raise bad("timesteps", f"diffusion timesteps must be a positive integer, got {self.timesteps!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise bad("threads", f"threads must be a positive integer, got {self.threads!r}")
         if not self.seeds:
             raise bad("seeds", "at least one seed is needed")
         if len(set(self.seeds)) != len(self.seeds):

@@ -258,6 +258,17 @@ class Experiment:
         Raises:
             RunInterrupted: the stop flag was raised; the summary is saved with status ``interrupted``.
         """
+        threads = torch.get_num_threads()
+        if self.cfg.threads is not None:
+            # a process-wide setting: restored when the run ends (on a CPU shared with other work, 1 thread
+            # avoids the pathological slowdown of spinning OpenMP threads; BENCHMARKS.md)
+            torch.set_num_threads(self.cfg.threads)
+        try:
+            return self._run()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self) -> RunSummary:
         ledger = LedgerHook(self, self.hooks.command or sys.argv) if self.hooks.ledger else None
         (self.run_dir / "runs").mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.run_dir / CONFIG_FILE, self.cfg.to_dict())
