@@ -220,6 +220,8 @@ def interference_warnings(summary: Any) -> list[str]:
 
 def generation_lines(summary: Any) -> list[str]:
     """A generation run's quality provenance and its sampling windows (time and energy apart from training)."""
+    from ssprop_energy.experiment.summarize import MATERIAL_CORES  # the epochs' rule, for the sampling window
+
     lines = []
     first = next(iter(summary.arms.values()), None)
     if first is not None and first.quality:
@@ -236,8 +238,13 @@ def generation_lines(summary: Any) -> list[str]:
             continue
         energy = ("n/a" if arm.sample_energy_j is None
                   else f"{arm.sample_energy_j:,.0f} J ({arm.sample_energy_source})")
+        readings = [r for r in (arm.sampling.get("interference") or {}).values() if r]
+        busy = max((r.get("foreign_cpu_cores_mean") or 0.0 for r in readings), default=None)
+        load = "" if busy is None else (
+            f" (foreign CPU load {busy:.2f} core" + (": includes other work's slowdown)" if busy >= MATERIAL_CORES
+                                                      else ")"))
         lines.append(f"{arm.name}: sampling {arm.sampling.get('n_samples')} images x {arm.sampling.get('timesteps')} "
-                     f"steps took {arm.sample_wall_s:.1f} s, {energy}; not in the training figures above")
+                     f"steps took {arm.sample_wall_s:.1f} s, {energy}{load}; not in the training figures above")
     return lines
 
 

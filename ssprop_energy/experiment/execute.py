@@ -245,11 +245,14 @@ class Executor:
         task: GenerationTask = prepared["task"]
         sync = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
         scope = f"{key.name}/sample"
+        token = self.monitor.begin() if self.monitor is not None else None
         started = time.perf_counter()
         with meter.window("sample", scope=scope):
             samples = task.sample(trainer.model, self.device)
             sync()
         sample_wall_s = time.perf_counter() - started
+        # what else loaded the machine while this arm sampled (its time and energy are read beside it)
+        interference = self.monitor.end(token).to_dict() if self.monitor is not None else None
         window = meter.scope_energy(scope)["sample"]
         specs = meter.component_info()
         components = [EnergyComponent(component=c, energy_j=e, source=specs[c].source, device=specs[c].device)
@@ -265,7 +268,8 @@ class Executor:
             "sample_wall_s": sample_wall_s, "sample_energy_components": components,
             "sampling": {**task.sampling_info(), "grid_file": grid_file, "grid_columns": task.config.grid_columns,
                          "grid_scale": task.config.grid_scale,
-                         "weights": "the best validation epoch's (lowest fixed-noise validation MSE)"},
+                         "weights": "the best validation epoch's (lowest fixed-noise validation MSE)",
+                         "interference": interference},
         }
 
     def _arm_run(self, key: ArmRunKey, trainer: Trainer, result: TrainResult, prepared: dict[str, Any],

@@ -110,8 +110,9 @@ def _generation_fields(runs: Sequence[ArmRun]) -> dict[str, Any]:
         quality["per_run"] = {f"s{r.seed}r{r.repeat}": v for r, v in zip(runs, values)}
     sample_components = add_components(*(r.sample_energy_components for r in runs), scale=1.0 / n)
     sample_energy_j, sample_source = total_energy(sample_components)
-    sampling = {k: v for k, v in first.sampling.items() if k != "grid_file"}
+    sampling = {k: v for k, v in first.sampling.items() if k not in ("grid_file", "interference")}
     sampling["grid_files"] = {f"s{r.seed}r{r.repeat}": r.sampling.get("grid_file") for r in runs}
+    sampling["interference"] = {f"s{r.seed}r{r.repeat}": r.sampling.get("interference") for r in runs}
     has_samples = all(r.sample_energy_components for r in runs)
     return {
         "task": "generation",

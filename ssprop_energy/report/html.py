@@ -431,6 +431,9 @@ def _samples_section(run: Run) -> str:
              "sampling wall_s": a.sample_wall_s if a.sample_wall_s is not None else math.nan,
              "sampling energy_j": a.sample_energy_j if a.sample_energy_j is not None else math.nan,
              "sampling energy source": a.sample_energy_source or "n/a",
+             "sampling foreign CPU cores": max(
+                 [(r or {}).get("foreign_cpu_cores_mean") or 0.0 for r in (a.sampling.get("interference") or {}).values()
+                  if r] or [math.nan]),
              "test noise MSE": a.test_loss}
             for name, a in run.arms.items()]
     return (
