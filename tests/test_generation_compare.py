@@ -286,3 +286,12 @@ def test_eval_noise_with_a_generation_model_is_a_clean_error(tmp_path: Path,
     assert main(["compare", *TINY, "--eval-noise", "0.1", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "--eval-noise" in err and "Traceback" not in err and not out.exists()
+
+
+def test_a_missing_inception_weights_file_is_a_clean_error(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    missing = tmp_path / "nope.pth"
+    assert main(["compare", *TINY, "--inception-weights", str(missing), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "Traceback" not in err and not out.exists()

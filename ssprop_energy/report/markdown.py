@@ -124,6 +124,30 @@ def _arms(run: Run) -> str:
                      "source", "CO2", "repeats", "status"], rows)
 
 
+def _samples(run: Run) -> str:
+    """A generation run: the grid files (relative links, next to the records), the quality figure's provenance
+    and the sampling windows' time and energy."""
+    lines = []
+    for name, a in run.arms.items():
+        for label, file in (a.sampling.get("grid_files") or {}).items():
+            lines.append(f"![{name} {label}]({file})")
+    first = next(iter(run.arms.values()), None)
+    q = first.quality if first is not None else {}
+    acc = (q.get("extractor_info") or {}).get("test_accuracy")
+    lines.append(
+        f"Quality figure: {q.get('metric')} (Frechet distance, lower is better) of {q.get('n_generated')} samples "
+        f"against {q.get('n_real')} test images, in the features of {q.get('extractor')}"
+        + (f" (its own test accuracy {T.fmt_pct(acc, 1)})" if acc is not None else "") + f". {q.get('note', '')}."
+    )
+    rows = [[name, f"{a.quality_value:.4g}" if a.quality_value is not None else "n/a",
+             T.fmt_seconds(a.sample_wall_s) if a.sample_wall_s is not None else "n/a",
+             T.fmt_energy(a.sample_energy_j) if a.sample_energy_j is not None else "n/a",
+             a.sample_energy_source or "n/a"] for name, a in run.arms.items()]
+    lines.append(md_table(["arm", str(q.get("metric")), "sampling time", "sampling energy", "source"], rows))
+    lines.append("Sampling is metered in its own window: its time and energy are not in the training figures.")
+    return "\n\n".join(lines)
+
+
 def _components(run: Run) -> str:
     rows = [[name, c.component, c.device or "unnamed", c.source, T.fmt_energy(c.energy_j)]
             for name, a in run.arms.items() for c in a.energy_components]
@@ -170,6 +194,8 @@ def _run_md(run: Run, multi: bool) -> str:
         for label, line in zip(("Time", "Energy"), lines):
             if line:
                 parts.append(f"{label} ({c.arm}): {line}.")
+    if run.is_generation:
+        parts += [f"{h2} Samples and quality", _samples(run)]
     if comps:
         parts += [f"{h2} The paper's claim and this run", _paper(comps)]
     parts += [
