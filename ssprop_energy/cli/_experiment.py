@@ -109,9 +109,12 @@ def config_from_args(args: argparse.Namespace, kind: str, **lists: Any) -> Exper
     cfg = ExperimentConfig(kind=kind)
     if getattr(args, "model", None) is not None:
         cfg.model = args.model
-    cfg.apply_task_defaults(task_of(cfg.model))  # the model's task defaults, then the preset, then flags
+    task = task_of(cfg.model)
+    cfg.apply_task_defaults(task)  # the model's task defaults, then the preset, then flags
     if getattr(args, "preset", None) is not None:
         cfg.apply_preset(args.preset)
+        if task == "generation":
+            cfg.optimizer = "adamw"  # the preset's Adam is the classifier script's; the DDPM script uses AdamW
     scalar = ("model", "dataset", "data_dir", "image_size", "selection", "layers", "warmup_epochs", "schedule_by", "period",
               "start_drop_rate", "schedule_interleave",
               "epochs", "batch_size", "lr", "optimizer", "weight_decay", "lr_schedule", "repeats", "device", "amp",
