@@ -295,3 +295,21 @@ def test_a_missing_inception_weights_file_is_a_clean_error(tmp_path: Path,
     assert main(["compare", *TINY, "--inception-weights", str(missing), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert str(missing) in err and "Traceback" not in err and not out.exists()
+
+
+def _parsed_config(*args: str) -> ExperimentConfig:
+    from ssprop_energy.cli import build_parser
+    from ssprop_energy.cli._experiment import config_from_args
+
+    return config_from_args(build_parser().parse_args(["compare", *args]), "compare")
+
+
+def test_generation_defaults_then_preset_then_flags() -> None:
+    cfg = _parsed_config("--model", "ddpm-unet")
+    assert (cfg.optimizer, cfg.lr, cfg.epochs, cfg.image_size, cfg.batch_size) == ("adamw", 1e-3, 2, 32, 32)
+    cfg = _parsed_config("--model", "ddpm-unet", "--preset", "paper")
+    assert cfg.optimizer == "adamw" and cfg.batch_size == 128  # the DDPM script's optimizer survives the preset
+    cfg = _parsed_config("--model", "ddpm-unet", "--optimizer", "adam", "--epochs", "3", "--image-size", "16")
+    assert (cfg.optimizer, cfg.epochs, cfg.image_size) == ("adam", 3, 16)  # explicit flags win
+    cfg = _parsed_config("--model", "resnet18")
+    assert (cfg.optimizer, cfg.epochs, cfg.image_size, cfg.batch_size) == ("adam", 4, None, 64)  # untouched
