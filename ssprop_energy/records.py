@@ -438,6 +438,9 @@ class ArmRecord:
     from the training energy, with their own provenance). ``repeats`` holds the per-run
     figures; ``paired`` (non-baseline arms) maps a metric to its :class:`PairedStat` against the dense
     baseline; ``epoch_intervals`` maps ``wall_s`` / ``energy_j`` to the single-run :class:`EpochInterval`.
+    ``phases`` holds the meter's windows (``train``, ``eval``, and ``data`` / ``forward`` / ``backward`` /
+    ``optimizer`` nested in ``train``); ``unattributed_energy_j`` is the training energy outside the nested
+    step windows (version 1: the meter's energy outside every top-level window).
     """
 
     name: str

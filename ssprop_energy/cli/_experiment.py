@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator
 from ssprop_energy.errors import ConfigError, RunInterrupted
 from ssprop_energy.experiment.config import INTERLEAVES, METERS, PRESETS, SELECTIONS, ExperimentConfig
 from ssprop_energy.fmt import fmt_change, fmt_change_pp, fmt_flops
+from ssprop_energy.tracking import add_tracking_arguments, loggers_from_args, parse_targets
 
 EXIT_INTERRUPTED = 130
 
@@ -82,9 +83,13 @@ def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> 
     p.add_argument("--threads", type=int, help="torch CPU threads for the run (default: torch's; 1 is much faster "
                    "on a CPU shared with other work)")
     p.add_argument("--project", help="project name for the audit ledger (default $SSPROP_ENERGY_PROJECT or 'default')")
+    from ssprop_energy.cli.audit import add_ledger_flag  # the ledger's flag, owned by the audit command
+
+    add_ledger_flag(p)
     p.add_argument("--out", help="run directory (default runs/<timestamp>-<model>-<dataset>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (all other flags are ignored)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_tracking_arguments(p)
 
 
 # config field -> the flag that sets it, for error messages (the config speaks in domain words)
@@ -350,25 +355,39 @@ def execute(args: argparse.Namespace, kind: str, **lists: Any) -> int:
         run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
         cfg.out = str(run_dir)
 
+    parse_targets(getattr(args, "log_to", ""))  # a bad --log-to fails before anything is written
+
     def body(stop: StopFlag) -> int:
+        loggers: list[Any] = []
+
         def callbacks(arm: Any, seed: int, repeat: int) -> list[Any]:
-            if args.quiet:
-                return []
-            tag = f"{arm.name} s{seed}" + (f" r{repeat}" if cfg.repeats > 1 else "")
-            return [RichProgress(tag, cfg.epochs)]
+            out = [lg.callback(arm.name, seed, repeat) for lg in loggers]
+            if not args.quiet:
+                tag = f"{arm.name} s{seed}" + (f" r{repeat}" if cfg.repeats > 1 else "")
+                out.append(RichProgress(tag, cfg.epochs))
+            return out
 
         hooks = ExperimentHooks(callbacks=callbacks, stop_requested=stop, command=sys.argv)
         experiment = Experiment(cfg, run_dir, hooks)
         if not args.resume:
             prepare_run_dir(run_dir)
         print_header(cfg, run_dir, resumed=bool(args.resume))
+        loggers += loggers_from_args(args, run_dir, experiment.carbon.intensity_g_per_kwh, cfg.pue)
         try:
-            summary = experiment.run()  # opens and closes the run's audit-ledger row itself
-        except RunInterrupted:
-            _write_report(run_dir)
-            raise
-        print_results(summary)
-        report = _write_report(run_dir)
+            for lg in loggers:
+                lg.log_config(cfg.to_dict())
+            try:
+                summary = experiment.run()  # opens and closes the run's audit-ledger row itself
+            except RunInterrupted:
+                _write_report(run_dir)
+                raise
+            print_results(summary)
+            report = _write_report(run_dir)
+            for lg in loggers:
+                lg.on_run_end(run_dir)
+        finally:
+            for lg in loggers:
+                lg.close()
         print(f"run record: {run_dir}" + (f"\nreport: {report}" if report else ""))
         return 0
 
