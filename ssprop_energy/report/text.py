@@ -74,7 +74,7 @@ def quality_clause(c: ArmComparison) -> str:
     change = f"{fmt_number(q.baseline)} -> {fmt_number(q.value)}"
     if q.ci is None:
         suffix = "in a single pair of runs (no interval)" if q.n_pairs < 2 else "(no interval recorded)"
-        word = "fell" if q.diff < 0 else "rose" if q.diff > 0 else "did not change"
+        word = "fell (better)" if q.diff < 0 else "rose (worse)" if q.diff > 0 else "did not change"
         return f"{what} {word} {change} {suffix}"
     ci = f"{q.ci_level:.0%} CI of the difference {fmt_number(q.ci[0])} to {fmt_number(q.ci[1])}, {q.n_pairs} pairs"
     if q.ci_spans_zero:
