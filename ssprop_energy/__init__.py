@@ -6,9 +6,9 @@ The public names are loaded lazily so that torch-free parts of the package (``ss
 
 from __future__ import annotations
 
-import importlib
 import logging
-from typing import Any
+
+from ssprop_energy._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -33,15 +33,4 @@ _LAZY = {
 
 __all__ = ["__version__", *_LAZY]
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ssprop_energy' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals(), __all__)

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from ssprop_energy import __version__
+from ssprop_energy.energy.carbon import J_PER_KWH
 from ssprop_energy.ledger.summary import summarize
 from ssprop_energy.report.figures import FigureData, _new, _render, PHASE_COLOURS
 from ssprop_energy.report.text import SOURCE_WORDS, fmt_co2, fmt_energy, fmt_seconds, fmt_si
@@ -129,7 +130,7 @@ def monthly_chart(entries: pd.DataFrame) -> FigureData | None:
     months, order = list(energy.index), list(energy.columns)
     fig, (ax_e, ax_c) = _new(4.6, nrows=2, sharex=True)
     x = range(len(months))
-    for ax, col, scale, unit in ((ax_e, "energy_j", 3.6e6, "energy (kWh)"), (ax_c, "co2_g", 1000.0, "CO2e (kg)")):
+    for ax, col, scale, unit in ((ax_e, "energy_j", J_PER_KWH, "energy (kWh)"), (ax_c, "co2_g", 1000.0, "CO2e (kg)")):
         table = monthly_table(entries, col) / scale
         bottom = [0.0] * len(months)
         for k, name in enumerate(order):

@@ -6,8 +6,7 @@ CLI's ``schedule`` command and the experiment config) can be imported without im
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ssprop_energy._lazy import lazy_exports
 
 # public name -> module that defines it
 _LAZY = {
@@ -29,15 +28,4 @@ _LAZY = {
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ssprop_energy.sparse' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
