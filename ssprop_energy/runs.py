@@ -24,6 +24,8 @@ RUN_COLUMNS = [
     "drop_rate", "schedule", "average_drop_rate", "dropout", "test_accuracy", "wall_s", "flops_forward",
     "flops_backward", "flops_backward_conv", "flops_total", "energy_j", "energy_source", "eval_energy_j", "co2_g",
     "carbon_intensity_g_per_kwh", "pue", "epochs",
+    # generation runs (DDPM): the Frechet distance by extractor and the sampling window (apart from training)
+    "task", "fid", "fid_classifier", "sample_wall_s", "sample_energy_j",
 ]
 
 
@@ -82,6 +84,8 @@ def run_rows(run_dir: str | Path, summary: RunSummary | None = None) -> list[dic
                 "energy_j": _number(fig.energy_j), "energy_source": arm.energy_source,
                 "eval_energy_j": _number(arm.eval_energy_j),  # evaluation energy is kept per arm (mean)
                 "co2_g": _number(fig.co2_g),
+                "task": summary.task, "fid": _number(fig.fid), "fid_classifier": _number(fig.fid_classifier),
+                "sample_wall_s": _number(fig.sample_wall_s), "sample_energy_j": _number(fig.sample_energy_j),
             })
     return rows
 

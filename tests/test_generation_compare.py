@@ -313,3 +313,16 @@ def test_generation_defaults_then_preset_then_flags() -> None:
     assert (cfg.optimizer, cfg.epochs, cfg.image_size) == ("adam", 3, 16)  # explicit flags win
     cfg = _parsed_config("--model", "resnet18")
     assert (cfg.optimizer, cfg.epochs, cfg.image_size, cfg.batch_size) == ("adam", 4, None, 64)  # untouched
+
+
+def test_load_runs_carries_the_generation_figures(compare_run) -> None:
+    from ssprop_energy.runs import load_runs
+
+    run_dir, _, _ = compare_run
+    frame = load_runs(run_dir).set_index("arm")
+    for name in ("dense", "ssprop"):
+        run = _arm_run(run_dir, name)
+        assert frame.loc[name, "task"] == "generation"
+        assert frame.loc[name, "fid_classifier"] == run.fid_classifier
+        assert frame.loc[name, "sample_energy_j"] == pytest.approx(run.sample_energy_j)
+        assert math.isnan(frame.loc[name, "test_accuracy"]) and math.isnan(frame.loc[name, "fid"])
