@@ -101,6 +101,8 @@ def _quality_card(c: ArmComparison) -> str:
     assert q is not None
     if q.ci is None:
         cls, ci_text = "", "single pair: no interval" if q.n_pairs < 2 else "no interval recorded"
+    elif q.ci[0] == q.ci[1]:
+        cls, ci_text = "", f"identical in all {q.n_pairs} pairs (one seed): no interval"
     else:
         cls = "noise" if q.ci_spans_zero else ("good" if q.diff < 0 else "bad")
         ci_text = (f"{q.ci_level:.0%} CI of the difference [{T.fmt_number(q.ci[0])}, {T.fmt_number(q.ci[1])}]"

@@ -76,6 +76,9 @@ def quality_clause(c: ArmComparison) -> str:
         suffix = "in a single pair of runs (no interval)" if q.n_pairs < 2 else "(no interval recorded)"
         word = "fell (better)" if q.diff < 0 else "rose (worse)" if q.diff > 0 else "did not change"
         return f"{what} {word} {change} {suffix}"
+    if q.ci[0] == q.ci[1]:
+        return (f"{what} changed {change}, identically in all {q.n_pairs} pairs: repeats of one seed do not "
+                "sample its variation, so this is no interval (use several seeds for one)")
     ci = f"{q.ci_level:.0%} CI of the difference {fmt_number(q.ci[0])} to {fmt_number(q.ci[1])}, {q.n_pairs} pairs"
     if q.ci_spans_zero:
         return f"the {what} difference ({change}, {ci}) is not distinguishable from noise"
