@@ -326,3 +326,27 @@ def test_load_runs_carries_the_generation_figures(compare_run) -> None:
         assert frame.loc[name, "fid_classifier"] == run.fid_classifier
         assert frame.loc[name, "sample_energy_j"] == pytest.approx(run.sample_energy_j)
         assert math.isnan(frame.loc[name, "test_accuracy"]) and math.isnan(frame.loc[name, "fid"])
+
+
+def _comparison(diff: float, ci: tuple[float, float] | None, n: int):
+    from ssprop_energy.report.savings import AccuracyDiff, ArmComparison, QualityDiff, saving
+
+    s = saving("energy_j", 10.0, 8.0, None, "fake")
+    q = QualityDiff("fid_classifier", 100.0, 100.0 + diff, diff, ci, n, 0.95, "classifier-cnn-v1", 32, "note")
+    return ArmComparison("ssprop", "dense", s, s, s, s, s, s, AccuracyDiff(math.nan, math.nan, math.nan, None, 0, 0.95),
+                         0.4, quality=q)
+
+
+@pytest.mark.parametrize(("diff", "ci", "n", "words"), [
+    (-5.0, None, 1, "fell (better) 100 -> 95 in a single pair of runs"),
+    (5.0, None, 1, "rose (worse) 100 -> 105 in a single pair"),
+    (-5.0, (-8.0, -2.0), 3, "fell (better) 100 -> 95 (95% CI of the difference -8 to -2, 3 pairs)"),
+    (-5.0, (-8.0, 2.0), 3, "difference (100 -> 95, 95% CI of the difference -8 to 2, 3 pairs) is not distinguishable"),
+    (-5.0, (-5.0, -5.0), 3, "identically in all 3 pairs"),
+])
+def test_quality_verdict_says_lower_is_better(diff: float, ci, n: int, words: str) -> None:
+    from ssprop_energy.report import text as T
+
+    c = _comparison(diff, ci, n)
+    assert words in T.quality_clause(c)
+    assert "accuracy" not in T.verdict(c, 0.0).lower()
