@@ -36,7 +36,9 @@ class DistContext:
         node: the node's index (torchrun's ``GROUP_RANK``).
         nodes: nodes in the job (known once the group is up; 1 before).
         hostname: this node's host name.
-        backend: ``nccl`` or ``gloo`` once initialised; None for a single process.
+        backend: the process group's backend once initialised (``cpu:gloo,cuda:nccl`` where CUDA exists:
+            NCCL moves CUDA gradients, gloo the CPU-side collectives; ``gloo`` otherwise); None for a
+            single process.
     """
 
     rank: int = 0
@@ -71,7 +73,8 @@ class DistContext:
     def _device(self) -> Any:
         import torch
 
-        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        # the harness's own collectives are a few numbers per epoch (and the stop flag per step): gloo on the CPU
+        return torch.device("cpu")
 
     def all_sum(self, values: Any) -> Any:
         """Element-wise sum over ranks of a float64 tensor (returned on the tensor's own device)."""
@@ -161,16 +164,17 @@ def from_env() -> DistContext | None:
     return ctx
 
 
-def init(device_type: str) -> DistContext:
-    """Join the process group when a launcher started this process; otherwise return :data:`SINGLE`.
+def init() -> DistContext:
+    """Join the process group when a launcher started this process (once; later calls return the same
+    context); otherwise return :data:`SINGLE`.
 
-    NCCL when training on CUDA (each rank on ``cuda:<local_rank>``), gloo on the CPU. The number of nodes
-    is counted from every rank's node index once the group is up.
-
-    Raises:
-        ConfigError: CUDA training with fewer visible GPUs than processes on this node.
+    Where CUDA exists the group has NCCL for CUDA tensors (DDP's gradients, each rank on
+    ``cuda:<local_rank>``) and gloo for CPU tensors; elsewhere gloo. The number of nodes is counted from
+    every rank's node index once the group is up.
     """
     global _current
+    if _current.distributed:
+        return _current
     ctx = from_env()
     if ctx is None:
         return SINGLE
@@ -178,12 +182,9 @@ def init(device_type: str) -> DistContext:
     import torch.distributed as dist
 
     backend = "gloo"
-    if device_type == "cuda":
-        if torch.cuda.device_count() < ctx.local_world_size:
-            raise ConfigError(f"{ctx.local_world_size} processes on this node but only "
-                              f"{torch.cuda.device_count()} visible GPU(s): one GPU per process")
+    if torch.cuda.is_available() and ctx.local_rank < torch.cuda.device_count():
         torch.cuda.set_device(ctx.local_rank)
-        backend = "nccl"
+        backend = "cpu:gloo,cuda:nccl"
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=TIMEOUT_S))
     ctx = replace(ctx, backend=backend)
@@ -192,6 +193,47 @@ def init(device_type: str) -> DistContext:
     log.info("rank %d of %d (node %d of %d, local rank %d), backend %s", ctx.rank, ctx.world_size, ctx.node,
              nodes, ctx.local_rank, backend)
     return _current
+
+
+def check_cuda(ctx: DistContext) -> None:
+    """Training on CUDA needs one visible GPU per process of the node.
+
+    Raises:
+        ConfigError: fewer visible GPUs than processes on this node.
+    """
+    import torch
+
+    if ctx.distributed and torch.cuda.device_count() < ctx.local_world_size:
+        raise ConfigError(f"{ctx.local_world_size} processes on this node but {torch.cuda.device_count()} visible "
+                          "GPU(s): a distributed CUDA run needs one GPU per process", field="device")
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """True for the error a collective raises when another rank died or left (the run is then resumable)."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        k in text for k in ("Gloo", "gloo", "NCCL", "Connection closed", "Connection reset", "Broken pipe", "peer"))
+
+
+def decide_on_main(ctx: DistContext, decide: Any) -> Any:
+    """Run ``decide()`` on rank 0 and give its result (or its :class:`ConfigError`-like user error) to every
+    rank, so that a check only rank 0 can make (the run directory lives on its node) stops every rank alike."""
+    from ssprop_energy.errors import SSPropEnergyError
+
+    outcome: tuple[str, Any] = ("ok", None)
+    if ctx.is_main:
+        try:
+            outcome = ("ok", decide())
+        except SSPropEnergyError as exc:
+            outcome = ("error", exc)
+    outcome = ctx.broadcast(outcome)
+    if outcome[0] == "error":
+        raise outcome[1]
+    return outcome[1]
 
 
 def shutdown() -> None:
