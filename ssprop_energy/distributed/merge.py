@@ -49,7 +49,9 @@ def merge_runs(runs: Sequence[ArmRun], infos: Sequence[dict[str, Any]], nodes: i
     ranks = []
     shares = []
     for r, info in zip(runs, infos):
-        energy_j, source = total_energy(label_components(r.energy_components, info))
+        # the rank's own devices; node-wide counters it read for its node are under the node's components
+        energy_j, source = total_energy([c for c in label_components(r.energy_components, info)
+                                         if c.rank == info["rank"]])
         entry = {**info, "flops_forward": r.flops_forward, "flops_backward": r.flops_backward,
                  "energy_j": energy_j, "energy_source": source}
         ranks.append(entry)

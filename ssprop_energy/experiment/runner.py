@@ -27,7 +27,7 @@ import os
 import platform
 import socket
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -261,8 +261,14 @@ class Experiment:
 
     def spent_components(self) -> list[EnergyComponent]:
         """Energy every meter of this process measured (training, evaluation and the gaps between windows,
-        interrupted groups included): what the audit ledger charges to this invocation."""
-        return add_components(*self.executor.metered)
+        interrupted groups included): what the audit ledger charges to this invocation. In a distributed run
+        every rank's and node's components, named ``<component>@rank<r>`` / ``<component>@node<n>`` (the
+        ledger keys a row's components by name)."""
+        spent = add_components(*self.executor.metered)
+        if not self.dist.distributed:
+            return spent
+        return [replace(c, component=f"{c.component}@" + (f"rank{c.rank}" if c.rank is not None else f"node{c.node}"),
+                        rank=None, node=None) for c in spent]
 
     def _result_path(self, key: ArmRunKey) -> Path:
         return self.run_dir / "runs" / f"{key.name}.json"
