@@ -36,7 +36,8 @@ from ssprop_energy.experiment.config import ArmSpec, ExperimentConfig
 from ssprop_energy.experiment.plan import ArmRunKey, Group, epoch_order
 from ssprop_energy.flops import FlopMeter
 from ssprop_energy.models import get_model
-from ssprop_energy.records import ArmRun, EnergyComponent, read_json, write_json_atomic
+from ssprop_energy.errors import RecordError
+from ssprop_energy.records import ArmRun, EnergyComponent, EpochRecord, read_json, write_json_atomic
 from ssprop_energy.sparse import set_drop_rate, sparsify
 from ssprop_energy.sparse.schedules import DropSchedule
 from ssprop_energy.train import Callback, TrainConfig, Trainer
@@ -47,6 +48,10 @@ if TYPE_CHECKING:
     from ssprop_energy.energy.base import EnergyReport
 
 log = logging.getLogger(__name__)
+
+
+# the trainer state that differs between ranks (the rest is the same model, optimizer and reduced metrics)
+_RANK_STATE = ("epochs", "energy_by_component_j", "component_info", "phases", "eval_wall_s", "flops_backward_conv")
 
 
 class _Dense:
@@ -203,6 +208,8 @@ class Executor:
                     ddp[key.name].fraction = lambda loader=loader: loader.last_batch_samples
                     trainer.task = ShardedTask(trainer.task, d)
                 trainer.begin()
+                if d.distributed:
+                    comm_s[key.name] = self._restore_rank_state(key, trainer)
                 if local_copy is not None:  # another rank's copy of rank 0's checkpoint: read once, never written
                     trainer.checkpoint_path = None
                     local_copy.unlink(missing_ok=True)
@@ -220,6 +227,7 @@ class Executor:
                     trainer.run_epoch()
                     if key.name in ddp:
                         comm_s[key.name] += ddp[key.name].take()
+                        self._save_rank_states(key, trainer, comm_s[key.name])
                     if self.monitor is not None:
                         reading = self.monitor.end(token)
                         prepared[key.name]["interference"].append(
@@ -242,6 +250,7 @@ class Executor:
             on_finished(run)
             self.checkpoint_path(key).unlink(missing_ok=True)  # the record is saved; the checkpoint served resume
             self._interference_path(key).unlink(missing_ok=True)
+            self._ranks_path(key).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------------------------ distributed
 
@@ -255,6 +264,45 @@ class Executor:
         gpus = [nvml_index(d.local_rank)] if self.device.type == "cuda" else None
         return open_meter(choice=rank_meter_choice(self.meter_choice, d), sample_period_s=self.cfg.sample_period_s,
                           gpus=gpus)
+
+    def _ranks_path(self, key: ArmRunKey) -> Path:
+        return self.checkpoint_dir / f"{key.name}.ranks.json"
+
+    def _save_rank_states(self, key: ArmRunKey, trainer: Trainer, comm_s: float) -> None:
+        """Keep every rank's own accounting (its FLOPs, energy, phases, all-reduce time) beside rank 0's
+        checkpoint: the checkpoint holds rank 0's, and a resumed rank must continue from its own."""
+        state = trainer.state
+        assert state is not None
+        mine = {k: state[k] for k in _RANK_STATE if k != "epochs"}
+        mine.update(epochs=[vars(e).copy() for e in state["epochs"]], next_epoch=state["next_epoch"], comm_s=comm_s)
+        gathered = self.dist.gather(mine)
+        if gathered is not None:
+            write_json_atomic(self._ranks_path(key), gathered)
+
+    def _restore_rank_state(self, key: ArmRunKey, trainer: Trainer) -> float:
+        """After ``begin()``: replace the accounting loaded from rank 0's checkpoint by this rank's own;
+        returns the all-reduce seconds so far.
+
+        Raises:
+            RecordError: the saved accounting does not match the checkpoint (a process was killed between
+                writing the two): continuing would mix ranks' figures.
+        """
+        d = self.dist
+        path = self._ranks_path(key)
+        saved = d.broadcast(read_json(path) if d.is_main and path.exists() else None)
+        state = trainer.state
+        assert state is not None
+        if state["next_epoch"] == 0:
+            return 0.0
+        if saved is None or len(saved) != d.world_size or saved[d.rank]["next_epoch"] != state["next_epoch"]:
+            raise RecordError(f"{path}: the ranks' saved accounting does not match checkpoint epoch "
+                              f"{state['next_epoch']}; this arm-run cannot resume exactly (delete its checkpoint "
+                              "to run it again from the start)")
+        mine = saved[d.rank]
+        for k in _RANK_STATE:
+            state[k] = mine[k]
+        state["epochs"] = [EpochRecord(**e) for e in mine["epochs"]]
+        return float(mine["comm_s"])
 
     def _checkpoint_for(self, key: ArmRunKey) -> tuple[Path | None, Path | None]:
         """The checkpoint this rank resumes from: rank 0's own file; on the other ranks a private copy of
