@@ -48,6 +48,10 @@ READABLE_SCHEMA_VERSIONS = (1, 2)
 SOURCES = ("counted", "counter", "sampled", "estimated", "fake")
 RUN_STATUSES = ("running", "complete", "interrupted", "failed")
 
+# what ``comm_share`` (ArmRun, ArmRecord) measures, for every place that shows it
+COMM_SHARE_LABEL = ("timed: training wall time with a gradient all-reduce in flight (it overlaps the backward "
+                    "pass), as a share of training time")
+
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 EPOCHS_FILE = "epochs.csv"

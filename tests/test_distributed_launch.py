@@ -151,6 +151,26 @@ def test_energy_is_attributed_to_both_ranks_and_the_node(audited: dict[str, Any]
     assert run["ranks"][0]["flops_backward"] + run["ranks"][1]["flops_backward"] == run["flops_backward"]
 
 
+def test_report_shows_energy_per_rank_and_node(audited: dict[str, Any]) -> None:
+    from ssprop_energy.report import render_report
+
+    summary = load_summary(audited["out"])
+    md = render_report([audited["out"]], audited["home"] / "report.md", fmt="md").read_text()
+    section = md.split("Per process and per node", 1)[1].split("## Provenance", 1)[0]
+    from ssprop_energy.fmt import fmt_energy
+
+    dense = summary.arms["dense"]
+    cpu = {c.rank: c.energy_j for c in dense.energy_components if c.component == "cpu"}
+    # each rank's row is its own CPU estimate; the node's row holds both ranks and the node's RAM
+    assert "| dense | rank 0 | " in section and fmt_energy(cpu[0]) in section and fmt_energy(cpu[1]) in section
+    assert "| dense | node 0 | " in section and fmt_energy(dense.energy_j) in section
+    assert "Communication (timed:" in section
+    html = render_report([audited["out"]], audited["home"] / "report.html").read_text()
+    assert "Per process and per node" in html and 'data-metric="comm_share"' in html
+    # the CLI's table printed the same per-process figures
+    assert f"rank 1 {cpu[1]:,.0f} J (estimated)" in audited["stdout"]
+
+
 def test_only_rank_zero_prints_and_the_ledger_holds_every_process(audited: dict[str, Any]) -> None:
     assert audited["stdout"].count("starting run") == 1
     assert audited["stdout"].count("run record:") == 1

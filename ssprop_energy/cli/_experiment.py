@@ -211,6 +211,20 @@ def interference_warnings(summary: Any) -> list[str]:
     return lines
 
 
+def distributed_lines(summary: Any) -> list[str]:
+    """Energy per process and per node, and the communication share, for a distributed run."""
+    from ssprop_energy.report import distributed as D
+
+    if not D.is_distributed(summary):
+        return []
+    lines = []
+    for name in summary.arms:
+        rows = [r for r in D.energy_rows(summary) if r["arm"] == name]
+        lines.append(f"{name}: " + ", ".join(f"{r['scope']} {r['energy_j']:,.0f} J ({r['source']})" for r in rows))
+    comm = D.comm_text(summary)
+    return lines + ([comm] if comm else [])
+
+
 def print_results(summary: Any) -> None:
     """The short dense-vs-ssProp table: accuracy, time, backward FLOPs, energy and CO2 with their sources,
     then the single-run intervals, interference warnings and provenance notes."""
@@ -260,6 +274,8 @@ def print_results(summary: Any) -> None:
                   + (" (epoch by epoch, ABBA)" if summary.interleave == "epoch" else " (one arm-run after another)"))
     for line in interference_warnings(summary):
         console.print(f"[yellow]{escape(line)}[/]")
+    for line in distributed_lines(summary):
+        console.print(escape(line))
     sources = {c.source for a in summary.arms.values() for c in a.energy_components}
     if "fake" in sources:
         console.print("[yellow]note: energy is SYNTHETIC (--meter fake): no hardware was read; "

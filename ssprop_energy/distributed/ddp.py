@@ -23,8 +23,6 @@ from ssprop_energy.distributed.context import DistContext
 from ssprop_energy.distributed.sharding import shard_slice
 from ssprop_energy.energy.select import MeterChoice
 
-COMM_LABEL = "timed: wall time with a gradient all-reduce in flight (overlaps backward), share of training time"
-
 
 class CommTimer:
     """DDP comm hook state: weights each rank's gradient by its share of the global batch and times the
