@@ -14,9 +14,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from ssprop_energy.errors import RecordError
-from ssprop_energy.records import (
-    SUMMARY_FILE, ArmRecord, EnergyComponent, RunSummary, load_summary, total_energy,
-)
+from ssprop_energy.records import SUMMARY_FILE, RepeatFigures, RunSummary, load_summary
 
 __all__ = ["RUN_COLUMNS", "load_runs", "run_rows"]
 
@@ -55,16 +53,6 @@ def _number(value: Any) -> float:
         return math.nan
 
 
-def _repeat_source(rep: dict[str, Any], arm: ArmRecord) -> str:
-    comps = rep.get("meter_components")
-    if isinstance(comps, list) and comps:
-        try:
-            return total_energy([EnergyComponent(**c) for c in comps])[1]
-        except (TypeError, RecordError):
-            pass
-    return arm.energy_source
-
-
 def run_rows(run_dir: str | Path, summary: RunSummary | None = None) -> list[dict[str, Any]]:
     """The rows of one run directory (see :func:`load_runs`)."""
     run_dir = Path(run_dir)
@@ -79,22 +67,21 @@ def run_rows(run_dir: str | Path, summary: RunSummary | None = None) -> list[dic
             "schedule": arm.schedule, "average_drop_rate": arm.average_drop_rate, "dropout": arm.dropout,
             "carbon_intensity_g_per_kwh": arm.carbon_intensity_g_per_kwh, "pue": arm.pue, "epochs": len(arm.epochs),
         }
-        reps = arm.repeats or [{}]  # a record without per-repeat figures gives one row of its averages
+        # a record without per-repeat figures gives one row of its averages (seed and repeat None); every
+        # repeat of an arm is measured by the same components, so the arm's source is each repeat's
+        reps: list[RepeatFigures | None] = list(arm.repeats) or [None]
         for rep in reps:
-            fwd = _number(rep.get("flops_forward", arm.flops_forward))
-            bwd = _number(rep.get("flops_backward", arm.flops_backward))
-            energy_j = _number(rep.get("energy_j", arm.energy_j))
+            fig: Any = rep if rep is not None else arm
+            fwd, bwd = _number(fig.flops_forward), _number(fig.flops_backward)
             rows.append({
                 **base,
-                "seed": rep.get("seed"), "repeat": rep.get("repeat"),
-                "test_accuracy": _number(rep.get("test_accuracy", arm.test_accuracy)),
-                "wall_s": _number(rep.get("wall_s", arm.wall_s)),
+                "seed": rep.seed if rep is not None else None, "repeat": rep.repeat if rep is not None else None,
+                "test_accuracy": _number(fig.test_accuracy), "wall_s": _number(fig.wall_s),
                 "flops_forward": fwd, "flops_backward": bwd,
-                "flops_backward_conv": _number(rep.get("flops_backward_conv", arm.flops_backward_conv)),
-                "flops_total": fwd + bwd,
-                "energy_j": energy_j, "energy_source": _repeat_source(rep, arm) if rep else arm.energy_source,
-                "eval_energy_j": _number(rep.get("eval_energy_j", arm.eval_energy_j)),
-                "co2_g": _number(rep.get("co2_g", arm.co2_g)),
+                "flops_backward_conv": _number(fig.flops_backward_conv), "flops_total": fwd + bwd,
+                "energy_j": _number(fig.energy_j), "energy_source": arm.energy_source,
+                "eval_energy_j": _number(arm.eval_energy_j),  # evaluation energy is kept per arm (mean)
+                "co2_g": _number(fig.co2_g),
             })
     return rows
 

@@ -25,9 +25,9 @@ def test_one_row_per_arm_and_repeat_with_the_records_figures(tmp_path):
     summary = load_summary(tmp_path / "a")
     for name, arm in summary.arms.items():
         rows = frame[frame["arm"] == name].sort_values("repeat")
-        assert rows["energy_j"].tolist() == [r["energy_j"] for r in arm.repeats]
-        assert rows["co2_g"].tolist() == [r["co2_g"] for r in arm.repeats]
-        assert rows["seed"].tolist() == [r["seed"] for r in arm.repeats]
+        assert rows["energy_j"].tolist() == [r.energy_j for r in arm.repeats]
+        assert rows["co2_g"].tolist() == [r.co2_g for r in arm.repeats]
+        assert rows["seed"].tolist() == [r.seed for r in arm.repeats]
         # The arm's record is the mean of its repeats: the frame must give it back.
         assert rows["energy_j"].mean() == pytest.approx(arm.energy_j)
         assert (rows["flops_total"] == rows["flops_forward"] + rows["flops_backward"]).all()

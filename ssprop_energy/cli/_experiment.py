@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator
 from ssprop_energy.errors import ConfigError, RunInterrupted
 from ssprop_energy.experiment.config import INTERLEAVES, METERS, PRESETS, SELECTIONS, ExperimentConfig
 from ssprop_energy.fmt import fmt_change, fmt_change_pp, fmt_flops
+from ssprop_energy.tracking import add_tracking_arguments, loggers_from_args, parse_targets
 
 EXIT_INTERRUPTED = 130
 
@@ -73,6 +74,9 @@ def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> 
     p.add_argument("--pue", type=float, help="data-centre power usage effectiveness (default 1.0)")
     p.add_argument("--eval-noise", type=float_list, help="also test under Gaussian input noise, e.g. 0.1,0.2")
     p.add_argument("--project", help="project name for the audit ledger (default $SSPROP_ENERGY_PROJECT or 'default')")
+    from ssprop_energy.cli.audit import add_ledger_flag  # the ledger's flag, owned by the audit command
+
+    add_ledger_flag(p)
     p.add_argument("--out", help="run directory (default runs/<timestamp>-<model>-<dataset>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (all other flags are ignored)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -81,6 +85,7 @@ def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> 
                    "as torchrun would; --batch-size stays the global batch (each process takes 1/P of it). "
                    "For several nodes run torchrun yourself: torchrun --nnodes N --node-rank R "
                    "--rdzv-endpoint HOST:PORT --nproc-per-node P -m ssprop_energy compare ...")
+    add_tracking_arguments(p)
 
 
 # config field -> the flag that sets it, for error messages (the config speaks in domain words)
@@ -346,12 +351,17 @@ def _execute(args: argparse.Namespace, kind: str, ctx: Any, lists: dict[str, Any
         run_dir = Path(ctx.broadcast(str(Path(cfg.out) if cfg.out else default_run_dir(cfg))))
         cfg.out = str(run_dir)
 
+    parse_targets(getattr(args, "log_to", ""))  # a bad --log-to fails before anything is written
+
     def body(stop: StopFlag) -> int:
+        loggers: list[Any] = []
+
         def callbacks(arm: Any, seed: int, repeat: int) -> list[Any]:
-            if args.quiet or not main:
-                return []
-            tag = f"{arm.name} s{seed}" + (f" r{repeat}" if cfg.repeats > 1 else "")
-            return [RichProgress(tag, cfg.epochs)]
+            out = [lg.callback(arm.name, seed, repeat) for lg in loggers]  # rank 0 only (empty elsewhere)
+            if not args.quiet and main:
+                tag = f"{arm.name} s{seed}" + (f" r{repeat}" if cfg.repeats > 1 else "")
+                out.append(RichProgress(tag, cfg.epochs))
+            return out
 
         hooks = ExperimentHooks(callbacks=callbacks, stop_requested=stop, command=sys.argv)
         experiment = Experiment(cfg, run_dir, hooks)
@@ -364,13 +374,22 @@ def _execute(args: argparse.Namespace, kind: str, ctx: Any, lists: dict[str, Any
         if ctx.distributed:
             print(f"  distributed: {ctx.world_size} process(es) on {ctx.nodes} node(s), backend {ctx.backend}; "
                   f"global batch {cfg.batch_size} = {cfg.batch_size // ctx.world_size} per process")
+        loggers += loggers_from_args(args, run_dir, experiment.carbon.intensity_g_per_kwh, cfg.pue)
         try:
-            summary = experiment.run()  # opens and closes the run's audit-ledger row itself
-        except RunInterrupted:
-            _write_report(run_dir)
-            raise
-        print_results(summary)
-        report = _write_report(run_dir)
+            for lg in loggers:
+                lg.log_config(cfg.to_dict())
+            try:
+                summary = experiment.run()  # opens and closes the run's audit-ledger row itself
+            except RunInterrupted:
+                _write_report(run_dir)
+                raise
+            print_results(summary)
+            report = _write_report(run_dir)
+            for lg in loggers:
+                lg.on_run_end(run_dir)
+        finally:
+            for lg in loggers:
+                lg.close()
         print(f"run record: {run_dir}" + (f"\nreport: {report}" if report else ""))
         return 0
 
