@@ -225,6 +225,28 @@ def test_sigterm_saves_interrupted_and_resume_under_the_launcher_ends_identical(
         assert got.test_accuracy == want.test_accuracy and got.flops_backward == want.flops_backward
 
 
+def test_a_dying_rank_leaves_an_interrupted_run_on_rank_zero(procs: Procs, tmp_path: Path) -> None:
+    import psutil
+
+    env = _env(tmp_path)
+    out = tmp_path / "run"
+    proc = procs.start([sys.executable, "-m", "ssprop_energy", *ARGS, "--meter", "fake", "--nproc-per-node", "2",
+                        "--out", str(out)], env)
+    checkpoint = out / "checkpoints" / "dense__s0__r0.pt"
+    deadline = time.monotonic() + TIMEOUT_S
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert checkpoint.exists(), proc.communicate(timeout=60)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+    assert len(workers) == 1
+    workers[0].kill()  # rank 1 dies without a word
+    _, err = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode != 0
+    summary = load_summary(out)
+    assert summary.status == "interrupted", (summary.status, summary.failure_reason, err[-2000:])
+    assert summary.failure_reason and "another process" in summary.failure_reason
+
+
 def test_resume_with_another_process_count_is_refused(audited: dict[str, Any], procs: Procs, tmp_path: Path) -> None:
     import shutil
 
