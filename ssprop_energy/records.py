@@ -423,6 +423,9 @@ class ArmRecord:
     over the training windows, CO2 in grams CO2e (energy x intensity x PUE). ``repeats`` holds the per-run
     figures; ``paired`` (non-baseline arms) maps a metric to its :class:`PairedStat` against the dense
     baseline; ``epoch_intervals`` maps ``wall_s`` / ``energy_j`` to the single-run :class:`EpochInterval`.
+    A distributed arm (``world_size`` processes on ``nodes`` nodes) sums FLOPs and energy over processes, its
+    components labelled ``rank`` / ``node``; ``comm_share`` is the mean over its runs of ``ArmRun.comm_share``
+    (:data:`COMM_SHARE_LABEL`), None single-process.
     """
 
     name: str
@@ -472,6 +475,9 @@ class ArmRecord:
 class RunSummary:
     """Everything ``summary.json`` holds. ``arms`` maps arm name (``dense``, ``ssprop``, ``ssprop-d0.4-bar``...)
     to its :class:`ArmRecord`; ``paired`` maps a metric to paired-delta statistics of (ssprop - dense).
+
+    ``world_size`` / ``nodes``: processes and nodes of a distributed run (1 / 1 otherwise; the ranks' hosts,
+    devices and meters are in ``environment["distributed"]``).
 
     ``interleave`` says how arms were ordered in time: ``epoch`` (each epoch of every arm back to back, the
     order alternating ABBA epoch by epoch) or ``none`` (one arm-run after the other, ABBA by pair).
