@@ -426,6 +426,9 @@ class ArmRecord:
     A distributed arm (``world_size`` processes on ``nodes`` nodes) sums FLOPs and energy over processes, its
     components labelled ``rank`` / ``node``; ``comm_share`` is the mean over its runs of ``ArmRun.comm_share``
     (:data:`COMM_SHARE_LABEL`), None single-process.
+    ``phases`` holds the meter's windows (``train``, ``eval``, and ``data`` / ``forward`` / ``backward`` /
+    ``optimizer`` nested in ``train``); ``unattributed_energy_j`` is the training energy outside the nested
+    step windows (version 1: the meter's energy outside every top-level window).
     """
 
     name: str

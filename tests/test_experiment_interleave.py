@@ -240,5 +240,7 @@ def test_energy_is_the_sum_of_epoch_windows_per_arm(tmp_path: Path) -> None:
         assert arm.phases["train"]["energy_j"] == pytest.approx(arm.energy_j, rel=1e-9)
         nested = sum(arm.phases[p]["energy_j"] for p in ("data", "forward", "backward", "optimizer"))
         assert nested <= arm.phases["train"]["energy_j"] * (1 + 1e-9)
+        assert arm.unattributed_energy_j == pytest.approx(arm.phases["train"]["energy_j"] - nested, abs=1e-9)
+        assert arm.phases["eval"]["count"] == 2 + 1  # validation each epoch and the final test
     loaded = load_summary(tmp_path / "run")
     assert np.isclose(loaded.arms["dense"].energy_j, summary.arms["dense"].energy_j)
