@@ -48,6 +48,10 @@ READABLE_SCHEMA_VERSIONS = (1, 2)
 SOURCES = ("counted", "counter", "sampled", "estimated", "fake")
 RUN_STATUSES = ("running", "complete", "interrupted", "failed")
 
+# what ``comm_share`` (ArmRun, ArmRecord) measures, for every place that shows it
+COMM_SHARE_LABEL = ("timed: training wall time with a gradient all-reduce in flight (it overlaps the backward "
+                    "pass), as a share of training time")
+
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 EPOCHS_FILE = "epochs.csv"
@@ -157,6 +161,9 @@ class EnergyComponent:
         device: human-readable hardware name (e.g. ``NVIDIA H100 80GB HBM3``, ``Intel Xeon ...``).
         sampled_energy_j: for components that have both a counter and a sampled integral (NVML), the
             sampled figure kept beside the counter one so that their agreement is visible; else None.
+        rank: in a distributed run, the global rank whose meter read it (its GPU, its process's CPU
+            estimate); None for a node-wide counter or a single-process run.
+        node: in a distributed run, the node (torchrun ``GROUP_RANK``) it belongs to; None single-process.
     """
 
     component: str
@@ -164,6 +171,8 @@ class EnergyComponent:
     source: str
     device: str = ""
     sampled_energy_j: float | None = None
+    rank: int | None = None
+    node: int | None = None
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -173,7 +182,7 @@ class EnergyComponent:
 
 
 def total_energy(components: Sequence[EnergyComponent]) -> tuple[float, str]:
-    """Sum component energies (J) and name the provenance of the sum.
+    """Sum component energies (J) and name the provenance of the sum (over every rank and node).
 
     Returns:
         ``(energy_j, source)`` where source is the components' common source, or ``mixed`` when they differ
@@ -190,13 +199,27 @@ def total_energy(components: Sequence[EnergyComponent]) -> tuple[float, str]:
 
 
 def add_components(*groups: Iterable[EnergyComponent], scale: float = 1.0) -> list[EnergyComponent]:
-    """Sum components over several intervals by (component, source, device), each energy x ``scale``."""
-    sums: dict[tuple[str, str, str], float] = {}
+    """Sum components over several intervals by (component, source, device, rank, node), each energy x
+    ``scale``."""
+    sums: dict[tuple[str, str, str, int | None, int | None], float] = {}
     for group in groups:
         for c in group:
-            key = (c.component, c.source, c.device)
+            key = (c.component, c.source, c.device, c.rank, c.node)
             sums[key] = sums.get(key, 0.0) + c.energy_j * scale
-    return [EnergyComponent(component=k[0], source=k[1], device=k[2], energy_j=v) for k, v in sums.items()]
+    return [EnergyComponent(component=k[0], source=k[1], device=k[2], energy_j=v, rank=k[3], node=k[4])
+            for k, v in sums.items()]
+
+
+def energy_by(components: Sequence[EnergyComponent], label: str) -> dict[int | None, tuple[float, str]]:
+    """Energy (J) and its provenance per ``rank`` or per ``node`` label (``total_energy`` of each group).
+
+    Per node, every component of the node counts (its ranks' GPUs and CPU estimates, and its node-wide
+    counters); per rank, the node-wide counters have no rank and fall under None.
+    """
+    groups: dict[int | None, list[EnergyComponent]] = {}
+    for c in components:
+        groups.setdefault(getattr(c, label), []).append(c)
+    return {k: total_energy(v) for k, v in sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))}
 
 
 @dataclass
@@ -334,6 +357,12 @@ class ArmRun:
     the meter's window names (``train``, ``eval``, ``data``, ``forward``, ``backward``, ``optimizer``) to
     ``{"energy_j", "wall_s", "count"}``. ``trace`` rows are ``[t_s, component, power_w, source, phase]``
     (t_s since the meter started), ``layers`` per-layer FLOPs per sample at the arm's nominal drop rate.
+
+    A distributed run (``world_size`` > 1 processes on ``nodes`` nodes) is one record: FLOPs and energy
+    summed over ranks (each energy component labelled with its ``rank`` / ``node``), accuracy and losses
+    reduced over ranks, ``ranks`` one entry per rank (node, host, device, meter sources, FLOPs, energy,
+    all-reduce time), ``comm_share`` the mean over ranks of the training time with a gradient all-reduce
+    in flight (``timed``); trace components are prefixed ``r<rank>:``.
     """
 
     arm: str
@@ -356,6 +385,10 @@ class ArmRun:
     interference: list[dict[str, Any]] = field(default_factory=list)
     trace: list[list[Any]] = field(default_factory=list)
     layers: list[dict[str, Any]] = field(default_factory=list)
+    world_size: int = 1
+    nodes: int = 1
+    ranks: list[dict[str, Any]] = field(default_factory=list)
+    comm_share: float | None = None
 
     @property
     def energy_j(self) -> float:
@@ -390,6 +423,9 @@ class ArmRecord:
     over the training windows, CO2 in grams CO2e (energy x intensity x PUE). ``repeats`` holds the per-run
     figures; ``paired`` (non-baseline arms) maps a metric to its :class:`PairedStat` against the dense
     baseline; ``epoch_intervals`` maps ``wall_s`` / ``energy_j`` to the single-run :class:`EpochInterval`.
+    A distributed arm (``world_size`` processes on ``nodes`` nodes) sums FLOPs and energy over processes, its
+    components labelled ``rank`` / ``node``; ``comm_share`` is the mean over its runs of ``ArmRun.comm_share``
+    (:data:`COMM_SHARE_LABEL`), None single-process.
     ``phases`` holds the meter's windows (``train``, ``eval``, and ``data`` / ``forward`` / ``backward`` /
     ``optimizer`` nested in ``train``); ``unattributed_energy_j`` is the training energy outside the nested
     step windows (version 1: the meter's energy outside every top-level window).
@@ -424,6 +460,9 @@ class ArmRecord:
     epoch_intervals: dict[str, EpochInterval] = field(default_factory=dict)
     interference: Interference | None = None
     status: str = "complete"
+    world_size: int = 1
+    nodes: int = 1
+    comm_share: float | None = None
 
     @property
     def flops_total(self) -> float:
@@ -439,6 +478,9 @@ class ArmRecord:
 class RunSummary:
     """Everything ``summary.json`` holds. ``arms`` maps arm name (``dense``, ``ssprop``, ``ssprop-d0.4-bar``...)
     to its :class:`ArmRecord`; ``paired`` maps a metric to paired-delta statistics of (ssprop - dense).
+
+    ``world_size`` / ``nodes``: processes and nodes of a distributed run (1 / 1 otherwise; the ranks' hosts,
+    devices and meters are in ``environment["distributed"]``).
 
     ``interleave`` says how arms were ordered in time: ``epoch`` (each epoch of every arm back to back, the
     order alternating ABBA epoch by epoch) or ``none`` (one arm-run after the other, ABBA by pair).
@@ -457,6 +499,8 @@ class RunSummary:
     failure_reason: str | None = None
     finished_at: str | None = None
     schema_version: int = SCHEMA_VERSION
+    world_size: int = 1
+    nodes: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(self, default=_json_default))

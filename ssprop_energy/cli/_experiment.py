@@ -80,6 +80,11 @@ def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> 
     p.add_argument("--out", help="run directory (default runs/<timestamp>-<model>-<dataset>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (all other flags are ignored)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--nproc-per-node", type=int, metavar="P",
+                   help="train on P processes of this machine with DDP (one per GPU; gloo on the CPU), launched "
+                   "as torchrun would; --batch-size stays the global batch (each process takes 1/P of it). "
+                   "For several nodes run torchrun yourself: torchrun --nnodes N --node-rank R "
+                   "--rdzv-endpoint HOST:PORT --nproc-per-node P -m ssprop_energy compare ...")
     add_tracking_arguments(p)
 
 
@@ -167,11 +172,13 @@ def print_header(cfg: ExperimentConfig, run_dir: Path, resumed: bool) -> None:
         print("  " + line.rstrip())
 
 
-def run_with_signals(body: Callable[[StopFlag], int], run_dir: Path) -> int:
+def run_with_signals(body: Callable[[StopFlag], int], run_dir: Path, main: bool = True) -> int:
     with StopFlag() as stop:
         try:
             return body(stop)
         except RunInterrupted:
+            if not main:
+                return EXIT_INTERRUPTED
             sys.stderr.write(
                 f"ssprop-energy: run interrupted; record saved as 'interrupted' in {run_dir}. "
                 f"Continue with --resume {run_dir}\n"
@@ -207,6 +214,20 @@ def interference_warnings(summary: Any) -> list[str]:
             + ": its time and energy figures include other work's slowdown"
         )
     return lines
+
+
+def distributed_lines(summary: Any) -> list[str]:
+    """Energy per process and per node, and the communication share, for a distributed run."""
+    from ssprop_energy.report import distributed as D
+
+    if not D.is_distributed(summary):
+        return []
+    lines = []
+    for name in summary.arms:
+        rows = [r for r in D.energy_rows(summary) if r["arm"] == name]
+        lines.append(f"{name}: " + ", ".join(f"{r['scope']} {r['energy_j']:,.0f} J ({r['source']})" for r in rows))
+    comm = D.comm_text(summary)
+    return lines + ([comm] if comm else [])
 
 
 def print_results(summary: Any) -> None:
@@ -258,6 +279,8 @@ def print_results(summary: Any) -> None:
                   + (" (epoch by epoch, ABBA)" if summary.interleave == "epoch" else " (one arm-run after another)"))
     for line in interference_warnings(summary):
         console.print(f"[yellow]{escape(line)}[/]")
+    for line in distributed_lines(summary):
+        console.print(escape(line))
     sources = {c.source for a in summary.arms.values() for c in a.energy_components}
     if "fake" in sources:
         console.print("[yellow]note: energy is SYNTHETIC (--meter fake): no hardware was read; "
@@ -283,17 +306,49 @@ def _write_report(run_dir: Path) -> Path | None:
 
 def execute(args: argparse.Namespace, kind: str, **lists: Any) -> int:
     """Run a compare or sweep from parsed flags (or resume one) and print the result table."""
-    from ssprop_energy.cli.progress import RichProgress
-    from ssprop_energy.experiment.runner import (
-        Experiment, ExperimentHooks, default_run_dir, load_run_config, prepare_run_dir,
-    )
+    from ssprop_energy.distributed import context as distributed
 
+    if getattr(args, "nproc_per_node", None) is not None:
+        if distributed.from_env() is not None:
+            raise ConfigError("--nproc-per-node: this process is already a worker of torchrun; drop the flag "
+                              "(torchrun's own --nproc-per-node sets the processes)")
+        from ssprop_energy.distributed.launch import launch, strip_flag
+
+        return launch(strip_flag(args.raw_argv, "--nproc-per-node"), args.nproc_per_node)
+    ctx = distributed.init()  # under torchrun: join the group now (resume reads rank 0's run directory)
+    try:
+        return _execute(args, kind, ctx, lists)
+    finally:
+        distributed.shutdown()
+
+
+def _resume_config(run_dir: Path, world_size: int) -> dict[str, Any]:
+    """The stored configuration of a run to resume, refusing a different number of processes (a run's
+    batches are split over its processes: another split would not continue the same computation)."""
+    from ssprop_energy.experiment.runner import load_run_config
+    from ssprop_energy.records import SUMMARY_FILE, read_json
+
+    cfg = load_run_config(run_dir)
+    started = int(read_json(run_dir / SUMMARY_FILE).get("world_size", 1))
+    if started != world_size:
+        raise ConfigError(f"--resume {run_dir}: the run was started with {started} process(es), this launch has "
+                          f"{world_size}; relaunch with the same number of processes")
+    return cfg.to_dict()
+
+
+def _execute(args: argparse.Namespace, kind: str, ctx: Any, lists: dict[str, Any]) -> int:
+    from ssprop_energy.cli.progress import RichProgress
+    from ssprop_energy.distributed.context import decide_on_main
+    from ssprop_energy.experiment.runner import Experiment, ExperimentHooks, default_run_dir, prepare_run_dir
+
+    main = ctx.is_main
     if args.resume:
         run_dir = Path(args.resume)
-        cfg = load_run_config(run_dir)
+        cfg = ExperimentConfig.from_dict(
+            decide_on_main(ctx, lambda: _resume_config(run_dir, ctx.world_size)))
     else:
         cfg = config_from_args(args, kind, **lists)
-        run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+        run_dir = Path(ctx.broadcast(str(Path(cfg.out) if cfg.out else default_run_dir(cfg))))
         cfg.out = str(run_dir)
 
     parse_targets(getattr(args, "log_to", ""))  # a bad --log-to fails before anything is written
@@ -302,8 +357,8 @@ def execute(args: argparse.Namespace, kind: str, **lists: Any) -> int:
         loggers: list[Any] = []
 
         def callbacks(arm: Any, seed: int, repeat: int) -> list[Any]:
-            out = [lg.callback(arm.name, seed, repeat) for lg in loggers]
-            if not args.quiet:
+            out = [lg.callback(arm.name, seed, repeat) for lg in loggers]  # rank 0 only (empty elsewhere)
+            if not args.quiet and main:
                 tag = f"{arm.name} s{seed}" + (f" r{repeat}" if cfg.repeats > 1 else "")
                 out.append(RichProgress(tag, cfg.epochs))
             return out
@@ -311,8 +366,14 @@ def execute(args: argparse.Namespace, kind: str, **lists: Any) -> int:
         hooks = ExperimentHooks(callbacks=callbacks, stop_requested=stop, command=sys.argv)
         experiment = Experiment(cfg, run_dir, hooks)
         if not args.resume:
-            prepare_run_dir(run_dir)
+            decide_on_main(ctx, lambda: prepare_run_dir(run_dir))
+        if not main:  # only global rank 0 prints and writes
+            experiment.run()
+            return 0
         print_header(cfg, run_dir, resumed=bool(args.resume))
+        if ctx.distributed:
+            print(f"  distributed: {ctx.world_size} process(es) on {ctx.nodes} node(s), backend {ctx.backend}; "
+                  f"global batch {cfg.batch_size} = {cfg.batch_size // ctx.world_size} per process")
         loggers += loggers_from_args(args, run_dir, experiment.carbon.intensity_g_per_kwh, cfg.pue)
         try:
             for lg in loggers:
@@ -332,4 +393,4 @@ def execute(args: argparse.Namespace, kind: str, **lists: Any) -> int:
         print(f"run record: {run_dir}" + (f"\nreport: {report}" if report else ""))
         return 0
 
-    return run_with_signals(body, run_dir)
+    return run_with_signals(body, run_dir, main)

@@ -5,6 +5,12 @@ run's interference monitor. Each arm-run keeps its own model, optimizer, schedul
 (re-seeded per epoch by the trainer) and checkpoint, so an interleaved group computes bit for bit what the
 same arm-runs compute one after the other. Its energy is the sum of its own meter windows; the energy the
 meter saw in total (windows of every arm, and the gaps between them) is kept for the ledger.
+
+In a distributed run (``dist.distributed``) every rank runs this same code in the same arm order: each
+arm-run's model is wrapped in DDP, each rank trains on its part of every global batch, meters its own
+devices, and counts its own FLOPs; rank 0 gathers the ranks' records and merges them into one
+(``distributed/merge.py``). Only rank 0 writes checkpoints and records; on resume it sends the checkpoint
+to the other ranks, so the run directory need only exist on rank 0's node.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import bisect
 import copy
 import logging
 import math
+import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -20,13 +28,16 @@ import torch
 import torch.nn.functional as F
 
 from ssprop_energy.data import BatchLoader, DatasetSplits
+from ssprop_energy.distributed.context import SINGLE, DistContext
+from ssprop_energy.distributed.sharding import local_batch_sizes
 from ssprop_energy.energy import open_meter
 from ssprop_energy.energy.select import MeterChoice
 from ssprop_energy.experiment.config import ArmSpec, ExperimentConfig
 from ssprop_energy.experiment.plan import ArmRunKey, Group, epoch_order
 from ssprop_energy.flops import FlopMeter
 from ssprop_energy.models import get_model
-from ssprop_energy.records import ArmRun, EnergyComponent, read_json, write_json_atomic
+from ssprop_energy.errors import RecordError
+from ssprop_energy.records import ArmRun, EnergyComponent, EpochRecord, read_json, write_json_atomic
 from ssprop_energy.sparse import set_drop_rate, sparsify
 from ssprop_energy.sparse.schedules import DropSchedule
 from ssprop_energy.train import Callback, TrainConfig, Trainer
@@ -37,6 +48,10 @@ if TYPE_CHECKING:
     from ssprop_energy.energy.base import EnergyReport
 
 log = logging.getLogger(__name__)
+
+
+# the trainer state that differs between ranks (the rest is the same model, optimizer and reduced metrics)
+_RANK_STATE = ("epochs", "energy_by_component_j", "component_info", "phases", "eval_wall_s", "flops_backward_conv")
 
 
 class _Dense:
@@ -58,12 +73,13 @@ class Executor:
         checkpoint_dir: where arm-runs in progress keep their checkpoints.
         callbacks: progress callbacks per arm-run.
         stop_requested: polled after each batch.
+        dist: this process's place in a distributed run (``SINGLE`` for one process).
     """
 
     def __init__(
         self, cfg: ExperimentConfig, data: DatasetSplits, device: torch.device, meter_choice: MeterChoice,
         monitor: Any, checkpoint_dir: Path, callbacks: Callable[[ArmSpec, int, int], Sequence[Callback]],
-        stop_requested: Callable[[], bool],
+        stop_requested: Callable[[], bool], dist: DistContext = SINGLE,
     ) -> None:
         self.cfg = cfg
         self.data = data
@@ -73,6 +89,7 @@ class Executor:
         self.checkpoint_dir = checkpoint_dir
         self.callbacks = callbacks
         self.stop_requested = stop_requested
+        self.dist = dist
         # every meter report's components, finished or interrupted: what this process metered in total
         self.metered: list[list[EnergyComponent]] = []
 
@@ -125,7 +142,12 @@ class Executor:
         schedule = self.schedule(key.arm)
         input_shape = (self.data.in_channels, self.data.image_size, self.data.image_size)
         flop_meter = FlopMeter(copy.deepcopy(model), input_shape, self.data.num_classes)
-        run_flops = flop_meter.for_schedule(schedule or _Dense(), cfg.epochs, len(self.data.train), cfg.batch_size)
+        d = self.dist
+        # a rank counts the FLOPs of its own parts of the batches; rank 0 sums them over ranks
+        sizes = (local_batch_sizes(len(self.data.train), cfg.batch_size, d.world_size, d.rank)
+                 if d.distributed else None)
+        run_flops = flop_meter.for_schedule(schedule or _Dense(), cfg.epochs, len(self.data.train), cfg.batch_size,
+                                            batch_sizes=sizes)
         n_batches = math.ceil(len(self.data.train) / cfg.batch_size)
         rates = sorted({schedule.rate(e, i) for e in range(cfg.epochs) for i in range(n_batches)}) if schedule else []
         self._warm_up(model, rates)
@@ -150,23 +172,49 @@ class Executor:
     def run_group(self, group: Group, pending: Sequence[ArmRunKey],
                   on_finished: Callable[[ArmRun], None]) -> None:
         """Train the group's ``pending`` arm-runs, interleaved epoch by epoch in ABBA order; ``on_finished``
-        receives each arm-run's record as soon as all of the group's epochs are done."""
+        receives each arm-run's record (on rank 0 only, in a distributed run) as soon as all of the group's
+        epochs are done."""
         cfg = self.cfg
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        d = self.dist
+        if d.is_main:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         prepared = {key.name: self._prepare(key) for key in pending}
-        meter = open_meter(choice=self.meter_choice, sample_period_s=cfg.sample_period_s)
+        meter = self._open_meter()
         trainers: dict[str, Trainer] = {}
+        ddp: dict[str, Any] = {}
+        comm_s = {key.name: 0.0 for key in pending}
+        stop = (lambda: d.any(self.stop_requested())) if d.distributed else self.stop_requested
         report: EnergyReport | None = None
         meter.start()
         try:
             for key in pending:
                 p = prepared[key.name]
-                trainers[key.name] = Trainer(
-                    p["model"], self.data, p["train_cfg"], self.device, schedule=p["schedule"], meter=meter,
+                model = p["model"]
+                if d.distributed:
+                    from ssprop_energy.distributed.ddp import wrap
+
+                    model, ddp[key.name] = wrap(model.to(self.device), self.device, d)
+                checkpoint, local_copy = self._checkpoint_for(key)
+                trainers[key.name] = trainer = Trainer(
+                    model, self.data, p["train_cfg"], self.device, schedule=p["schedule"], meter=meter,
                     epoch_flops=p["run_flops"].epochs, callbacks=self.callbacks(key.arm, key.seed, key.repeat),
-                    checkpoint_path=self.checkpoint_path(key), stop_requested=self.stop_requested, scope=key.name,
+                    checkpoint_path=checkpoint, stop_requested=stop, scope=key.name,
+                    reduce_sums=d.all_sum if d.distributed else None, shard=(d.rank, d.world_size),
                 )
-                trainers[key.name].begin()
+                if d.distributed:
+                    from ssprop_energy.distributed.ddp import ShardedTask
+
+                    loader = trainer.train_loader
+                    ddp[key.name].fraction = lambda loader=loader: loader.last_batch_samples
+                    trainer.task = ShardedTask(trainer.task, d)
+                trainer.begin()
+                if d.distributed:
+                    comm_s[key.name] = self._restore_rank_state(key, trainer)
+                if local_copy is not None:  # another rank's copy of rank 0's checkpoint: read once, never written
+                    trainer.checkpoint_path = None
+                    local_copy.unlink(missing_ok=True)
+                elif not d.is_main:
+                    trainer.checkpoint_path = None
             pending_set = {key.name for key in pending}
             for epoch in range(cfg.epochs):
                 for key in epoch_order(group, epoch):
@@ -177,6 +225,9 @@ class Executor:
                         continue  # resumed past this epoch
                     token = self.monitor.begin() if self.monitor is not None else None
                     trainer.run_epoch()
+                    if key.name in ddp:
+                        comm_s[key.name] += ddp[key.name].take()
+                        self._save_rank_states(key, trainer, comm_s[key.name])
                     if self.monitor is not None:
                         reading = self.monitor.end(token)
                         prepared[key.name]["interference"].append(
@@ -186,14 +237,127 @@ class Executor:
         finally:
             if meter.running:
                 report = meter.stop()
-                self.metered.append(list(report.components))
+                self.metered.append(self._label(list(report.components)))
         assert report is not None
         traces = self._split_trace(report, meter.intervals(), pending, results)
         for key in pending:
             run = self._arm_run(key, trainers[key.name], results[key.name], prepared[key.name], traces[key.name])
+            if d.distributed:
+                merged = self._merge(run, comm_s[key.name])
+                if merged is None:
+                    continue  # not rank 0
+                run = merged
             on_finished(run)
             self.checkpoint_path(key).unlink(missing_ok=True)  # the record is saved; the checkpoint served resume
             self._interference_path(key).unlink(missing_ok=True)
+            self._ranks_path(key).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------------------------------ distributed
+
+    def _open_meter(self) -> Any:
+        """This rank's meter: its own GPU and process; node-wide counters on local rank 0 only."""
+        d = self.dist
+        if not d.distributed:
+            return open_meter(choice=self.meter_choice, sample_period_s=self.cfg.sample_period_s)
+        from ssprop_energy.distributed.ddp import nvml_index, rank_meter_choice
+
+        gpus = [nvml_index(d.local_rank)] if self.device.type == "cuda" else None
+        return open_meter(choice=rank_meter_choice(self.meter_choice, d), sample_period_s=self.cfg.sample_period_s,
+                          gpus=gpus)
+
+    def _ranks_path(self, key: ArmRunKey) -> Path:
+        return self.checkpoint_dir / f"{key.name}.ranks.json"
+
+    def _save_rank_states(self, key: ArmRunKey, trainer: Trainer, comm_s: float) -> None:
+        """Keep every rank's own accounting (its FLOPs, energy, phases, all-reduce time) beside rank 0's
+        checkpoint: the checkpoint holds rank 0's, and a resumed rank must continue from its own."""
+        state = trainer.state
+        assert state is not None
+        mine = {k: state[k] for k in _RANK_STATE if k != "epochs"}
+        mine.update(epochs=[vars(e).copy() for e in state["epochs"]], next_epoch=state["next_epoch"], comm_s=comm_s)
+        gathered = self.dist.gather(mine)
+        if gathered is not None:
+            write_json_atomic(self._ranks_path(key), gathered)
+
+    def _restore_rank_state(self, key: ArmRunKey, trainer: Trainer) -> float:
+        """After ``begin()``: replace the accounting loaded from rank 0's checkpoint by this rank's own;
+        returns the all-reduce seconds so far.
+
+        Raises:
+            RecordError: the saved accounting does not match the checkpoint (a process was killed between
+                writing the two): continuing would mix ranks' figures.
+        """
+        d = self.dist
+        path = self._ranks_path(key)
+        saved = d.broadcast(read_json(path) if d.is_main and path.exists() else None)
+        state = trainer.state
+        assert state is not None
+        if state["next_epoch"] == 0:
+            return 0.0
+        if saved is None or len(saved) != d.world_size or saved[d.rank]["next_epoch"] != state["next_epoch"]:
+            raise RecordError(f"{path}: the ranks' saved accounting does not match checkpoint epoch "
+                              f"{state['next_epoch']}; this arm-run cannot resume exactly (delete its checkpoint "
+                              "to run it again from the start)")
+        mine = saved[d.rank]
+        for k in _RANK_STATE:
+            state[k] = mine[k]
+        state["epochs"] = [EpochRecord(**e) for e in mine["epochs"]]
+        return float(mine["comm_s"])
+
+    def _checkpoint_for(self, key: ArmRunKey) -> tuple[Path | None, Path | None]:
+        """The checkpoint this rank resumes from: rank 0's own file; on the other ranks a private copy of
+        rank 0's bytes (sent over the process group, so no shared filesystem is needed), or None."""
+        d = self.dist
+        if not d.distributed:
+            return self.checkpoint_path(key), None
+        path = self.checkpoint_path(key)
+        payload = d.broadcast(path.read_bytes() if d.is_main and path.exists() else None)
+        if d.is_main:
+            return path, None
+        if payload is None:
+            return None, None
+        fd, name = tempfile.mkstemp(prefix=f"ssprop-{key.name}-r{d.rank}-", suffix=".pt")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+        return Path(name), Path(name)
+
+    def rank_info(self) -> dict[str, Any]:
+        """What the record says about this rank: where it ran and what it metered with."""
+        d = self.dist
+        choice = self.meter_choice
+        if d.distributed:
+            from ssprop_energy.distributed.ddp import rank_meter_choice
+
+            choice = rank_meter_choice(choice, d)
+        device_name = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu")
+        return {**d.describe(), "device": str(self.device), "device_name": device_name,
+                "meter_sources": list(choice.sources), "meter_unavailable": dict(choice.unavailable)}
+
+    def _label(self, components: list[EnergyComponent]) -> list[EnergyComponent]:
+        if not self.dist.distributed:
+            return components
+        from ssprop_energy.distributed.merge import label_components
+
+        return label_components(components, self.rank_info())
+
+    def _merge(self, run: ArmRun, comm_wall_s: float) -> ArmRun | None:
+        """Gather every rank's record of this arm-run to rank 0 and merge them there (None elsewhere)."""
+        from ssprop_energy.distributed.merge import merge_runs
+
+        info = {**self.rank_info(), "comm_wall_s": comm_wall_s, "train_wall_s": run.wall_s}
+        gathered = self.dist.gather((run.to_dict(), info))
+        if gathered is None:
+            return None
+        runs = [ArmRun.from_dict(r, f"rank {i}") for i, (r, _) in enumerate(gathered)]
+        return merge_runs(runs, [i for _, i in gathered], self.dist.nodes)
+
+    def gather_metered(self) -> None:
+        """Bring every rank's metered components to rank 0 (a collective: every rank calls it)."""
+        if not self.dist.distributed:
+            return
+        gathered = self.dist.gather([[c.__dict__ for c in group] for group in self.metered])
+        if gathered is not None:
+            self.metered = [[EnergyComponent(**c) for c in group] for rank in gathered for group in rank]
 
     def _arm_run(self, key: ArmRunKey, trainer: Trainer, result: TrainResult, prepared: dict[str, Any],
                  trace: list[list[Any]]) -> ArmRun:

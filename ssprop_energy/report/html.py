@@ -17,6 +17,7 @@ import pandas as pd
 
 from ssprop_energy import __version__
 from ssprop_energy.records import CONFIG_FILE, EPOCHS_FILE, LAYERS_FILE, SUMMARY_FILE, TRACE_FILE
+from ssprop_energy.report import distributed as D
 from ssprop_energy.report import text as T
 from ssprop_energy.report.figures import FigureData, run_figures
 from ssprop_energy.report.load import Run, arm_table, repeat_count
@@ -333,12 +334,24 @@ def _phase_table(run: Run) -> str:
             + _table(pd.DataFrame(rows), pct=["share"], scroll=len(rows) > 14))
 
 
+def _distributed_section(run: Run) -> str:
+    """Energy per rank and per node, and the communication share (distributed runs only)."""
+    if not D.is_distributed(run.summary):
+        return ""
+    table = _table(pd.DataFrame(D.energy_rows(run.summary)), pct=["share"])
+    comm = D.comm_text(run.summary)
+    return (f'<h3>Per process and per node</h3><p class="sub">{_e(D.header_text(run.summary))}</p>{table}'
+            + (f'<p class="sub" data-metric="comm_share">{_e(comm)}</p>' if comm else ""))
+
+
 def _components_table(run: Run) -> str:
     rows = []
+    dist = D.is_distributed(run.summary)
     for name, arm in run.arms.items():
         for c in arm.energy_components:
             agree = (c.sampled_energy_j / c.energy_j - 1.0) if c.sampled_energy_j is not None and c.energy_j > 0 else math.nan
-            rows.append({"arm": name, "component": c.component, "device": c.device or "unnamed", "source": c.source,
+            labels = {"rank": "" if c.rank is None else c.rank, "node": "" if c.node is None else c.node} if dist else {}
+            rows.append({"arm": name, "component": c.component, **labels, "device": c.device or "unnamed", "source": c.source,
                          "energy_j": c.energy_j, "sampled_energy_j": c.sampled_energy_j if c.sampled_energy_j is not None else math.nan,
                          "sampled vs counter": agree, "idle_power_w": arm.idle_power_w.get(c.component, math.nan)})
     if not rows:
@@ -444,7 +457,7 @@ def _run_article(run: Run, idx: int, multi: bool) -> str:
         f"<h3>Per arm</h3>{_arm_summary_table(run)}",
         f"<h3>Per epoch</h3>{_epoch_table(run)}",
         f"<h3>Per layer FLOPs</h3>{_layer_table(run)}",
-        f"<h3>Per phase energy</h3>{_phase_table(run)}</section>",
+        f"<h3>Per phase energy</h3>{_phase_table(run)}{_distributed_section(run)}</section>",
         f'<section id="{sec("provenance")}"><{h}>Provenance</{h}>{_provenance(run)}</section>',
         f'<section id="{sec("statement")}"><{h}>Carbon statement</{h}>',
         '<p class="sub">A paragraph to paste into a paper\'s compute and carbon statement.</p>',
