@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ssprop_energy.errors import RecordError
+from ssprop_energy.layer_coverage import KindCoverage, LayerCoverage
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
@@ -324,6 +325,9 @@ class RepeatFigures:
     flops_forward: float
     flops_backward: float
     flops_backward_conv: float
+    # provenance of energy_j / co2_g ("" in version-1 records, where the arm's energy_source applies)
+    energy_source: str = ""
+    eval_energy_j: float | None = None  # evaluation windows (validation + final test), not in energy_j
 
 
 @dataclass
@@ -334,6 +338,8 @@ class ArmRun:
     the meter's window names (``train``, ``eval``, ``data``, ``forward``, ``backward``, ``optimizer``) to
     ``{"energy_j", "wall_s", "count"}``. ``trace`` rows are ``[t_s, component, power_w, source, phase]``
     (t_s since the meter started), ``layers`` per-layer FLOPs per sample at the arm's nominal drop rate.
+    ``layer_coverage`` (ssProp arms; None for the dense one) counts the sparsified layers per kind and their
+    backward FLOPs in a *dense* step (drop rate 0), i.e. the share of the backward ssProp can reach.
     """
 
     arm: str
@@ -356,6 +362,7 @@ class ArmRun:
     interference: list[dict[str, Any]] = field(default_factory=list)
     trace: list[list[Any]] = field(default_factory=list)
     layers: list[dict[str, Any]] = field(default_factory=list)
+    layer_coverage: LayerCoverage | None = None
 
     @property
     def energy_j(self) -> float:
@@ -374,6 +381,7 @@ class ArmRun:
             kwargs = {k: v for k, v in data.items() if k in _ARM_RUN_FIELDS}
             kwargs["energy_components"] = [EnergyComponent(**c) for c in data.get("energy_components", [])]
             kwargs["epochs"] = [EpochRecord(**e) for e in data.get("epochs", [])]
+            kwargs["layer_coverage"] = layer_coverage_from_dict(data.get("layer_coverage"), where)
             return cls(**kwargs)
         except TypeError as exc:
             raise RecordError(f"{where}: malformed arm-run record ({exc})") from None
@@ -390,6 +398,8 @@ class ArmRecord:
     over the training windows, CO2 in grams CO2e (energy x intensity x PUE). ``repeats`` holds the per-run
     figures; ``paired`` (non-baseline arms) maps a metric to its :class:`PairedStat` against the dense
     baseline; ``epoch_intervals`` maps ``wall_s`` / ``energy_j`` to the single-run :class:`EpochInterval`.
+    ``layer_coverage`` (ssProp arms) says how many layers of each kind were sparsified and what share of a
+    dense step's backward FLOPs they hold (None for the dense arm and in records that predate it).
     """
 
     name: str
@@ -421,6 +431,7 @@ class ArmRecord:
     epoch_intervals: dict[str, EpochInterval] = field(default_factory=dict)
     interference: Interference | None = None
     status: str = "complete"
+    layer_coverage: LayerCoverage | None = None
 
     @property
     def flops_total(self) -> float:
@@ -439,6 +450,8 @@ class RunSummary:
 
     ``interleave`` says how arms were ordered in time: ``epoch`` (each epoch of every arm back to back, the
     order alternating ABBA epoch by epoch) or ``none`` (one arm-run after the other, ABBA by pair).
+    ``layer_kinds`` are the layer kinds ssProp replaced: ``--layers``, or the model's default when the
+    config's ``layers`` is null (empty in records that predate it).
     """
 
     kind: str
@@ -453,6 +466,7 @@ class RunSummary:
     interleave: str = "none"
     failure_reason: str | None = None
     finished_at: str | None = None
+    layer_kinds: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -531,7 +545,24 @@ def _epoch_interval_from_dict(data: Any, where: str) -> EpochInterval:
         raise RecordError(f"{where}: malformed epoch interval ({exc})") from None
 
 
-_V1_REPEAT_DROPPED = ("eval_energy_j", "meter_components")  # written by version 1, never read
+_V1_REPEAT_DROPPED = ("meter_components",)  # written by version 1, never read
+
+
+def layer_coverage_from_dict(data: Any, where: str) -> LayerCoverage | None:
+    """A record's ``layer_coverage`` (``{"kinds": {kind: {"layers", "flops_backward"}}, "flops_backward"}``)
+    as a :class:`~ssprop_energy.layer_coverage.LayerCoverage`; None stays None."""
+    if data is None:
+        return None
+    if isinstance(data, LayerCoverage):
+        return data
+    try:
+        kinds = {str(k): KindCoverage(int(v["layers"]), float(v["flops_backward"])) for k, v in data["kinds"].items()}
+        total = float(data["flops_backward"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise RecordError(f"{where}: malformed layer_coverage ({type(exc).__name__}: {exc})") from None
+    if not total >= 0.0 or any(not (c.layers >= 0 and c.flops_backward >= 0.0) for c in kinds.values()):
+        raise RecordError(f"{where}: layer_coverage holds a negative or missing count")
+    return LayerCoverage(kinds=kinds, flops_backward=total)
 
 
 def _arm_from_dict(name: str, data: Mapping[str, Any], where: str, version: int) -> ArmRecord:
@@ -545,10 +576,11 @@ def _arm_from_dict(name: str, data: Mapping[str, Any], where: str, version: int)
         interference = None
         if data.get("interference") is not None:
             interference = Interference(**data["interference"])
+        coverage = layer_coverage_from_dict(data.get("layer_coverage"), f"{where}: arms.{name}")
         kwargs = {k: v for k, v in data.items() if k in _ARM_FIELDS and k not in _ARM_NESTED}
         kwargs = {k: (float("nan") if v is None and k in _FLOAT_FIELDS else v) for k, v in kwargs.items()}
         record = ArmRecord(energy_components=comps, epochs=epochs, repeats=repeats, interference=interference,
-                           **kwargs)
+                           layer_coverage=coverage, **kwargs)
     except TypeError as exc:
         raise RecordError(f"{where}: arm {name!r} is malformed ({exc})") from None
     record.paired = _paired_from_dict(data.get("paired") or {}, f"{where}: arms.{name}.paired")
@@ -563,7 +595,8 @@ def _arm_from_dict(name: str, data: Mapping[str, Any], where: str, version: int)
 
 
 _ARM_FIELDS = {f.name for f in fields(ArmRecord)}
-_ARM_NESTED = {"energy_components", "epochs", "repeats", "paired", "epoch_intervals", "interference"}
+_ARM_NESTED = {"energy_components", "epochs", "repeats", "paired", "epoch_intervals", "interference",
+               "layer_coverage"}
 _FLOAT_FIELDS = {f.name for f in fields(ArmRecord) if f.type in ("float", float)}
 
 

@@ -25,7 +25,8 @@ from ssprop_energy.energy.select import MeterChoice
 from ssprop_energy.experiment.config import ArmSpec, ExperimentConfig
 from ssprop_energy.experiment.plan import ArmRunKey, Group, epoch_order
 from ssprop_energy.flops import FlopMeter
-from ssprop_energy.models import get_model
+from ssprop_energy.layer_coverage import LayerCoverage, layer_coverage
+from ssprop_energy.models import get_model, resolve_layers
 from ssprop_energy.records import ArmRun, EnergyComponent, read_json, write_json_atomic
 from ssprop_energy.sparse import set_drop_rate, sparsify
 from ssprop_energy.sparse.schedules import DropSchedule
@@ -75,6 +76,7 @@ class Executor:
         self.stop_requested = stop_requested
         # every meter report's components, finished or interrupted: what this process metered in total
         self.metered: list[list[EnergyComponent]] = []
+        self._layer_kinds: tuple[str, ...] | None = None
 
     # ------------------------------------------------------------------------------------------ building
 
@@ -87,8 +89,24 @@ class Executor:
             image_size=self.data.image_size, dropout=arm.dropout,
         )
         if arm.sparse:
-            model = sparsify(model, drop_rate=0.0, layers=tuple(self.cfg.layers), selection=self.cfg.selection)
+            model = sparsify(model, drop_rate=0.0, layers=self.layer_kinds(model), selection=self.cfg.selection)
         return model
+
+    def layer_kinds(self, model: torch.nn.Module) -> tuple[str, ...]:
+        """The layer kinds ssProp replaces: ``--layers``, else the model's default (``models.resolve_layers``).
+        Resolved once per run from the first model built: every arm builds the same architecture."""
+        if self._layer_kinds is None:
+            self._layer_kinds = resolve_layers(self.cfg.model, model, self.cfg.layers)
+        return self._layer_kinds
+
+    def _flop_meter(self, model: torch.nn.Module) -> FlopMeter:
+        input_shape = (self.data.in_channels, self.data.image_size, self.data.image_size)
+        return FlopMeter(copy.deepcopy(model), input_shape, self.data.num_classes)
+
+    def coverage(self, model: torch.nn.Module) -> LayerCoverage:
+        """Sparsified layers per kind and their share of the backward FLOPs of ``model`` (an ssProp arm's),
+        counted on a dense step (drop rate 0): a drop rate would shrink the very share it is judged by."""
+        return layer_coverage(self._flop_meter(model).per_sample(0.0).layers)
 
     def schedule(self, arm: ArmSpec) -> DropSchedule | None:
         if not arm.sparse:
@@ -123,13 +141,13 @@ class Executor:
         cfg = self.cfg
         model = self.build_model(key.arm, key.seed)
         schedule = self.schedule(key.arm)
-        input_shape = (self.data.in_channels, self.data.image_size, self.data.image_size)
-        flop_meter = FlopMeter(copy.deepcopy(model), input_shape, self.data.num_classes)
+        flop_meter = self._flop_meter(model)
         run_flops = flop_meter.for_schedule(schedule or _Dense(), cfg.epochs, len(self.data.train), cfg.batch_size)
         n_batches = math.ceil(len(self.data.train) / cfg.batch_size)
         rates = sorted({schedule.rate(e, i) for e in range(cfg.epochs) for i in range(n_batches)}) if schedule else []
         self._warm_up(model, rates)
         layer_step = flop_meter.per_sample(key.arm.drop_rate if key.arm.sparse else 0.0)
+        coverage = layer_coverage(flop_meter.per_sample(0.0).layers) if key.arm.sparse else None
         train_cfg = TrainConfig(
             epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
             weight_decay=cfg.weight_decay, lr_schedule=cfg.lr_schedule, seed=key.seed, amp=cfg.amp,
@@ -142,7 +160,7 @@ class Executor:
             "model": model, "schedule": schedule, "train_cfg": train_cfg, "run_flops": run_flops,
             "layers": [{"layer": layer.name, "type": layer.type, "flops_forward": layer.forward,
                         "flops_backward": layer.backward} for layer in layer_step.layers],
-            "interference": interference,
+            "interference": interference, "coverage": coverage,
         }
 
     # ------------------------------------------------------------------------------------------ running
@@ -207,7 +225,7 @@ class Executor:
                                if schedule is not None else 0.0),
             energy_components=result.energy_components, epochs=result.epochs, phases=result.phases,
             noise_accuracy=result.noise_accuracy, interference=prepared["interference"], trace=trace,
-            layers=prepared["layers"],
+            layers=prepared["layers"], layer_coverage=prepared["coverage"],
         )
 
     @staticmethod
