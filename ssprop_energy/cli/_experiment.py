@@ -6,11 +6,15 @@ import argparse
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from ssprop_energy.errors import ConfigError, RunInterrupted
 from ssprop_energy.experiment.config import INTERLEAVES, METERS, PRESETS, SELECTIONS, ExperimentConfig
 from ssprop_energy.fmt import fmt_change, fmt_change_pp, fmt_flops
+from ssprop_energy.tracking import add_tracking_arguments, parse_targets
+
+if TYPE_CHECKING:
+    from ssprop_energy.layer_coverage import LayerCoverage
 
 EXIT_INTERRUPTED = 130
 
@@ -38,7 +42,8 @@ def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> 
     p.add_argument("--image-size", type=int, help="input size in pixels (default: the dataset's)")
     p.add_argument("--selection", choices=SELECTIONS, help=f"channel selection (default {defaults.selection})")
     p.add_argument("--layers", type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
-                   help="layer kinds ssProp replaces: conv, linear or conv,linear (default conv, as the paper)")
+                   help="layer kinds ssProp replaces: conv, linear or conv,linear (default: the model's, listed by "
+                   "`ssprop-energy models`: conv for CNNs/ResNets, linear for mlp, conv,linear for vit)")
     p.add_argument("--warmup-epochs", type=int, help="dense warm-up epochs (default 0; public code: warmup)")
     p.add_argument("--schedule-by", choices=("epoch", "iteration"),
                    help="schedule granularity (default epoch; public code: by_epoch)")
@@ -74,8 +79,10 @@ def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> 
     p.add_argument("--eval-noise", type=float_list, help="also test under Gaussian input noise, e.g. 0.1,0.2")
     p.add_argument("--project", help="project name for the audit ledger (default $SSPROP_ENERGY_PROJECT or 'default')")
     p.add_argument("--out", help="run directory (default runs/<timestamp>-<model>-<dataset>)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (all other flags are ignored)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run (its own settings; other flags are ignored but --log-to's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_tracking_arguments(p)
 
 
 # config field -> the flag that sets it, for error messages (the config speaks in domain words)
@@ -147,11 +154,16 @@ class StopFlag:
             signal.signal(sig, old)
 
 
-def print_header(cfg: ExperimentConfig, run_dir: Path, resumed: bool) -> None:
-    """Every setting, defaults included, so that a log of the run says exactly what ran."""
+def print_header(cfg: ExperimentConfig, run_dir: Path, resumed: bool, layer_kinds: Sequence[str] = (),
+                 coverage: LayerCoverage | None = None) -> None:
+    """Every setting, defaults included, so that a log of the run says exactly what ran; then the layers
+    ssProp replaces and the share of the backward FLOPs they hold."""
     verb = "resuming" if resumed else "starting"
     print(f"ssprop-energy {cfg.kind}: {verb} run in {run_dir}")
     items = [f"{k}={v}" for k, v in cfg.to_dict().items() if k not in ("kind", "out")]
+    if layer_kinds:
+        shown = ",".join(layer_kinds) + (" (the model's default)" if cfg.layers is None else "")
+        items = [f"layers={shown}" if item.startswith("layers=") else item for item in items]
     line = ""
     for item in items:
         if len(line) + len(item) > 100:
@@ -160,6 +172,8 @@ def print_header(cfg: ExperimentConfig, run_dir: Path, resumed: bool) -> None:
         line += item + "  "
     if line:
         print("  " + line.rstrip())
+    if coverage is not None:
+        print(f"  ssProp layers: {coverage.describe()} (dense step)")
 
 
 def run_with_signals(body: Callable[[StopFlag], int], run_dir: Path) -> int:
@@ -202,6 +216,16 @@ def interference_warnings(summary: Any) -> list[str]:
             + ": its time and energy figures include other work's slowdown"
         )
     return lines
+
+
+def coverage_warnings(summary: Any) -> list[str]:
+    """One line per distinct low layer coverage of the ssProp arms (every arm of a run shares its layers)."""
+    lines: dict[str, list[str]] = {}
+    for name, arm in summary.arms.items():
+        cov = arm.layer_coverage
+        if cov is not None and cov.warning:
+            lines.setdefault(cov.warning, []).append(name)
+    return [f"warning: {', '.join(names)}: {text}" for text, names in lines.items()]
 
 
 def print_results(summary: Any) -> None:
@@ -253,6 +277,8 @@ def print_results(summary: Any) -> None:
                   + (" (epoch by epoch, ABBA)" if summary.interleave == "epoch" else " (one arm-run after another)"))
     for line in interference_warnings(summary):
         console.print(f"[yellow]{escape(line)}[/]")
+    for line in coverage_warnings(summary):
+        console.print(f"[yellow]{escape(line)}[/]")
     sources = {c.source for a in summary.arms.values() for c in a.energy_components}
     if "fake" in sources:
         console.print("[yellow]note: energy is SYNTHETIC (--meter fake): no hardware was read; "
@@ -282,7 +308,9 @@ def execute(args: argparse.Namespace, kind: str, **lists: Any) -> int:
     from ssprop_energy.experiment.runner import (
         Experiment, ExperimentHooks, default_run_dir, load_run_config, prepare_run_dir,
     )
+    from ssprop_energy.tracking import loggers_from_args
 
+    parse_targets(getattr(args, "log_to", None))  # an unknown --log-to target fails before anything runs
     if args.resume:
         run_dir = Path(args.resume)
         cfg = load_run_config(run_dir)
@@ -292,25 +320,46 @@ def execute(args: argparse.Namespace, kind: str, **lists: Any) -> int:
         cfg.out = str(run_dir)
 
     def body(stop: StopFlag) -> int:
+        loggers: list[Any] = []
+
         def callbacks(arm: Any, seed: int, repeat: int) -> list[Any]:
-            if args.quiet:
-                return []
-            tag = f"{arm.name} s{seed}" + (f" r{repeat}" if cfg.repeats > 1 else "")
-            return [RichProgress(tag, cfg.epochs)]
+            found: list[Any] = [] if args.quiet else [
+                RichProgress(f"{arm.name} s{seed}" + (f" r{repeat}" if cfg.repeats > 1 else ""), cfg.epochs)]
+            return found + [logger.callback(arm.name, seed, repeat) for logger in loggers]
 
         hooks = ExperimentHooks(callbacks=callbacks, stop_requested=stop, command=sys.argv)
         experiment = Experiment(cfg, run_dir, hooks)
-        if not args.resume:
-            prepare_run_dir(run_dir)
-        print_header(cfg, run_dir, resumed=bool(args.resume))
+        # Opened before the run directory is made, so a missing package or a bad MLflow URI writes nothing.
+        loggers += loggers_from_args(args, run_dir, carbon_g_per_kwh=experiment.carbon.intensity_g_per_kwh,
+                                     pue=experiment.carbon.pue)
+        status = "failed"
         try:
-            summary = experiment.run()  # opens and closes the run's audit-ledger row itself
-        except RunInterrupted:
-            _write_report(run_dir)
-            raise
-        print_results(summary)
-        report = _write_report(run_dir)
-        print(f"run record: {run_dir}" + (f"\nreport: {report}" if report else ""))
-        return 0
+            if not args.resume:
+                prepare_run_dir(run_dir)
+            for logger in loggers:
+                logger.log_config({**cfg.to_dict(), "layer_kinds": list(experiment.layer_kinds)})
+            print_header(cfg, run_dir, resumed=bool(args.resume), layer_kinds=experiment.layer_kinds,
+                         coverage=experiment.layer_coverage)
+            try:
+                summary = experiment.run()  # opens and closes the run's audit-ledger row itself
+            except RunInterrupted:
+                status = "interrupted"
+                _write_report(run_dir)
+                for logger in loggers:
+                    logger.on_run_end(run_dir)
+                raise
+            print_results(summary)
+            report = _write_report(run_dir)
+            for logger in loggers:  # after summary.json and report.html exist: they are the artifacts
+                logger.on_run_end(run_dir)
+            status = "complete"
+            print(f"run record: {run_dir}" + (f"\nreport: {report}" if report else ""))
+            for logger in loggers:
+                if logger.name == "tensorboard":
+                    print(f"tensorboard: tensorboard --logdir {logger.log_dir}")
+            return 0
+        finally:
+            for logger in loggers:
+                logger.close(status)
 
     return run_with_signals(body, run_dir)
