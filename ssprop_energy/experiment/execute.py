@@ -77,6 +77,7 @@ class Executor:
         # every meter report's components, finished or interrupted: what this process metered in total
         self.metered: list[list[EnergyComponent]] = []
         self._layer_kinds: tuple[str, ...] | None = None
+        self._coverage: LayerCoverage | None = None
 
     # ------------------------------------------------------------------------------------------ building
 
@@ -105,8 +106,11 @@ class Executor:
 
     def coverage(self, model: torch.nn.Module) -> LayerCoverage:
         """Sparsified layers per kind and their share of the backward FLOPs of ``model`` (an ssProp arm's),
-        counted on a dense step (drop rate 0): a drop rate would shrink the very share it is judged by."""
-        return layer_coverage(self._flop_meter(model).per_sample(0.0).layers)
+        counted on a dense step (drop rate 0): a drop rate would shrink the very share it is judged by.
+        Counted once per run: every ssProp arm sparsifies the same layers of the same architecture."""
+        if self._coverage is None:
+            self._coverage = layer_coverage(self._flop_meter(model).per_sample(0.0).layers)
+        return self._coverage
 
     def schedule(self, arm: ArmSpec) -> DropSchedule | None:
         if not arm.sparse:
@@ -147,7 +151,7 @@ class Executor:
         rates = sorted({schedule.rate(e, i) for e in range(cfg.epochs) for i in range(n_batches)}) if schedule else []
         self._warm_up(model, rates)
         layer_step = flop_meter.per_sample(key.arm.drop_rate if key.arm.sparse else 0.0)
-        coverage = layer_coverage(flop_meter.per_sample(0.0).layers) if key.arm.sparse else None
+        coverage = self.coverage(model) if key.arm.sparse else None
         train_cfg = TrainConfig(
             epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
             weight_decay=cfg.weight_decay, lr_schedule=cfg.lr_schedule, seed=key.seed, amp=cfg.amp,
