@@ -3,16 +3,15 @@ the column names, errors naming the path, and no torch import."""
 
 from __future__ import annotations
 
+import csv
 import json
+import math
+import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-
-import csv
-import math
-import os
 
 import pytest
 
