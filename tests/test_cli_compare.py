@@ -135,6 +135,10 @@ def test_compare_end_to_end_prints_table_and_writes_records(
     assert main(["compare", *TINY, "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
     assert "dense" in stdout and "ssprop" in stdout and "drop_rates=[0.8]" in stdout
+    # fake energy is called what it is, never "(mixed)" or a hardware source; the interval and the order show
+    assert "J (fake)" in stdout and "SYNTHETIC" in stdout and "(mixed)" not in stdout
+    assert "single-run 95% interval" in stdout and "within-run machine noise" in stdout
+    assert "arms interleaved in time: epoch" in stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "complete"
     assert summary["config"]["schedules"] == ["bar"] and summary["config"]["drop_rates"] == [0.8]
@@ -150,6 +154,7 @@ def test_compare_end_to_end_prints_table_and_writes_records(
     rows = load_entries()
     assert list(rows["status"]) == ["complete"]
     assert rows["run_dir"].iloc[0] == str(out)
+    assert list(rows["energy_source"]) == ["fake"]
 
 
 def test_sigterm_saves_interrupted_and_resume_completes(tmp_path: Path) -> None:
@@ -201,3 +206,14 @@ def test_sigterm_saves_interrupted_and_resume_completes(tmp_path: Path) -> None:
         assert [e["train_loss"] for e in got["epochs"]] == [e.train_loss for e in want.epochs]
         assert [e["val_accuracy"] for e in got["epochs"]] == [e.val_accuracy for e in want.epochs]
         assert got["test_accuracy"] == want.test_accuracy and got["flops_backward"] == want.flops_backward
+
+
+def test_log_to_tensorboard_from_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    assert main(["compare", *TINY, "--epochs", "1", "--log-to", "tensorboard", "--out", str(out)]) == 0
+    events = list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
+    capsys.readouterr()
+    assert main(["compare", *TINY, "--log-to", "wandb", "--out", str(tmp_path / "bad")]) == 2
+    assert "wandb" in _one_line_error(capsys) and not (tmp_path / "bad").exists()

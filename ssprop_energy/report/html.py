@@ -102,10 +102,10 @@ def _measured_extra(run: Run, c: ArmComparison, metric: str | None) -> str:
         text = T.epoch_interval_text(arm, metric)
         if text:
             out += f'<br><span class="within-run" data-interval="{metric}">{_e(text)}</span>'
-    busy = T.interference_text(run, [n for n in (run.baseline_name, c.arm) if n])
-    if busy:
-        epochs = ", ".join(T.affected_epochs(run, [n for n in (run.baseline_name, c.arm) if n]))
-        out += f'<br><span class="badge interference" data-interference="{_e(epochs)}">{_e(busy)}</span>'
+    epochs = ", ".join(T.affected_epochs(run, [n for n in (run.baseline_name, c.arm) if n]))
+    if epochs:
+        out += (f'<br><span class="badge interference" data-interference="{_e(epochs)}" title="other processes used '
+                f'CPU (or the GPU) during these epochs; see the warning above">busy machine: {_e(epochs)}</span>')
     return out
 
 
