@@ -50,11 +50,14 @@ class FakeGpu:
         self.lost = False
         # For the interference monitor: processes on the device, temperature, clock event reasons, and
         # NVML errors to raise per function name (e.g. {"nvmlDeviceGetTemperature": 3}).
-        self.compute_pids: list[int] = []
+        # A list, or a callable giving the list at call time (the shared-GPU tests list the wrapped command).
+        self.compute_pids: list[int] | Callable[[], list[int]] = []
         self.graphics_pids: list[int] = []
         self.temperature_c = 40
         self.throttle_mask = 0
         self.errors: dict[str, int] = {}
+        # Per-process SM utilisation samples as (pid, sm_percent), read at call time; None: not supported.
+        self.process_utilisation: Callable[[], list[tuple[int, int]]] | None = None
 
 
 def make_pynvml(clock: FakeClock, gpus: list[FakeGpu], init_error: int | None = None) -> types.ModuleType:
@@ -106,7 +109,8 @@ def make_pynvml(clock: FakeClock, gpus: list[FakeGpu], init_error: int | None = 
 
     def nvmlDeviceGetComputeRunningProcesses(h: FakeGpu) -> list[types.SimpleNamespace]:
         _fail(h, "nvmlDeviceGetComputeRunningProcesses")
-        return [types.SimpleNamespace(pid=p, usedGpuMemory=1 << 30) for p in h.compute_pids]
+        pids = h.compute_pids() if callable(h.compute_pids) else h.compute_pids
+        return [types.SimpleNamespace(pid=p, usedGpuMemory=1 << 30) for p in pids]
 
     def nvmlDeviceGetGraphicsRunningProcesses(h: FakeGpu) -> list[types.SimpleNamespace]:
         _fail(h, "nvmlDeviceGetGraphicsRunningProcesses")
@@ -121,11 +125,22 @@ def make_pynvml(clock: FakeClock, gpus: list[FakeGpu], init_error: int | None = 
         _fail(h, "nvmlDeviceGetCurrentClocksEventReasons")
         return h.throttle_mask
 
+    def nvmlDeviceGetProcessUtilization(h: FakeGpu, last_seen_ts: int) -> list[types.SimpleNamespace]:
+        # Like NVML: samples newer than last_seen_ts (microseconds), NVMLError(6) "Not Found" when none.
+        if h.process_utilisation is None:
+            raise NVMLError_NotSupported()
+        _fail(h, "nvmlDeviceGetProcessUtilization")
+        ts = int(clock() * 1e6)
+        if ts <= last_seen_ts:
+            raise NVMLError(6)
+        return [types.SimpleNamespace(pid=pid, timeStamp=ts, smUtil=sm, memUtil=0, encUtil=0, decUtil=0)
+                for pid, sm in h.process_utilisation()]
+
     mod.NVML_TEMPERATURE_GPU = 0
     for fn in (nvmlInit, nvmlShutdown, nvmlSystemGetDriverVersion, nvmlDeviceGetCount, nvmlDeviceGetHandleByIndex,
                nvmlDeviceGetName, nvmlDeviceGetPowerUsage, nvmlDeviceGetTotalEnergyConsumption,
                nvmlDeviceGetComputeRunningProcesses, nvmlDeviceGetGraphicsRunningProcesses, nvmlDeviceGetTemperature,
-               nvmlDeviceGetCurrentClocksEventReasons):
+               nvmlDeviceGetCurrentClocksEventReasons, nvmlDeviceGetProcessUtilization):
         setattr(mod, fn.__name__, fn)
     return mod
 

@@ -18,6 +18,16 @@ from ssprop_energy.energy.carbon import co2_g
 from ssprop_energy.ledger import entries
 from ssprop_energy.records import EnergyComponent
 
+from pg_server import pg_server, pg_url  # noqa: F401 - fixtures
+
+
+@pytest.fixture(autouse=True, params=["sqlite", "postgresql"])
+def backend(request, monkeypatch) -> str:
+    """Every test here runs against an SQLite file and against a real PostgreSQL server."""
+    if request.param == "postgresql":
+        monkeypatch.setenv("SSPROP_ENERGY_LEDGER", request.getfixturevalue("pg_url"))
+    return request.param
+
 
 def _ledger_path() -> Path:
     return ledger.default_ledger_path()
@@ -156,7 +166,8 @@ def test_html_report_self_contained_and_escaped(tmp_path, capsys):
     assert main(["audit", "report", "-o", str(page_path)]) == 0
     page = page_path.read_text()
     assert "<script>" not in page and "&lt;script&gt;" in page
-    assert "http://" not in page and "https://" not in page and " src=" not in page
+    assert "http://" not in page and "https://" not in page
+    assert page.count(" src=") == page.count(" src='data:")  # figures are inline data: URIs, nothing fetched
     assert "<style>" in page and "By project" in page and "2026-03" in page
     assert "200 g CO2e" in page  # 1 kWh x 200 g/kWh
 
@@ -180,7 +191,9 @@ def test_cli_audit_run_passes_exit_code_through(capsys):
     assert main(["audit", "run", "--meter", "fake", "--carbon-intensity", "300", "--", sys.executable, "-c", "pass"]) == 0
 
 
-def test_corrupt_ledger_cli_error_and_audit_run_fallback(capsys):
+def test_corrupt_ledger_cli_error_and_audit_run_fallback(capsys, backend):
+    if backend != "sqlite":
+        pytest.skip("a corrupt file is an SQLite matter (the server case is test_ledger_pg's outage test)")
     path = _ledger_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"\x13\x37 definitely not sqlite " * 100)
@@ -206,8 +219,8 @@ def test_corrupt_ledger_cli_error_and_audit_run_fallback(capsys):
     assert list(ledger.load_entries()["exit_code"]) == [5]
 
 
-def test_cli_audit_run_sigterm_records_interrupted(tmp_path):
-    path = tmp_path / "ledger.sqlite"
+def test_cli_audit_run_sigterm_records_interrupted(tmp_path, backend):
+    path = tmp_path / "ledger.sqlite" if backend == "sqlite" else str(_ledger_path())
     child = "import time; print('ready', flush=True); time.sleep(60)"
     wrapper = subprocess.Popen(
         [sys.executable, "-m", "ssprop_energy", "audit", "--ledger", str(path), "run", "--meter", "fake",
@@ -225,3 +238,91 @@ def test_cli_audit_run_sigterm_records_interrupted(tmp_path):
     assert b"interrupted (exit 143)" in wrapper.stderr.read()
     row = ledger.load_entries(path).iloc[0]
     assert row["status"] == "interrupted" and row["exit_code"] == 143 and row["energy_j"] > 0
+
+
+def test_who_ran_what_where_summary_by_several_keys_and_report(monkeypatch, tmp_path, capsys):
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "3", "SLURM_JOB_NODELIST": "gpu[01-02]",
+             "SLURM_JOB_PARTITION": "a100", "CUDA_VISIBLE_DEVICES": "0,1"}
+    for k, v in slurm.items():
+        monkeypatch.setenv(k, v)
+    _record(project="vision", user="ann", host="n1", started="2026-09-03T10:00:00.000+00:00", status="complete",
+            energy=[3.6e6], intensity=100.0)  # 1 kWh, 100 g
+    for k in slurm:
+        monkeypatch.delenv(k)
+    _record(project="vision", user="bob", host="n2", started="2026-09-10T10:00:00.000+00:00", status="complete",
+            energy=[7.2e6], intensity=100.0)
+    _record(project="nlp", user="ann", host="n1", started="2026-10-01T00:00:00.000+00:00", status="complete",
+            energy=[1.8e6], intensity=200.0)
+    df = ledger.load_entries()
+    first = df.iloc[0]
+    assert (first["slurm_job_id"], first["slurm_array_task_id"], first["slurm_nodelist"], first["slurm_partition"],
+            first["cuda_visible_devices"]) == ("4242", "3", "gpu[01-02]", "a100", "0,1")
+    assert df.iloc[1]["slurm_job_id"] is None
+
+    table = ledger.summarize(df, ["user", "project"])
+    assert list(table.index) == [("ann", "nlp"), ("ann", "vision"), ("bob", "vision")]
+    assert table.loc[("ann", "vision"), "energy_j"] == 3.6e6 and table.loc[("bob", "vision"), "co2_g"] == 200.0
+    by_part = ledger.summarize(df, ["partition", "month"])
+    assert by_part.loc[("a100", "2026-09"), "runs"] == 1 and by_part.loc[("-", "2026-09"), "energy_j"] == 7.2e6
+
+    assert main(["audit", "summary", "--by", "user,project"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["user", "project", "runs"]
+    assert out[1].split()[:3] == ["ann", "nlp", "1"] and out[3].split()[:3] == ["bob", "vision", "1"]
+    assert out[4].split()[:2] == ["TOTAL", "3"]
+    assert main(["audit", "summary", "--by", "user,planet"]) == 2
+
+    from ssprop_energy.ledger.html import monthly_table
+
+    energy = monthly_table(df, "energy_j")
+    assert list(energy.index) == ["2026-09", "2026-10"] and list(energy.columns) == ["vision", "nlp"]
+    assert energy.loc["2026-09", "vision"] == 10.8e6 and energy.loc["2026-09", "nlp"] == 0.0
+    assert monthly_table(df, "co2_g").loc["2026-10", "nlp"] == pytest.approx(100.0)  # 0.5 kWh x 200 g/kWh
+
+    page_path = tmp_path / "lab.html"
+    assert main(["audit", "report", "-o", str(page_path)]) == 0
+    page = page_path.read_text()
+    assert "Per month and project" in page and "data:image/svg+xml;base64," in page
+    assert "4242_3" in page and "a100 gpu[01-02]" in page and "By SLURM partition" in page
+
+
+def test_non_utf8_command_and_project_do_not_break_the_report(tmp_path, capsys):
+    bad = "caf\udce9"  # what sys.argv holds for the bytes b"caf\xe9" (not UTF-8)
+    assert main(["audit", "run", "--meter", "fake", "--carbon-intensity", "100", "--project", bad, "--",
+                 sys.executable, "-c", "pass", bad]) == 0
+    row = ledger.load_entries().iloc[0]
+    assert row["command"][-1] == "caf\\xe9" and row["project"] == "caf\\xe9"  # the byte kept, visibly
+    page = tmp_path / "r.html"
+    assert main(["audit", "report", "-o", str(page)]) == 0
+    assert "caf\\xe9" in page.read_text(encoding="utf-8")
+    assert main(["audit", "export", "--csv", str(tmp_path / "x.csv")]) == 0
+    assert main(["audit", "list"]) == 0
+
+
+def test_missing_command_shows_the_reason(capsys):
+    assert main(["audit", "run", "--meter", "fake", "--", "/nonexistent/prog-xyz", "a"]) == 127
+    err = capsys.readouterr().err
+    assert "failed (exit 127: could not start '/nonexistent/prog-xyz': No such file or directory)" in err
+
+
+def test_home_unset_says_which_ledger(monkeypatch, caplog):
+    monkeypatch.delenv("SSPROP_ENERGY_LEDGER")
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    with caplog.at_level("WARNING"):
+        loc = ledger.locate()
+    assert "HOME is not set" in caplog.text and str(loc.path) in caplog.text
+
+
+@pytest.mark.parametrize("command", ["compare", "sweep"])
+def test_compare_and_sweep_take_ledger_flag_and_refuse_bad_url(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = main([command, "--ledger", "mysql://x@y/z", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "unsupported scheme 'mysql'" in err
+    assert list(tmp_path.iterdir()) == []  # no run dir, no `mysql:` folder
+    from ssprop_energy.cli import build_parser
+
+    args = build_parser().parse_args([command, "--ledger", str(tmp_path / "lab.sqlite")])
+    assert args.ledger == str(tmp_path / "lab.sqlite")
+    assert ledger.default_ledger_path() == tmp_path / "lab.sqlite"  # what start_entry(ledger_path=None) uses

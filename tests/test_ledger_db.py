@@ -9,6 +9,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from ssprop_energy import ledger
 from ssprop_energy.errors import ConfigError, LedgerError
@@ -17,21 +18,37 @@ from ssprop_energy.ledger.attribution import CpuAttribution
 from ssprop_energy.ledger.entries import FALLBACK_FILE
 from ssprop_energy.records import EnergyComponent
 
+from pg_server import pg_server, pg_url  # noqa: F401 - fixtures
 
-def _rows(path: Path) -> list[dict]:
-    conn = sqlite3.connect(path)
-    conn.row_factory = sqlite3.Row
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def where(request, tmp_path) -> str:
+    """A fresh ledger: an SQLite file (in a folder that does not exist yet), or a database on a real server."""
+    if request.param == "postgresql":
+        return request.getfixturevalue("pg_url")
+    return str(tmp_path / "sub" / "ledger.sqlite")
+
+
+def _rows(path) -> list[dict]:
+    conn = db.connect(path, create=False) if db.locate(path).is_server else None
+    if conn is None:
+        raw = sqlite3.connect(path)
+        raw.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in raw.execute("SELECT * FROM entries ORDER BY id")]
+        finally:
+            raw.close()
     try:
-        return [dict(r) for r in conn.execute("SELECT * FROM entries ORDER BY id")]
+        return [dict(r._mapping) for r in conn.execute(sa.select(db.ENTRIES).order_by(db.ENTRIES.c.id))]
     finally:
         conn.close()
 
 
-def _components(path: Path, entry_id: int) -> list[dict]:
-    conn = sqlite3.connect(path)
-    conn.row_factory = sqlite3.Row
+def _components(path, entry_id: int) -> list[dict]:
+    conn = db.connect(path)
     try:
-        return [dict(r) for r in conn.execute("SELECT * FROM components WHERE entry_id = ? ORDER BY rowid", (entry_id,))]
+        rows = conn.execute(sa.select(db.COMPONENTS).where(db.COMPONENTS.c.entry_id == entry_id))
+        return [dict(r._mapping) for r in rows]
     finally:
         conn.close()
 
@@ -48,8 +65,8 @@ def test_default_path_and_project(monkeypatch, tmp_path):
     assert entry.entry_id == 1
 
 
-def test_start_finish_round_trip(tmp_path):
-    path = tmp_path / "ledger.sqlite"
+def test_start_finish_round_trip(tmp_path, where):
+    path = where
     entry = ledger.start_entry(kind="compare", project="p1", tags=["a", "b"], command=["train.py", "--lr", "0.1"],
                                run_dir=tmp_path / "run", ledger_path=path)
     (row,) = _rows(path)
@@ -57,9 +74,12 @@ def test_start_finish_round_trip(tmp_path):
     assert json.loads(row["command"]) == ["train.py", "--lr", "0.1"]
     assert json.loads(row["tags"]) == ["a", "b"]
     assert row["run_dir"] == str((tmp_path / "run").resolve())
-    conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == db.SCHEMA_VERSION
+    if not db.locate(path).is_server:
+        conn = sqlite3.connect(path)
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        conn.close()
+    conn = db.connect(path)
+    assert db.schema_version(conn) == db.SCHEMA_VERSION
     conn.close()
 
     comps = [EnergyComponent("gpu:0", 7200.0, "counter", "H100"), EnergyComponent("cpu:package-0", 1800.0, "counter")]
@@ -72,14 +92,14 @@ def test_start_finish_round_trip(tmp_path):
     assert row["co2_g"] == pytest.approx(1.5, rel=1e-12)
     assert row["wall_s"] >= 0 and row["finished_at"] >= row["started_at"]
     stored = _components(path, row["id"])
-    assert [(c["component"], c["energy_j"], c["source"], c["device"]) for c in stored] == [
-        ("gpu:0", 7200.0, "counter", "H100"), ("cpu:package-0", 1800.0, "counter", "")]
+    assert sorted((c["component"], c["energy_j"], c["source"], c["device"]) for c in stored) == [
+        ("cpu:package-0", 1800.0, "counter", ""), ("gpu:0", 7200.0, "counter", "H100")]
     with pytest.raises(ConfigError):
         entry.finish("complete", comps, None, 400.0, 1.0, "override")
 
 
-def test_finish_checks_totals_against_parts(tmp_path, caplog):
-    path = tmp_path / "ledger.sqlite"
+def test_finish_checks_totals_against_parts(where, caplog):
+    path = where
     entry = ledger.start_entry(kind="compare", ledger_path=path)
     comps = [EnergyComponent("gpu:0", 3.6e6, "counter"), EnergyComponent("cpu", 3.6e6, "estimated")]
     with caplog.at_level(logging.WARNING):
@@ -93,8 +113,8 @@ def test_finish_checks_totals_against_parts(tmp_path, caplog):
         ledger.start_entry(kind="x", ledger_path=path).finish("finished", [], None, None, None, None)
 
 
-def test_attributed_components_are_stored_with_share(tmp_path):
-    path = tmp_path / "ledger.sqlite"
+def test_attributed_components_are_stored_with_share(where):
+    path = where
     entry = ledger.start_entry(kind="audit-run", ledger_path=path)
     att = CpuAttribution(tree_cpu_s=3.0, machine_cpu_s=12.0, share=0.25)
     comps = ledger.attribute([EnergyComponent("cpu:package-0", 400.0, "counter"),
@@ -118,11 +138,11 @@ def _append_many(path: str, worker: int, n: int) -> None:
                  None, 100.0, 1.0, "override", exit_code=worker)
 
 
-def test_eight_processes_append_concurrently(tmp_path):
-    path = tmp_path / "sub" / "ledger.sqlite"  # created by the racing processes themselves
+def test_eight_processes_append_concurrently(where):
+    path = where  # an SQLite file is created by the racing processes themselves
     n = 15
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_append_many, args=(str(path), w, n)) for w in range(8)]
+    procs = [ctx.Process(target=_append_many, args=(path, w, n)) for w in range(8)]
     for p in procs:
         p.start()
     for p in procs:
@@ -146,8 +166,10 @@ def test_eight_processes_append_concurrently(tmp_path):
 
 def test_migration_from_version_1(tmp_path):
     path = tmp_path / "ledger.sqlite"
-    conn = db.connect(path, migrate_to=1)
-    assert db.schema_version(conn) == 1
+    c = db.connect(path, migrate_to=1)
+    assert db.schema_version(c) == 1
+    c.close()
+    conn = sqlite3.connect(path, isolation_level=None)
     conn.execute(
         "INSERT INTO entries (uid, kind, project, user, host, command, started_at, finished_at, status, energy_j, "
         "energy_source, co2_g) VALUES ('old', 'compare', 'legacy', 'ann', 'h1', '[\"a\"]', "
@@ -160,16 +182,72 @@ def test_migration_from_version_1(tmp_path):
 
     df = ledger.load_entries(path)  # opening migrates
     conn = db.connect(path)
-    assert db.schema_version(conn) == 2
+    assert db.schema_version(conn) == db.SCHEMA_VERSION == 3
     conn.close()
     assert list(df["uid"]) == ["old"] and df.loc[0, "energy_j"] == 72.0 and df.loc[0, "project"] == "legacy"
     assert df.loc[0, "components"] == [{"component": "gpu:0", "energy_j": 72.0, "source": "counter", "device": "",
-                                        "machine_energy_j": None, "share": None}]
+                                        "machine_energy_j": None, "share": None, "share_method": None}]
     assert df["cpu_share"].isna().all() and df.loc[0, "month"] == "2025-01"
     new = ledger.start_entry(kind="audit-run", ledger_path=path)
     new.finish("complete", [], None, None, None, None,
                attribution=CpuAttribution(1.0, 2.0, 0.5))
     assert _rows(path)[1]["cpu_share"] == 0.5
+
+
+# The DDL of schema versions 1 and 2 exactly as ssprop-energy 0.1 wrote it (hand-written sqlite3 SQL), to check
+# that a ledger file made by that version opens, migrates and keeps every figure.
+_OLD_V2_DDL = [
+    """CREATE TABLE entries (id INTEGER PRIMARY KEY AUTOINCREMENT, uid TEXT NOT NULL UNIQUE, kind TEXT NOT NULL,
+       project TEXT NOT NULL, user TEXT NOT NULL, host TEXT NOT NULL, command TEXT NOT NULL,
+       redacted INTEGER NOT NULL DEFAULT 0, tags TEXT NOT NULL DEFAULT '[]', started_at TEXT NOT NULL,
+       finished_at TEXT, wall_s REAL, status TEXT NOT NULL, exit_code INTEGER, energy_j REAL, energy_source TEXT,
+       co2_g REAL, intensity_g_per_kwh REAL, intensity_source TEXT, pue REAL, run_dir TEXT, note TEXT)""",
+    """CREATE TABLE components (entry_id INTEGER NOT NULL REFERENCES entries(id) ON DELETE CASCADE,
+       component TEXT NOT NULL, energy_j REAL NOT NULL, source TEXT NOT NULL, device TEXT NOT NULL DEFAULT '',
+       PRIMARY KEY (entry_id, component))""",
+    "CREATE INDEX entries_started ON entries(started_at)",
+    "ALTER TABLE entries ADD COLUMN pid INTEGER",
+    "ALTER TABLE entries ADD COLUMN cpu_share REAL",
+    "ALTER TABLE entries ADD COLUMN tree_cpu_s REAL",
+    "ALTER TABLE entries ADD COLUMN machine_cpu_s REAL",
+    "ALTER TABLE components ADD COLUMN machine_energy_j REAL",
+    "ALTER TABLE components ADD COLUMN share REAL",
+    "CREATE INDEX entries_project ON entries(project)",
+    "PRAGMA user_version = 2",
+]
+
+
+def test_existing_version_2_file_migrates_and_keeps_its_rows(tmp_path, monkeypatch):
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    for stmt in _OLD_V2_DDL:
+        conn.execute(stmt)
+    conn.execute(
+        "INSERT INTO entries (uid, kind, project, user, host, command, started_at, finished_at, wall_s, status, "
+        "exit_code, energy_j, energy_source, co2_g, intensity_g_per_kwh, intensity_source, pue, pid, cpu_share, "
+        "tree_cpu_s, machine_cpu_s) VALUES ('u2', 'audit-run', 'vision', 'ann', 'h1', '[\"sleep\", \"1\"]', "
+        "'2026-05-01T00:00:00.000+00:00', '2026-05-01T00:00:01.000+00:00', 1.0, 'complete', 0, 25.0, 'counter', "
+        "0.0025, 360.0, 'override', 1.0, 4242, 0.25, 0.5, 2.0)"
+    )
+    conn.execute("INSERT INTO components VALUES (1, 'cpu:package-0', 25.0, 'counter', 'Xeon', 100.0, 0.25)")
+    conn.close()
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    df = ledger.load_entries(path)
+    row = df.iloc[0]
+    assert (row["uid"], row["energy_j"], row["cpu_share"], row["pid"]) == ("u2", 25.0, 0.25, 4242)
+    assert row["slurm_job_id"] is None and row["command"] == ["sleep", "1"]
+    assert row["components"][0]["machine_energy_j"] == 100.0 and row["components"][0]["share_method"] is None
+    raw = sqlite3.connect(path)
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == 3
+    cols = {r[1] for r in raw.execute("PRAGMA table_info(entries)")}
+    assert {"slurm_job_id", "slurm_partition", "cuda_visible_devices", "gpu_share_method"} <= cols
+    raw.close()
+    e = ledger.start_entry(kind="audit-run", ledger_path=path)  # a new row after the migration
+    e.finish("complete", [EnergyComponent("cpu", 3.6e6, "estimated")], None, 100.0, 1.0, "override")
+    rows = _rows(path)
+    assert [r["id"] for r in rows] == [1, 2] and rows[1]["slurm_job_id"] == "777"
+    assert rows[1]["co2_g"] == pytest.approx(100.0)
 
 
 def test_newer_schema_is_refused(tmp_path):
@@ -260,8 +338,8 @@ def test_finish_into_ledger_removes_start_fallback(tmp_path, monkeypatch):
     assert _rows(path)[0]["status"] == "complete" and _rows(path)[0]["uid"] == entry.uid
 
 
-def test_redaction_and_no_environment_stored(tmp_path, monkeypatch):
-    path = tmp_path / "ledger.sqlite"
+def test_redaction_and_no_environment_stored(where, monkeypatch):
+    path = where
     monkeypatch.setenv("WANDB_API_KEY", "s3cr3t-token-value")
     argv = ["python", "train.py", "--token", "hunter2"]
     ledger.start_entry(kind="audit-run", command=argv, redact=True, ledger_path=path).finish(
@@ -272,9 +350,39 @@ def test_redaction_and_no_environment_stored(tmp_path, monkeypatch):
     assert json.loads(rows[0]["command"]) == ["python", "<redacted>"] and rows[0]["redacted"] == 1
     assert json.loads(rows[1]["command"]) == argv and rows[1]["redacted"] == 0
     assert ledger.redact_command(["prog"]) == ["prog"]
+    assert "s3cr3t" not in json.dumps(rows, default=str)
+    if db.locate(path).is_server:
+        return
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
-    raw = path.read_bytes()
+    raw = Path(path).read_bytes()
     assert b"s3cr3t-token-value" not in raw
     assert raw.count(b"hunter2") == 1  # only the unredacted row's command holds it
+
+
+def test_read_only_ledger_is_listed_without_writing(tmp_path, monkeypatch):
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    for stmt in _OLD_V2_DDL:  # an older schema: reading must not migrate it
+        conn.execute(stmt)
+    conn.execute("INSERT INTO entries (uid, kind, project, user, host, command, started_at, status, energy_j) "
+                 "VALUES ('r', 'compare', 'p', 'ann', 'h', '[]', '2026-01-01T00:00:00.000+00:00', 'complete', 5.0)")
+    conn.execute("INSERT INTO components (entry_id, component, energy_j, source) VALUES (1, 'cpu', 5.0, 'counter')")
+    conn.close()
+    before = path.read_bytes()
+    # We run as root in CI, where chmod does not stop writes: the ledger's access check is what is faked.
+    monkeypatch.setattr(db, "writable", lambda p: False)
+    from ssprop_energy.ledger import summary
+
+    monkeypatch.setattr(summary, "writable", lambda p: False)
+    df = ledger.load_entries(path)
+    assert list(df["uid"]) == ["r"] and df.loc[0, "energy_j"] == 5.0 and df.loc[0, "slurm_job_id"] is None
+    assert df.loc[0, "components"][0]["share_method"] is None
+    assert path.read_bytes() == before  # not migrated, not touched
+    ro = db.connect(path, read_only=True)
+    with pytest.raises(Exception, match="readonly"):
+        ro.exec_driver_sql("DELETE FROM entries")
+    ro.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2

@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ssprop_energy.errors import ConfigError
 from ssprop_energy.sparse.functional import (
     KeptRecord,
+    channel_l1,
     channel_scores,
     keep_count,
     select_channels,
@@ -71,7 +72,11 @@ CONV_GRID = [
     (4, 10, 3, 1, 2, 1, 1, True, "reflect"),
     (4, 10, 3, 1, 1, 1, 1, True, "replicate"),
     (4, 10, 3, 1, 1, 1, 1, True, "circular"),
-    (4, 10, 1, 1, 0, 1, 1, True, "zeros"),
+    (4, 10, 1, 1, 0, 1, 1, True, "zeros"),  # pointwise: the matmul backward
+    (4, 10, 1, 2, 0, 1, 1, False, "zeros"),  # pointwise stride 2 on odd sizes: grad_input zero off the grid
+    (5, 8, 1, (3, 2), 0, 2, 1, True, "zeros"),  # pointwise, uneven strides, dilation (no effect at 1x1)
+    (4, 10, 1, 2, 1, 1, 1, True, "zeros"),  # 1x1 with padding: not pointwise, convolution backward
+    (4, 10, 1, 1, 1, 1, 1, True, "reflect"),  # padded by the layer first, then a pointwise conv
     (4, 1, 3, 1, 1, 1, 1, True, "zeros"),  # one output channel: k = max(1, ...) = 1 keeps it, dense path
 ]
 
@@ -164,6 +169,101 @@ def test_channel_scores_are_mean_abs_over_batch_and_space() -> None:
     assert torch.allclose(channel_scores(dy), dy.abs().mean(dim=(0, 2, 3)), rtol=1e-12)
     lin = torch.randn(2, 3, 6, dtype=F64)
     assert torch.allclose(channel_scores(lin.reshape(-1, 6)), lin.abs().mean(dim=(0, 1)), rtol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided", "linear", "3d"])
+def test_channel_l1_is_the_per_channel_abs_sum_in_every_layout(layout: str) -> None:
+    torch.manual_seed(0)
+    base = torch.randn(3, 5, 4, 6, dtype=F64)
+    if layout == "nchw":
+        dy, dims = base, (0, 2, 3)
+    elif layout == "channels_last":
+        dy, dims = base.to(memory_format=torch.channels_last), (0, 2, 3)
+    elif layout == "strided":
+        dy, dims = base[:, :, ::2, 1:], (0, 2, 3)
+    elif layout == "linear":
+        dy, dims = base.reshape(-1, 8), (0,)
+    else:
+        dy, dims = base.reshape(3, 5, 24), (0, 2)
+    expected = dy.abs().sum(dim=dims)
+    assert torch.allclose(channel_l1(dy), expected, rtol=1e-12)
+    # Large enough to be scored in several cache-sized chunks (2^18 elements each), the last one partial.
+    big = torch.randn(70, 2, 48, 48, dtype=F64)
+    if layout == "channels_last":
+        big = big.to(memory_format=torch.channels_last)
+    if layout in ("nchw", "channels_last"):
+        assert torch.allclose(channel_l1(big), big.abs().sum(dim=(0, 2, 3)), rtol=1e-12)
+    # The mean is the sum over the same element count.
+    assert torch.allclose(channel_scores(dy), expected / (dy.numel() // dy.shape[1]), rtol=1e-12)
+
+
+def test_channel_l1_accumulates_half_types_in_float32() -> None:
+    dy = torch.full((64, 2, 16, 16), 1.0, dtype=torch.bfloat16)
+    # 16384 ones: a bfloat16 accumulator would stall at 256.
+    assert channel_l1(dy).dtype == torch.float32
+    assert channel_l1(dy).tolist() == [16384.0, 16384.0]
+
+
+@pytest.mark.parametrize("stride", [1, 2, (2, 3)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(("need_input", "need_weight"), [(True, True), (False, True), (True, False)])
+def test_pointwise_matmul_backward_matches_reference(
+    stride: int | tuple[int, int], bias: bool, need_input: bool, need_weight: bool
+) -> None:
+    torch.manual_seed(4)
+    layer = SSPropConv2d(6, 20, 1, stride=stride, bias=bias, dtype=F64, drop_rate=0.75)
+    layer.weight.requires_grad_(need_weight)
+    x = torch.randn(3, 6, 7, 9, dtype=F64, requires_grad=need_input)
+    out = layer(x)
+    dy = torch.randn_like(out)
+    with _ConvBackwardShapes() as mode:
+        out.backward(dy)
+    assert mode.calls == []  # the two matmuls ran, not the convolution kernels
+    kept = layer.kept_channels
+    assert kept.tolist() == true_topk(dy, 1, 5)
+    gx, gw, gb = reference_conv_grads(layer, x, dy, kept)
+    if need_input:
+        assert x.grad.is_contiguous()
+        assert torch.allclose(x.grad, gx, rtol=1e-10, atol=1e-12)
+    else:
+        assert x.grad is None
+    if need_weight:
+        assert torch.allclose(layer.weight.grad, gw, rtol=1e-10, atol=1e-12)
+    else:
+        assert layer.weight.grad is None
+    if bias:
+        assert torch.allclose(layer.bias.grad, gb, rtol=1e-10, atol=1e-12)
+
+
+def test_pointwise_on_channels_last_input_uses_the_convolution_backward() -> None:
+    torch.manual_seed(5)
+    layer = SSPropConv2d(6, 10, 1, stride=2, dtype=F64, drop_rate=0.8).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 6, 5, 5, dtype=F64).to(memory_format=torch.channels_last).requires_grad_()
+    out = layer(x)
+    dy = torch.randn_like(out)
+    with _ConvBackwardShapes() as mode:
+        out.backward(dy)
+    assert mode.calls == [(2, [True, True, True])]
+    gx, gw, gb = reference_conv_grads(layer, x, dy, layer.kept_channels)
+    assert torch.allclose(x.grad, gx, rtol=1e-10) and torch.allclose(layer.weight.grad, gw, rtol=1e-10)
+    assert torch.allclose(layer.bias.grad, gb, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pointwise_half_precision_matches_float64_reference(dtype: torch.dtype) -> None:
+    torch.manual_seed(6)
+    layer = SSPropConv2d(8, 16, 1, stride=2, dtype=dtype, drop_rate=0.5)
+    x = torch.randn(4, 8, 6, 6, dtype=dtype, requires_grad=True)
+    out = layer(x)
+    dy = torch.randn_like(out)
+    out.backward(dy)
+    assert x.grad.dtype == dtype and layer.weight.grad.dtype == dtype and layer.bias.grad.dtype == dtype
+    ref = SSPropConv2d(8, 16, 1, stride=2, dtype=F64)
+    ref.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
+    gx, gw, gb = reference_conv_grads(ref, x.detach().double().requires_grad_(), dy.double(), layer.kept_channels)
+    assert _scaled_error(x.grad, gx) < 2e-2
+    assert _scaled_error(layer.weight.grad, gw) < 2e-2
+    assert _scaled_error(layer.bias.grad, gb) < 2e-2
 
 
 def test_quantile_selection_keeps_exactly_k_and_breaks_ties_by_lowest_index() -> None:

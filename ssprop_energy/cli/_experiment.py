@@ -78,6 +78,9 @@ def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> 
     p.add_argument("--pue", type=float, help="data-centre power usage effectiveness (default 1.0)")
     p.add_argument("--eval-noise", type=float_list, help="also test under Gaussian input noise, e.g. 0.1,0.2")
     p.add_argument("--project", help="project name for the audit ledger (default $SSPROP_ENERGY_PROJECT or 'default')")
+    from ssprop_energy.cli.audit import add_ledger_flag  # the ledger's flag, owned by the audit command
+
+    add_ledger_flag(p)
     p.add_argument("--out", help="run directory (default runs/<timestamp>-<model>-<dataset>)")
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run (its own settings; other flags are ignored but --log-to's)")

@@ -19,6 +19,7 @@ else's. Both figures are kept in the ledger row (``tree_cpu_s``, ``machine_cpu_s
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -39,11 +40,14 @@ class AttributedComponent:
         component: the energy charged to the run (the machine-wide figure x ``share`` when attributed).
         machine_energy_j: the machine-wide energy measured over the run, in joules; None when not attributed.
         share: the fraction of ``machine_energy_j`` charged to the run; None when not attributed.
+        method: how the share was found (:data:`ATTRIBUTION_RULE` for CPU-side components; see
+            :mod:`.gpushare` for GPUs).
     """
 
     component: EnergyComponent
     machine_energy_j: float | None = None
     share: float | None = None
+    method: str = "cpu-time share"
 
 
 @dataclass(frozen=True)
@@ -65,16 +69,34 @@ def machine_busy_cpu_s() -> float:
     return float(sum(getattr(t, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq")))
 
 
-def cpu_share(tree_cpu_s: float, machine_cpu_s: float) -> float:
+def machine_cpu_resolution_s() -> float:
+    """The smallest busy-time difference /proc/stat can show for the whole machine, in CPU seconds.
+
+    Each core's counter advances in clock ticks (``SC_CLK_TCK``, usually 100 per second) and is truncated
+    at each of the two reads, so a difference summed over N cores is uncertain by up to 2 x N ticks.
+    """
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+    except (ValueError, OSError, AttributeError):
+        ticks = 100
+    return 2.0 * (psutil.cpu_count() or 1) / float(ticks or 100)
+
+
+def cpu_share(tree_cpu_s: float, machine_cpu_s: float, resolution_s: float = 0.0) -> float:
     """The tree's fraction of the machine's busy CPU time, in [0, 1].
 
     The tree's time (exact, from rusage) and the machine's (in clock ticks of /proc/stat) are read by
     different clocks, so a tree that was nearly alone on the machine can come out a little above 1;
-    the share is clamped. With no busy time at all nobody did any work: a tree with zero CPU time gets
-    no share, one with some (below the tick resolution of the machine counter) gets all of it.
+    the share is clamped. The machine's time is floored at ``resolution_s`` (see
+    :func:`machine_cpu_resolution_s`): below it, the counter cannot tell 0 from one tick, and an idle
+    command (``sleep 2``) would be charged 100% or a few percent of the machine depending on whether a
+    tick fell inside the run. With no busy time and no floor, a tree with zero CPU time gets no share,
+    one with some gets all of it.
     """
-    if tree_cpu_s < 0 or machine_cpu_s < 0:
-        raise ValueError(f"negative CPU time (tree {tree_cpu_s} s, machine {machine_cpu_s} s)")
+    if tree_cpu_s < 0 or machine_cpu_s < 0 or resolution_s < 0:
+        raise ValueError(f"negative CPU time (tree {tree_cpu_s} s, machine {machine_cpu_s} s, "
+                         f"resolution {resolution_s} s)")
+    machine_cpu_s = max(machine_cpu_s, resolution_s)
     if machine_cpu_s <= 0.0:
         return 1.0 if tree_cpu_s > 0.0 else 0.0
     return min(1.0, tree_cpu_s / machine_cpu_s)

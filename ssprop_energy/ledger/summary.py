@@ -10,23 +10,31 @@ from __future__ import annotations
 import json
 import os
 import re
-import sqlite3
+import socket
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
+import psutil
+import sqlalchemy as sa
+from sqlalchemy.exc import SQLAlchemyError
 
+from ssprop_energy.energy.carbon import J_PER_KWH
 from ssprop_energy.errors import ConfigError
-from ssprop_energy.ledger.db import connect, default_ledger_path, ledger_error
-from ssprop_energy.ledger.entries import COMPONENT_COLUMNS, ENTRY_COLUMNS
+from ssprop_energy.ledger.db import COMPONENTS, ENTRIES, LedgerLocation, connect, ledger_error, locate, writable
+from ssprop_energy.ledger.entries import COMPONENT_COLUMNS, ENTRY_COLUMNS, sync_pending
 from ssprop_energy.records import write_text_atomic
 
-GROUP_KEYS = ("project", "user", "host", "month", "kind", "status")
-J_PER_KWH = 3.6e6
+GROUP_KEYS = ("project", "user", "host", "month", "kind", "status", "partition", "job")
+# group key -> column (``partition`` and ``job`` are the scheduler's)
+_KEY_COLUMNS = {"partition": "slurm_partition", "job": "slurm_job_id"}
+
+# A running row whose heartbeat is older than this is presumed dead (host gone, kill -9): it is `partial`.
+STALE_HEARTBEAT_S = 3 * 60.0
 
 SUMMARY_COLUMNS = [
-    "runs", "complete", "failed", "interrupted", "running", "unmeasured",
+    "runs", "complete", "failed", "interrupted", "partial", "running", "unmeasured",
     "energy_j", "energy_kwh", "energy_source", "co2_g", "wall_s",
 ]
 
@@ -51,7 +59,7 @@ def parse_since(text: str) -> datetime:
 
 
 def load_entries(
-    ledger_path: str | os.PathLike[str] | None = None,
+    ledger_path: str | os.PathLike[str] | LedgerLocation | None = None,
     *,
     since: datetime | None = None,
     project: str | None = None,
@@ -60,32 +68,44 @@ def load_entries(
 
     Columns: ``id`` and :data:`entries.ENTRY_COLUMNS` (``command`` and ``tags`` decoded to lists,
     ``started_at``/``finished_at`` as ISO text in UTC), plus ``month`` (``YYYY-MM``, UTC) and ``components``
-    (a list of dicts with :data:`entries.COMPONENT_COLUMNS`).
+    (a list of dicts with :data:`entries.COMPONENT_COLUMNS`). For a server ledger, rows spooled on this
+    machine are sent first.
 
     Raises:
-        LedgerError: the ledger is locked or corrupt.
+        LedgerError: the ledger is unreachable, locked or corrupt.
     """
-    path = Path(ledger_path) if ledger_path is not None else default_ledger_path()
+    loc = locate(ledger_path)
     columns = ["id", *ENTRY_COLUMNS, "month", "components"]
-    if not path.exists():
+    if loc.path is not None and not loc.path.exists():
         return pd.DataFrame(columns=columns)
-    conn = connect(path)
+    if loc.is_server:
+        sync_pending(loc, quiet=True)
+    read_only = loc.path is not None and not writable(loc.path)
+    conn = connect(loc, read_only=read_only)
     try:
-        where, params = [], []
+        # A read-only ledger keeps the schema it has: columns added since read as missing values.
+        have = {c["name"] for c in sa.inspect(conn).get_columns("entries")} if read_only else set(ENTRY_COLUMNS)
+        have_c = ({c["name"] for c in sa.inspect(conn).get_columns("components")} if read_only
+                  else set(COMPONENT_COLUMNS))
+        query = sa.select(ENTRIES.c.id, *(ENTRIES.c[c] if c in have else sa.null().label(c)
+                                          for c in ENTRY_COLUMNS)).order_by(ENTRIES.c.id)
+        conds = []
         if since is not None:
-            where.append("started_at >= ?")
-            params.append(since.astimezone(timezone.utc).isoformat(timespec="milliseconds"))
+            conds.append(ENTRIES.c.started_at >= since.astimezone(timezone.utc).isoformat(timespec="milliseconds"))
         if project is not None:
-            where.append("project = ?")
-            params.append(project)
-        clause = f" WHERE {' AND '.join(where)}" if where else ""
-        rows = conn.execute(f"SELECT id, {', '.join(ENTRY_COLUMNS)} FROM entries{clause} ORDER BY id", params)
-        entries = [dict(r) for r in rows.fetchall()]
+            conds.append(ENTRIES.c.project == project)
+        query = query.where(*conds)
+        entries = [dict(r._mapping) for r in conn.execute(query)]
         comps: dict[int, list[dict[str, Any]]] = {}
-        for r in conn.execute(f"SELECT entry_id, {', '.join(COMPONENT_COLUMNS)} FROM components ORDER BY rowid"):
-            comps.setdefault(r["entry_id"], []).append({k: r[k] for k in COMPONENT_COLUMNS})
-    except sqlite3.Error as exc:
-        raise ledger_error(path, exc) from None
+        cq = sa.select(COMPONENTS.c.entry_id, *(COMPONENTS.c[c] if c in have_c else sa.null().label(c)
+                                                for c in COMPONENT_COLUMNS)).order_by(
+            COMPONENTS.c.entry_id, COMPONENTS.c.component)
+        if conds:  # a subquery, not a list of ids: no limit on the number of bound parameters
+            cq = cq.where(COMPONENTS.c.entry_id.in_(sa.select(ENTRIES.c.id).where(*conds)))
+        for r in conn.execute(cq):
+            comps.setdefault(r.entry_id, []).append({k: r._mapping[k] for k in COMPONENT_COLUMNS})
+    except SQLAlchemyError as exc:
+        raise ledger_error(loc, exc) from None
     finally:
         conn.close()
     for e in entries:
@@ -94,11 +114,32 @@ def load_entries(
         e["redacted"] = bool(e["redacted"])
         e["month"] = e["started_at"][:7]
         e["components"] = comps.get(e["id"], [])
+    _label_partial(entries)
     # object columns keep None as None (pandas would turn missing text into NaN, which is truthy)
     df = pd.DataFrame(entries, columns=columns, dtype=object)
-    for col in ("energy_j", "co2_g", "wall_s", "intensity_g_per_kwh", "pue", "cpu_share"):
+    for col in ("energy_j", "co2_g", "wall_s", "intensity_g_per_kwh", "pue", "cpu_share", "gpu_share"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     return df
+
+
+def _label_partial(entries: list[dict[str, Any]]) -> None:
+    """``running`` rows whose process is gone, with energy from a heartbeat, become ``partial``.
+
+    Gone: on this host, the pid no longer exists; anywhere, the last heartbeat is older than
+    :data:`STALE_HEARTBEAT_S`. Their energy is what was measured up to the last heartbeat (a lower bound).
+    """
+    here = socket.gethostname()
+    now = datetime.now(timezone.utc)
+    for e in entries:
+        if e["status"] != "running" or e.get("energy_j") is None or not e.get("heartbeat_at"):
+            continue
+        gone = e["host"] == here and e.get("pid") is not None and not psutil.pid_exists(int(e["pid"]))
+        try:
+            stale = (now - datetime.fromisoformat(e["heartbeat_at"])).total_seconds() > STALE_HEARTBEAT_S
+        except ValueError:
+            stale = False
+        if gone or stale:
+            e["status"] = "partial"
 
 
 def _common_source(sources: pd.Series) -> str | None:
@@ -108,42 +149,58 @@ def _common_source(sources: pd.Series) -> str | None:
     return present.pop() if len(present) == 1 else "mixed"
 
 
-def summarize(entries: pd.DataFrame, by: str | None) -> pd.DataFrame:
+def summarize(entries: pd.DataFrame, by: str | Sequence[str] | None) -> pd.DataFrame:
     """Totals per group.
 
     Args:
         entries: rows from :func:`load_entries`.
-        by: one of :data:`GROUP_KEYS`, or None for a single ``all`` row.
+        by: one of :data:`GROUP_KEYS`, several of them (one group per combination), or None for a single
+            ``all`` row.
 
     Returns:
-        One row per group (index named ``by``), sorted by group, columns :data:`SUMMARY_COLUMNS`: counts of
-        runs per status, ``unmeasured`` (finished runs without an energy figure), ``energy_j`` and
-        ``energy_kwh`` summed over measured runs (NaN when none), ``energy_source`` (the rows' common
-        provenance, ``mixed`` when measured and estimated figures were added), ``co2_g``, ``wall_s``.
+        One row per group (indexed by the key, or a MultiIndex for several keys), sorted by group, columns
+        :data:`SUMMARY_COLUMNS`: counts of runs per status, ``unmeasured`` (finished runs without an energy
+        figure), ``energy_j`` and ``energy_kwh`` summed over measured runs (NaN when none),
+        ``energy_source`` (the rows' common provenance, ``mixed`` when measured and estimated figures were
+        added), ``co2_g``, ``wall_s``. Rows without a value for a key (no SLURM job) group under ``-``.
     """
-    if by is not None and by not in GROUP_KEYS:
-        raise ConfigError(f"cannot group by {by!r} (one of {', '.join(GROUP_KEYS)})")
-    name = by or "all"
+    keys = [by] if isinstance(by, str) else list(by or [])
+    for key in keys:
+        if key not in GROUP_KEYS:
+            raise ConfigError(f"cannot group by {key!r} (one of {', '.join(GROUP_KEYS)})")
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"a grouping key is repeated: {', '.join(keys)}")
+    names = keys or ["all"]
     if entries.empty:
-        return pd.DataFrame(columns=SUMMARY_COLUMNS).rename_axis(name)
-    keys = entries[by] if by is not None else pd.Series("all", index=entries.index)
+        empty = pd.DataFrame(columns=[*names, *SUMMARY_COLUMNS])
+        return empty.set_index(names if len(names) > 1 else names[0])[SUMMARY_COLUMNS]
+    if keys:
+        frame = pd.DataFrame({k: entries[_KEY_COLUMNS.get(k, k)].map(lambda v: "-" if v is None or v != v else str(v))
+                              for k in keys}, index=entries.index)
+        groups = entries.groupby([frame[k] for k in keys], sort=True)
+    else:
+        groups = entries.groupby(pd.Series("all", index=entries.index), sort=True)
     out = []
-    for key, group in entries.groupby(keys, sort=True):
+    for key, group in groups:
+        key = key if isinstance(key, tuple) else (key,)
         status = group["status"]
+        done = group[status != "running"]
         out.append({
-            name: key,
+            **dict(zip(names, key)),
             "runs": len(group),
             "complete": int((status == "complete").sum()),
             "failed": int((status == "failed").sum()),
             "interrupted": int((status == "interrupted").sum()),
+            "partial": int((status == "partial").sum()),
             "running": int((status == "running").sum()),
             "unmeasured": int(((status != "running") & group["energy_j"].isna()).sum()),
-            "energy_j": group["energy_j"].sum(min_count=1),
-            "energy_source": _common_source(group["energy_source"]),
-            "co2_g": group["co2_g"].sum(min_count=1),
-            "wall_s": group["wall_s"].sum(min_count=1),
+            # a row still running (its heartbeat's figure so far) adds nothing until it ends
+            "energy_j": done["energy_j"].sum(min_count=1),
+            "energy_source": _common_source(done["energy_source"]),
+            "co2_g": done["co2_g"].sum(min_count=1),
+            "wall_s": done["wall_s"].sum(min_count=1),
         })
-    table = pd.DataFrame(out).set_index(name)
+    table = pd.DataFrame(out).set_index(names if len(names) > 1 else names[0])
     table["energy_kwh"] = table["energy_j"] / J_PER_KWH
     return table[SUMMARY_COLUMNS]
 

@@ -7,7 +7,11 @@ stderr inherited), the wrapper waits for it, the meter stops, and the row is com
 - ``complete``    exit code 0;
 - ``failed``      any other exit code, or death by a signal nobody asked for (SIGSEGV, SIGKILL by the OOM
                   killer...); the wrapper exits with the same code (128 + signal for a signal death);
-- ``interrupted`` the wrapper got SIGINT or SIGTERM, forwarded it to the command, and exits 128 + signal.
+- ``interrupted`` the wrapper got SIGINT or SIGTERM, forwarded it to the command, and exits 128 + signal;
+                  a command that handles the signal and still exits 0 is ``complete`` (exit 0), with a note.
+
+On Linux the command gets ``PR_SET_PDEATHSIG`` = SIGTERM: if the wrapper itself is killed (``kill -9``), the
+command is told to stop instead of running on unrecorded.
 
 A terminal's Ctrl-C already reaches the whole foreground process group, command included; forwarding it
 again would interrupt the command's own clean-up, so SIGINT is forwarded only when the wrapper is not in
@@ -15,18 +19,25 @@ the terminal's foreground group (``kill -INT`` from elsewhere). SIGTERM is alway
 
 Machine-wide energy (RAPL, the CPU estimate) is charged by the command's share of the machine's busy CPU
 time (see :mod:`.attribution`) unless ``whole_machine``; the wrapper's own sampling thread is measurement
-overhead and is not charged to the command.
+overhead and is not charged to the command. A GPU that other processes use at the same time is charged by
+the command's share of it, from NVML's per-process samples (see :mod:`.gpushare`), also unless
+``whole_machine``; the whole device's energy stays in the row beside the charged part.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
+
+import psutil
 
 from ssprop_energy.errors import ConfigError, SSPropEnergyError
 from ssprop_energy.ledger.attribution import (
@@ -35,12 +46,18 @@ from ssprop_energy.ledger.attribution import (
     cpu_share,
     is_machine_wide,
     machine_busy_cpu_s,
+    machine_cpu_resolution_s,
 )
 from ssprop_energy.ledger.entries import LedgerEntry, start_entry
+from ssprop_energy.ledger.gpushare import GpuAttribution, GpuShareSampler, attribute_gpus
+from ssprop_energy.records import EnergyComponent
 
 logger = logging.getLogger(__name__)
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# How often the running row gets the energy measured so far: a wrapper killed with kill -9 (or by the OOM
+# killer, or a closed ssh session) leaves a row that readers charge as `partial` with that figure.
+HEARTBEAT_S = 60.0
 # a command killed by one of these was stopped on purpose, not broken
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
@@ -59,6 +76,8 @@ class WrapResult:
         energy_source: provenance of ``energy_j`` (``counter``/``sampled``/``estimated``/``mixed``).
         attribution: the CPU-time share used, None when nothing was attributed.
         machine_energy_j: the machine-wide energy before attribution (all components), joules.
+        gpu_attribution: the shares of shared GPUs, None when every GPU was charged whole.
+        start_error: why the command could not be started (``exit 127``/``126``), else None.
     """
 
     exit_code: int
@@ -69,6 +88,8 @@ class WrapResult:
     energy_source: str | None
     attribution: CpuAttribution | None
     machine_energy_j: float | None
+    gpu_attribution: GpuAttribution | None = None
+    start_error: str | None = None
 
 
 def _in_foreground_group() -> bool:
@@ -76,6 +97,71 @@ def _in_foreground_group() -> bool:
         return os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()
     except OSError:
         return False
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _parent_death_signal() -> Any:
+    """A ``preexec_fn`` that makes the child receive SIGTERM when the wrapper dies (Linux), or None.
+
+    libc and its ``prctl`` are looked up here, before the fork: the function run in the child between
+    fork and exec only calls it (no imports, no allocation worth naming), which keeps ``preexec_fn`` safe
+    enough beside the meter's sampling thread.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the wrapper died before the call: nobody would send the signal
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
+def tree_cpu_s_so_far(root_pid: int) -> float:
+    """CPU seconds of a live process tree: the root's own and reaped children's, plus every live descendant's."""
+    try:
+        root = psutil.Process(root_pid)
+        t = root.cpu_times()
+        total = t.user + t.system + getattr(t, "children_user", 0.0) + getattr(t, "children_system", 0.0)
+        for child in root.children(recursive=True):
+            try:
+                ct = child.cpu_times()
+                total += ct.user + ct.system
+            except psutil.Error:
+                continue
+        return total
+    except psutil.Error:
+        return 0.0
+
+
+class _Heartbeat:
+    """Writes the energy measured so far into the running row every ``period_s`` (a daemon thread)."""
+
+    def __init__(self, entry: LedgerEntry, meter: Any, period_s: float, beat: Callable[[], Any]) -> None:
+        self._stop = threading.Event()
+        self._beat = beat
+        self._period_s = period_s
+        self._thread = threading.Thread(target=self._loop, name="ssprop-ledger-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._period_s):
+            try:
+                self._beat()
+            except Exception as exc:  # noqa: BLE001 - a heartbeat is best effort; finish() carries the figures
+                logger.info("ledger heartbeat failed: %s", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
 
 
 def _exit_code_from_status(wait_status: int) -> int:
@@ -100,6 +186,8 @@ def run_wrapped(
     ledger_path: str | os.PathLike[str] | None = None,
     fallback_dir: str | os.PathLike[str] | None = None,
     cpu_clock: Callable[[], float] = machine_busy_cpu_s,
+    gpu_sampler: GpuShareSampler | None = None,
+    heartbeat_s: float | None = HEARTBEAT_S,
 ) -> WrapResult:
     """Run ``command`` to completion under an energy meter and record it in the ledger.
 
@@ -117,6 +205,10 @@ def run_wrapped(
         pue: power usage effectiveness applied to the CO2 figure.
         ledger_path, fallback_dir: as for :func:`entries.start_entry`.
         cpu_clock: the machine's busy CPU seconds (tests fake it).
+        gpu_sampler: samples the command's share of each GPU; default a :class:`GpuShareSampler` on NVML
+            (inert where NVML is unusable), none with ``whole_machine``.
+        heartbeat_s: period of the running row's energy-so-far updates, seconds; None for none (also none
+            for a meter without ``snapshot``).
 
     Returns:
         A :class:`WrapResult`.
@@ -139,6 +231,9 @@ def run_wrapped(
 
         meter = open_meter(meter_kind, sample_period_s=sample_period_s)
 
+    if gpu_sampler is None and not whole_machine:
+        gpu_sampler = GpuShareSampler(period_s=sample_period_s)
+    gpu_shares: GpuAttribution | None = None
     received: list[int] = []
     not_sent: list[int] = []  # signals that arrived while Popen was starting the command
     proc: subprocess.Popen[bytes] | None = None
@@ -162,6 +257,7 @@ def run_wrapped(
     if threading.current_thread() is threading.main_thread():
         previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
     notes: list[str] = []
+    start_error: str | None = None
     wait_status: int | None = None
     tree_cpu_s = 0.0
     try:
@@ -174,19 +270,46 @@ def run_wrapped(
             meter.stop()
             raise
         try:
-            proc = subprocess.Popen(command)
+            proc = subprocess.Popen(command, preexec_fn=_parent_death_signal())
         except OSError as exc:
             child_code = 127 if isinstance(exc, FileNotFoundError) else 126  # the shell's codes
-            notes.append(f"could not start {command[0]!r}: {exc.strerror or exc}")
+            start_error = f"could not start {command[0]!r}: {exc.strerror or exc}"
+            notes.append(start_error)
+            if gpu_sampler is not None:
+                gpu_sampler.stop()  # releases NVML; nothing was sampled
         else:
             while not_sent:
                 send(not_sent.pop(0))
+            if gpu_sampler is not None:
+                gpu_sampler.start(proc.pid)
+            heartbeat = None
+            if heartbeat_s is not None and hasattr(meter, "snapshot"):
+                root_pid = proc.pid
+
+                def beat() -> None:
+                    specs = getattr(meter, "specs", {})
+                    comps = [EnergyComponent(c, j, specs[c].source, specs[c].device)
+                             for c, j in meter.snapshot().items() if c in specs]
+                    att = None
+                    if not whole_machine and any(is_machine_wide(c) for c in comps):
+                        tree, machine = tree_cpu_s_so_far(root_pid), max(0.0, cpu_clock() - cpu0)
+                        att = CpuAttribution(tree, machine,
+                                             cpu_share(tree, machine, resolution_s=machine_cpu_resolution_s()))
+                    charged, _ = attribute_gpus(attribute(comps, att),
+                                                gpu_sampler.current() if gpu_sampler is not None else None)
+                    entry.heartbeat(charged, intensity.g_per_kwh, pue, intensity.source, attribution=att)
+
+                heartbeat = _Heartbeat(entry, meter, heartbeat_s, beat)
             # wait4 (not Popen.wait) because its rusage is the command's CPU time including every
             # descendant it waited for: the tree's time, even after the processes are gone.
             _, wait_status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(wait_status)
             child_code = _exit_code_from_status(wait_status)
             tree_cpu_s = usage.ru_utime + usage.ru_stime
+            if heartbeat is not None:
+                heartbeat.stop()
+            if gpu_sampler is not None:
+                gpu_shares = gpu_sampler.stop()
         # A signal after the command ended did not interrupt it; it only waits for the row to be written.
         stopped_by = received[0] if received else None
         try:
@@ -201,7 +324,11 @@ def run_wrapped(
             signal.signal(s, handler)
 
     exit_code = child_code
-    if stopped_by is not None:
+    if stopped_by is not None and wait_status is not None and os.WIFEXITED(wait_status) and child_code == 0:
+        # The command handled the signal and finished its work: its own exit status says so.
+        status = "complete"
+        notes.append(f"{signal.Signals(stopped_by).name} was forwarded; the command handled it and exited 0")
+    elif stopped_by is not None:
         status, exit_code = "interrupted", 128 + stopped_by
     elif wait_status is not None and os.WIFSIGNALED(wait_status):
         status = "interrupted" if os.WTERMSIG(wait_status) in _STOP_SIGNALS else "failed"
@@ -210,10 +337,17 @@ def run_wrapped(
 
     attribution = None
     if not whole_machine and any(is_machine_wide(c) for c in components):
-        attribution = CpuAttribution(tree_cpu_s, machine_cpu_s, cpu_share(tree_cpu_s, machine_cpu_s))
+        resolution_s = machine_cpu_resolution_s()
+        attribution = CpuAttribution(tree_cpu_s, machine_cpu_s,
+                                     cpu_share(tree_cpu_s, machine_cpu_s, resolution_s=resolution_s))
+        if machine_cpu_s < resolution_s:
+            notes.append(f"the machine's busy CPU time over the run ({machine_cpu_s:.3f} s) is below the "
+                         f"resolution of /proc/stat ({resolution_s:.3f} s); the share is taken against that "
+                         "resolution, an upper bound for a command this idle")
+    charged, gpu_attribution = attribute_gpus(attribute(components, attribution), gpu_shares)
     entry.finish(
         status,
-        attribute(components, attribution),
+        charged,
         co2_g=None,
         intensity_g_per_kwh=intensity.g_per_kwh,
         pue=pue,
@@ -221,6 +355,7 @@ def run_wrapped(
         exit_code=child_code,
         note="; ".join(notes) or None,
         attribution=attribution,
+        gpu_attribution=gpu_attribution,
     )
     machine_energy_j = sum(c.energy_j for c in components) if components else None
     return WrapResult(
@@ -232,4 +367,6 @@ def run_wrapped(
         energy_source=entry.row["energy_source"],
         attribution=attribution,
         machine_energy_j=machine_energy_j,
+        gpu_attribution=gpu_attribution,
+        start_error=start_error,
     )

@@ -3,13 +3,19 @@
 Backward at drop rate ``d`` (the rule of the paper's public code, "unified" mode):
 
 1. score every output channel ``c`` by ``mean(|grad_output[:, c]|)`` over the batch and all other positions
-   (computed as one fused L1 reduction, no ``|grad_output|`` temporary);
+   (ranked on the per-channel sums, which order the channels exactly as the means do);
 2. keep ``k = max(1, floor((1 - d) * C_out))`` channels (see :func:`keep_count` for the float guard; the
    public Linear layer has no floor at 1 and can keep 0 features, this one keeps at least 1);
 3. gather the kept channels of ``grad_output`` (and of the weight) into smaller contiguous tensors and run
    the convolution / matmul backward on them, so the executed FLOPs really shrink by ``k / C_out``;
 4. scatter the kept rows of ``grad_weight`` / ``grad_bias`` into zeros. ``grad_input`` needs no scatter: it is
    a sum over output channels, and the dropped ones contribute exactly zero.
+
+Pointwise (1x1, unpadded, ungrouped) convolutions on NCHW inputs skip the convolution kernels: their backward is
+two matrix products on the gathered gradient (``grad_weight = dy_k @ x^T``, ``grad_input = W_k^T @ dy_k``, the
+latter written to the strided positions of a zero ``grad_input``), which executes the same multiply-adds
+without oneDNN's layout conversions of the full-size input and ``grad_input``; those conversions made the
+gathered 1x1 stride-2 shortcut backward of a ResNet barely faster than the dense one.
 
 The result equals the dense backward with ``grad_output`` zeroed outside the kept channels (the tests check
 this against ``nn.Conv2d``), while executing only the kept part.
@@ -100,14 +106,50 @@ def keep_count(drop_rate: float, channels: int) -> int:
     return max(1, int(round((1.0 - drop_rate) * channels, 9)))
 
 
+# Elements of |grad_output| materialised at a time while scoring: 1 MiB of float32, so the temporary stays in
+# cache and never raises peak memory.
+_SCORE_CHUNK_ELEMS = 1 << 18
+
+
+def channel_l1(grad_output: Tensor, channel_dim: int = 1) -> Tensor:
+    """Sum of ``|grad_output|`` per channel over every other dimension (float32 at least for half types).
+
+    The backward selects on these sums: they rank channels exactly as the means do (every channel has the
+    same element count), without a division per layer.
+    """
+    acc = torch.float32 if grad_output.dtype in _LOW_PRECISION else None
+    channels = grad_output.shape[channel_dim]
+    if channel_dim == 1 and grad_output.dim() >= 3 and grad_output.is_contiguous():
+        # (B, C, positions): reduce each contiguous (sample, channel) run, then the samples.
+        rows = grad_output.reshape(grad_output.shape[0], channels, -1)
+
+        def reduce(part: Tensor) -> Tensor:
+            return part.abs().sum(dim=2, dtype=acc).sum(dim=0)
+    elif channel_dim == grad_output.dim() - 1 or (
+        channel_dim == 1 and grad_output.dim() == 4 and grad_output.is_contiguous(memory_format=torch.channels_last)
+    ):
+        # Channels innermost in memory (a linear layer's (N, F), or channels_last): one row per position.
+        rows = grad_output.movedim(channel_dim, -1).reshape(-1, channels)
+
+        def reduce(part: Tensor) -> Tensor:
+            return part.abs().sum(dim=0, dtype=acc)
+    else:
+        dims = tuple(d for d in range(grad_output.dim()) if d != channel_dim)
+        return grad_output.abs().sum(dim=dims, dtype=acc)
+    # abs + sum over cache-sized chunks: 2.5-3.5x faster on CPU than one L1 vector_norm over dims (0, 2, 3),
+    # whose strided reduction is not vectorised, and 1.1-1.7x faster than one abs().sum() with a full-size
+    # temporary (ResNet-18 gradient shapes at batch 64, torch 2.13, 1 thread).
+    step = max(1, _SCORE_CHUNK_ELEMS // max(1, rows[0].numel()))
+    total = torch.zeros(channels, dtype=acc or grad_output.dtype, device=grad_output.device)
+    for part in rows.split(step):
+        total += reduce(part)
+    return total
+
+
 def channel_scores(grad_output: Tensor, channel_dim: int = 1) -> Tensor:
     """Mean ``|grad_output|`` per channel over every other dimension (float32 at least for half types)."""
-    dims = tuple(d for d in range(grad_output.dim()) if d != channel_dim)
     count = grad_output.numel() // max(1, grad_output.shape[channel_dim])
-    acc = torch.float32 if grad_output.dtype in _LOW_PRECISION else None
-    # One L1-norm reduction: no full-size |grad_output| temporary, one pass over memory.
-    total = torch.linalg.vector_norm(grad_output, ord=1, dim=dims, dtype=acc)
-    return total / max(1, count)
+    return channel_l1(grad_output, channel_dim) / max(1, count)
 
 
 def select_channels(scores: Tensor, k: int, selection: str) -> Tensor:
@@ -185,6 +227,59 @@ def _autocast_args(device_type: str, *tensors: Tensor | None) -> tuple[Tensor | 
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
+def _is_pointwise(input: Tensor, weight: Tensor, padding: list[int], groups: int) -> bool:
+    """True for a 1x1, unpadded, ungrouped convolution on an NCHW-contiguous input (the matmul backward)."""
+    return (
+        groups == 1 and weight.shape[2:] == (1, 1) and padding == [0, 0] and input.dim() == 4
+        and input.is_contiguous()
+    )
+
+
+def _pointwise_backward(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    kept: Tensor,
+    stride: list[int],
+    need_input: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Exact kept-channel gradients of a 1x1 convolution as two matrix products.
+
+    With ``x_s`` the input sampled at the output positions (every ``stride``-th row and column) and ``dy_k``
+    the kept channels of ``grad_output``: ``grad_weight[kept] = dy_k @ x_s^T`` over all (sample, position)
+    pairs, one GEMM; ``grad_input`` at the sampled positions is ``W_k^T @ dy_k`` per sample and exactly 0
+    elsewhere. The multiply-adds are the convolution backward's own (``2 * k * C_in * B * H_out * W_out``).
+    """
+    batch, c_in = input.shape[:2]
+    n_kept = kept.numel()
+    # Gathering on the (C, B, H, W) view gives the kept rows as one contiguous (k, B*H_out*W_out) matrix.
+    dy_k = grad_output.transpose(0, 1).index_select(0, kept)
+    h_out, w_out = dy_k.shape[2:]
+    dy_rows = dy_k.reshape(n_kept, -1)
+    grad_input = grad_weight = grad_bias = None
+    if need_weight:
+        x_rows = input[:, :, :: stride[0], :: stride[1]].transpose(0, 1).reshape(c_in, -1)
+        grad_w_k = (dy_rows @ x_rows.t()).reshape(n_kept, c_in, 1, 1)
+        grad_weight = torch.zeros_like(weight).index_copy_(0, kept, grad_w_k)
+    if need_input:
+        w_t = weight.reshape(weight.shape[0], c_in).index_select(0, kept).t()
+        # (C_in, k) @ (B, k, P) -> (B, C_in, P): NCHW directly; the (B, k, P) view of dy_k needs no copy.
+        grad_sampled = torch.matmul(w_t, dy_k.transpose(0, 1).reshape(batch, n_kept, -1))
+        grad_sampled = grad_sampled.reshape(batch, c_in, h_out, w_out)
+        if stride == [1, 1]:
+            grad_input = grad_sampled
+        else:
+            grad_input = torch.zeros_like(input, memory_format=torch.contiguous_format)
+            grad_input[:, :, :: stride[0], :: stride[1]] = grad_sampled
+    if need_bias:
+        grad_bias = torch.zeros(weight.shape[0], dtype=dy_rows.dtype, device=dy_rows.device).index_copy_(
+            0, kept, dy_rows.sum(dim=1)
+        )
+    return grad_input, grad_weight, grad_bias
+
+
 class _SparseConv2dFn(torch.autograd.Function):
     """conv2d forward; channel-sparse backward. Non-tensor arguments are resolved by :func:`ssprop_conv2d`."""
 
@@ -220,7 +315,7 @@ class _SparseConv2dFn(torch.autograd.Function):
         per_row = c_out if (groups == 1 or depthwise) else m
         k = keep_count(drop_rate, per_row)
         if kept is None and k < per_row:
-            kept = select_channels(channel_scores(grad_output).reshape(-1, per_row), k, selection)
+            kept = select_channels(channel_l1(grad_output).reshape(-1, per_row), k, selection)
         if record is not None:
             record.kept = kept
         tail = (None,) * 8
@@ -231,6 +326,9 @@ class _SparseConv2dFn(torch.autograd.Function):
             )
             return (grads[0], grads[1], grads[2] if has_bias else None, *tail)
 
+        if not depthwise and _is_pointwise(input, weight, padding, groups):
+            return (*_pointwise_backward(grad_output, input, weight, kept, stride, need_input, need_weight,
+                                         need_bias and has_bias), *tail)
         grad_out_k = _gather(grad_output, 1, kept)
         weight_k = _gather(weight, 0, kept)
         n_kept = kept.numel()
@@ -342,7 +440,7 @@ class _SparseLinearFn(torch.autograd.Function):
         grad_2d = grad_output.reshape(-1, out_features)
         k = keep_count(drop_rate, out_features)
         if kept is None and k < out_features:
-            kept = select_channels(channel_scores(grad_2d).reshape(1, out_features), k, selection)
+            kept = select_channels(channel_l1(grad_2d).reshape(1, out_features), k, selection)
         if record is not None:
             record.kept = kept
         input_2d = input.reshape(-1, in_features)
