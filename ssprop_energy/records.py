@@ -398,6 +398,9 @@ class ArmRecord:
     over the training windows, CO2 in grams CO2e (energy x intensity x PUE). ``repeats`` holds the per-run
     figures; ``paired`` (non-baseline arms) maps a metric to its :class:`PairedStat` against the dense
     baseline; ``epoch_intervals`` maps ``wall_s`` / ``energy_j`` to the single-run :class:`EpochInterval`.
+    ``phases`` holds the meter's windows (``train``, ``eval``, and ``data`` / ``forward`` / ``backward`` /
+    ``optimizer`` nested in ``train``); ``unattributed_energy_j`` is the training energy outside the nested
+    step windows (version 1: the meter's energy outside every top-level window).
     ``layer_coverage`` (ssProp arms) says how many layers of each kind were sparsified and what share of a
     dense step's backward FLOPs they hold (None for the dense arm and in records that predate it).
     """

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -194,20 +193,24 @@ def test_quiet_run_has_no_badge(tmp_path: Path) -> None:
 
 
 def test_python_experiment_records_a_ledger_row_with_fake_energy(tmp_path: Path) -> None:
+    from ssprop_energy.ledger import load_entries
+
     summary = run(tiny(tmp_path / "run", epochs=1))
-    with sqlite3.connect(os.environ["SSPROP_ENERGY_LEDGER"]) as conn:
-        conn.row_factory = sqlite3.Row
-        rows = conn.execute("SELECT * FROM entries").fetchall()
-    assert len(rows) == 1 and rows[0]["kind"] == "compare" and rows[0]["status"] == "complete"
-    assert rows[0]["energy_source"] == "fake"
+    rows = load_entries()
+    assert len(rows) == 1
+    row = rows.iloc[0]
+    assert row["kind"] == "compare" and row["status"] == "complete" and row["energy_source"] == "fake"
+    assert row["run_dir"] == str(tmp_path / "run")
     # the ledger charges all that the meters saw: at least both arms' training and evaluation windows
     windows_j = sum(a.energy_j + a.eval_energy_j for a in summary.arms.values())
-    assert rows[0]["energy_j"] >= windows_j * (1 - 1e-9)
+    assert row["energy_j"] >= windows_j * (1 - 1e-9)
 
 
 def test_ledger_opt_out(tmp_path: Path) -> None:
+    from ssprop_energy.ledger import load_entries
+
     run(tiny(tmp_path / "run", epochs=1), ExperimentHooks(monitor=None, ledger=False))
-    assert not Path(os.environ["SSPROP_ENERGY_LEDGER"]).exists()
+    assert not Path(os.environ["SSPROP_ENERGY_LEDGER"]).exists() or len(load_entries()) == 0
 
 
 def test_fake_meter_is_fake_everywhere(tmp_path: Path) -> None:
@@ -237,5 +240,7 @@ def test_energy_is_the_sum_of_epoch_windows_per_arm(tmp_path: Path) -> None:
         assert arm.phases["train"]["energy_j"] == pytest.approx(arm.energy_j, rel=1e-9)
         nested = sum(arm.phases[p]["energy_j"] for p in ("data", "forward", "backward", "optimizer"))
         assert nested <= arm.phases["train"]["energy_j"] * (1 + 1e-9)
+        assert arm.unattributed_energy_j == pytest.approx(arm.phases["train"]["energy_j"] - nested, abs=1e-9)
+        assert arm.phases["eval"]["count"] == 2 + 1  # validation each epoch and the final test
     loaded = load_summary(tmp_path / "run")
     assert np.isclose(loaded.arms["dense"].energy_j, summary.arms["dense"].energy_j)

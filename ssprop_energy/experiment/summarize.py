@@ -23,6 +23,7 @@ from ssprop_energy.records import (
 PAIRED_METRICS = ("energy_j", "co2_g", "wall_s", "flops_backward", "flops_backward_conv", "flops_total",
                   "test_accuracy")
 INTERVAL_METRICS = ("wall_s", "energy_j")
+STEP_PHASES = ("data", "forward", "backward", "optimizer")  # the windows nested in each epoch's "train"
 MATERIAL_CORES = DEFAULT_THRESHOLD_CORES  # foreign busy cores from which a time/energy figure is flagged
 
 
@@ -65,6 +66,9 @@ def arm_record(arm: ArmSpec, runs: Sequence[ArmRun], carbon: CarbonBlock,
             for k, v in w.items():
                 p[k] = p.get(k, 0.0) + float(v) / n
     noise = {k: sum(r.noise_accuracy[k] for r in runs) / n for k in runs[0].noise_accuracy}
+    # training energy outside the nested step windows (callbacks, schedule stepping, loop overhead)
+    nested_j = sum(phases.get(p, {}).get("energy_j", 0.0) for p in STEP_PHASES)
+    unattributed_j = max(0.0, phases["train"]["energy_j"] - nested_j) if "train" in phases else 0.0
     return ArmRecord(
         name=arm.name, drop_rate=arm.drop_rate, schedule=arm.schedule, average_drop_rate=mean("average_drop_rate"),
         test_accuracy=mean("test_accuracy"), wall_s=mean("wall_s"), flops_forward=mean("flops_forward"),
@@ -73,7 +77,7 @@ def arm_record(arm: ArmSpec, runs: Sequence[ArmRun], carbon: CarbonBlock,
         carbon_intensity_g_per_kwh=carbon.intensity_g_per_kwh, pue=carbon.pue, epochs=epochs,
         test_loss=mean("test_loss"), best_val_accuracy=mean("best_val_accuracy"),
         best_epoch=int(round(mean("best_epoch"))), dropout=arm.dropout, noise_accuracy=noise, phases=phases,
-        idle_power_w=dict(idle_power_w or {}),
+        unattributed_energy_j=unattributed_j, idle_power_w=dict(idle_power_w or {}),
         repeats=[RepeatFigures(seed=r.seed, repeat=r.repeat, test_accuracy=r.test_accuracy, wall_s=r.wall_s,
                                energy_j=r.energy_j, co2_g=_co2(r.energy_j, carbon), flops_forward=r.flops_forward,
                                flops_backward=r.flops_backward, flops_backward_conv=r.flops_backward_conv,

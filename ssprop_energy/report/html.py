@@ -321,13 +321,16 @@ def _phase_table(run: Run) -> str:
             rows.append({"arm": name, "phase": "(unattributed)", "energy_j": arm.unattributed_energy_j,
                          "wall_s": math.nan, "count": math.nan,
                          "share": arm.unattributed_energy_j / total if total > 0 else math.nan})
-        if arm.eval_energy_j:
+        # evaluation energy is the "eval" window; a record whose phases lack it is shown from eval_energy_j
+        if arm.eval_energy_j and "eval" not in arm.phases:
             rows.append({"arm": name, "phase": "evaluation (not in training energy)", "energy_j": arm.eval_energy_j,
                          "wall_s": math.nan, "count": math.nan, "share": math.nan})
     if not rows:
         return '<p class="note">No per-phase energy recorded.</p>'
     return ('<p class="sub">Phases are the meter\'s named windows; share = phase energy / the arm\'s training '
-            "energy. Windows outside training (evaluation) make the shares sum to more than 100%.</p>"
+            "energy. <code>train</code> holds each epoch's training (so 100%), with <code>data</code>, "
+            "<code>forward</code>, <code>backward</code> and <code>optimizer</code> nested in it and "
+            "(unattributed) the rest of it; <code>eval</code> (validation and test) is outside training.</p>"
             + _table(pd.DataFrame(rows), pct=["share"], scroll=len(rows) > 14))
 
 
