@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ssprop_energy.errors import RecordError
+from ssprop_energy.layer_coverage import KindCoverage, LayerCoverage
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
@@ -347,6 +348,9 @@ class RepeatFigures:
     flops_forward: float
     flops_backward: float
     flops_backward_conv: float
+    # provenance of energy_j / co2_g ("" in version-1 records, where the arm's energy_source applies)
+    energy_source: str = ""
+    eval_energy_j: float | None = None  # evaluation windows (validation + final test), not in energy_j
 
 
 @dataclass
@@ -363,6 +367,9 @@ class ArmRun:
     reduced over ranks, ``ranks`` one entry per rank (node, host, device, meter sources, FLOPs, energy,
     all-reduce time), ``comm_share`` the mean over ranks of the training time with a gradient all-reduce
     in flight (``timed``); trace components are prefixed ``r<rank>:``.
+
+    ``layer_coverage`` (ssProp arms; None for the dense one) counts the sparsified layers per kind and their
+    backward FLOPs in a *dense* step (drop rate 0), i.e. the share of the backward ssProp can reach.
     """
 
     arm: str
@@ -389,6 +396,7 @@ class ArmRun:
     nodes: int = 1
     ranks: list[dict[str, Any]] = field(default_factory=list)
     comm_share: float | None = None
+    layer_coverage: LayerCoverage | None = None
 
     @property
     def energy_j(self) -> float:
@@ -407,6 +415,7 @@ class ArmRun:
             kwargs = {k: v for k, v in data.items() if k in _ARM_RUN_FIELDS}
             kwargs["energy_components"] = [EnergyComponent(**c) for c in data.get("energy_components", [])]
             kwargs["epochs"] = [EpochRecord(**e) for e in data.get("epochs", [])]
+            kwargs["layer_coverage"] = layer_coverage_from_dict(data.get("layer_coverage"), where)
             return cls(**kwargs)
         except TypeError as exc:
             raise RecordError(f"{where}: malformed arm-run record ({exc})") from None
@@ -429,6 +438,8 @@ class ArmRecord:
     ``phases`` holds the meter's windows (``train``, ``eval``, and ``data`` / ``forward`` / ``backward`` /
     ``optimizer`` nested in ``train``); ``unattributed_energy_j`` is the training energy outside the nested
     step windows (version 1: the meter's energy outside every top-level window).
+    ``layer_coverage`` (ssProp arms) says how many layers of each kind were sparsified and what share of a
+    dense step's backward FLOPs they hold (None for the dense arm and in records that predate it).
     """
 
     name: str
@@ -463,6 +474,7 @@ class ArmRecord:
     world_size: int = 1
     nodes: int = 1
     comm_share: float | None = None
+    layer_coverage: LayerCoverage | None = None
 
     @property
     def flops_total(self) -> float:
@@ -484,6 +496,8 @@ class RunSummary:
 
     ``interleave`` says how arms were ordered in time: ``epoch`` (each epoch of every arm back to back, the
     order alternating ABBA epoch by epoch) or ``none`` (one arm-run after the other, ABBA by pair).
+    ``layer_kinds`` are the layer kinds ssProp replaced: ``--layers``, or the model's default when the
+    config's ``layers`` is null (empty in records that predate it).
     """
 
     kind: str
@@ -498,6 +512,7 @@ class RunSummary:
     interleave: str = "none"
     failure_reason: str | None = None
     finished_at: str | None = None
+    layer_kinds: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
     world_size: int = 1
     nodes: int = 1
@@ -578,7 +593,24 @@ def _epoch_interval_from_dict(data: Any, where: str) -> EpochInterval:
         raise RecordError(f"{where}: malformed epoch interval ({exc})") from None
 
 
-_V1_REPEAT_DROPPED = ("eval_energy_j", "meter_components")  # written by version 1, never read
+_V1_REPEAT_DROPPED = ("meter_components",)  # written by version 1, never read
+
+
+def layer_coverage_from_dict(data: Any, where: str) -> LayerCoverage | None:
+    """A record's ``layer_coverage`` (``{"kinds": {kind: {"layers", "flops_backward"}}, "flops_backward"}``)
+    as a :class:`~ssprop_energy.layer_coverage.LayerCoverage`; None stays None."""
+    if data is None:
+        return None
+    if isinstance(data, LayerCoverage):
+        return data
+    try:
+        kinds = {str(k): KindCoverage(int(v["layers"]), float(v["flops_backward"])) for k, v in data["kinds"].items()}
+        total = float(data["flops_backward"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise RecordError(f"{where}: malformed layer_coverage ({type(exc).__name__}: {exc})") from None
+    if not total >= 0.0 or any(not (c.layers >= 0 and c.flops_backward >= 0.0) for c in kinds.values()):
+        raise RecordError(f"{where}: layer_coverage holds a negative or missing count")
+    return LayerCoverage(kinds=kinds, flops_backward=total)
 
 
 def _arm_from_dict(name: str, data: Mapping[str, Any], where: str, version: int) -> ArmRecord:
@@ -592,10 +624,11 @@ def _arm_from_dict(name: str, data: Mapping[str, Any], where: str, version: int)
         interference = None
         if data.get("interference") is not None:
             interference = Interference(**data["interference"])
+        coverage = layer_coverage_from_dict(data.get("layer_coverage"), f"{where}: arms.{name}")
         kwargs = {k: v for k, v in data.items() if k in _ARM_FIELDS and k not in _ARM_NESTED}
         kwargs = {k: (float("nan") if v is None and k in _FLOAT_FIELDS else v) for k, v in kwargs.items()}
         record = ArmRecord(energy_components=comps, epochs=epochs, repeats=repeats, interference=interference,
-                           **kwargs)
+                           layer_coverage=coverage, **kwargs)
     except TypeError as exc:
         raise RecordError(f"{where}: arm {name!r} is malformed ({exc})") from None
     record.paired = _paired_from_dict(data.get("paired") or {}, f"{where}: arms.{name}.paired")
@@ -610,7 +643,8 @@ def _arm_from_dict(name: str, data: Mapping[str, Any], where: str, version: int)
 
 
 _ARM_FIELDS = {f.name for f in fields(ArmRecord)}
-_ARM_NESTED = {"energy_components", "epochs", "repeats", "paired", "epoch_intervals", "interference"}
+_ARM_NESTED = {"energy_components", "epochs", "repeats", "paired", "epoch_intervals", "interference",
+               "layer_coverage"}
 _FLOAT_FIELDS = {f.name for f in fields(ArmRecord) if f.type in ("float", float)}
 
 

@@ -35,8 +35,9 @@ from ssprop_energy.energy.select import MeterChoice
 from ssprop_energy.experiment.config import ArmSpec, ExperimentConfig
 from ssprop_energy.experiment.plan import ArmRunKey, Group, epoch_order
 from ssprop_energy.flops import FlopMeter
-from ssprop_energy.models import get_model
 from ssprop_energy.errors import RecordError
+from ssprop_energy.layer_coverage import LayerCoverage, layer_coverage
+from ssprop_energy.models import get_model, resolve_layers
 from ssprop_energy.records import ArmRun, EnergyComponent, EpochRecord, read_json, write_json_atomic
 from ssprop_energy.sparse import set_drop_rate, sparsify
 from ssprop_energy.sparse.schedules import DropSchedule
@@ -92,6 +93,8 @@ class Executor:
         self.dist = dist
         # every meter report's components, finished or interrupted: what this process metered in total
         self.metered: list[list[EnergyComponent]] = []
+        self._layer_kinds: tuple[str, ...] | None = None
+        self._coverage: LayerCoverage | None = None
 
     # ------------------------------------------------------------------------------------------ building
 
@@ -104,8 +107,27 @@ class Executor:
             image_size=self.data.image_size, dropout=arm.dropout,
         )
         if arm.sparse:
-            model = sparsify(model, drop_rate=0.0, layers=tuple(self.cfg.layers), selection=self.cfg.selection)
+            model = sparsify(model, drop_rate=0.0, layers=self.layer_kinds(model), selection=self.cfg.selection)
         return model
+
+    def layer_kinds(self, model: torch.nn.Module) -> tuple[str, ...]:
+        """The layer kinds ssProp replaces: ``--layers``, else the model's default (``models.resolve_layers``).
+        Resolved once per run from the first model built: every arm builds the same architecture."""
+        if self._layer_kinds is None:
+            self._layer_kinds = resolve_layers(self.cfg.model, model, self.cfg.layers)
+        return self._layer_kinds
+
+    def _flop_meter(self, model: torch.nn.Module) -> FlopMeter:
+        input_shape = (self.data.in_channels, self.data.image_size, self.data.image_size)
+        return FlopMeter(copy.deepcopy(model), input_shape, self.data.num_classes)
+
+    def coverage(self, model: torch.nn.Module) -> LayerCoverage:
+        """Sparsified layers per kind and their share of the backward FLOPs of ``model`` (an ssProp arm's),
+        counted on a dense step (drop rate 0): a drop rate would shrink the very share it is judged by.
+        Counted once per run: every ssProp arm sparsifies the same layers of the same architecture."""
+        if self._coverage is None:
+            self._coverage = layer_coverage(self._flop_meter(model).per_sample(0.0).layers)
+        return self._coverage
 
     def schedule(self, arm: ArmSpec) -> DropSchedule | None:
         if not arm.sparse:
@@ -140,8 +162,7 @@ class Executor:
         cfg = self.cfg
         model = self.build_model(key.arm, key.seed)
         schedule = self.schedule(key.arm)
-        input_shape = (self.data.in_channels, self.data.image_size, self.data.image_size)
-        flop_meter = FlopMeter(copy.deepcopy(model), input_shape, self.data.num_classes)
+        flop_meter = self._flop_meter(model)
         d = self.dist
         # a rank counts the FLOPs of its own parts of the batches; rank 0 sums them over ranks
         sizes = (local_batch_sizes(len(self.data.train), cfg.batch_size, d.world_size, d.rank)
@@ -152,6 +173,7 @@ class Executor:
         rates = sorted({schedule.rate(e, i) for e in range(cfg.epochs) for i in range(n_batches)}) if schedule else []
         self._warm_up(model, rates)
         layer_step = flop_meter.per_sample(key.arm.drop_rate if key.arm.sparse else 0.0)
+        coverage = self.coverage(model) if key.arm.sparse else None
         train_cfg = TrainConfig(
             epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
             weight_decay=cfg.weight_decay, lr_schedule=cfg.lr_schedule, seed=key.seed, amp=cfg.amp,
@@ -164,7 +186,7 @@ class Executor:
             "model": model, "schedule": schedule, "train_cfg": train_cfg, "run_flops": run_flops,
             "layers": [{"layer": layer.name, "type": layer.type, "flops_forward": layer.forward,
                         "flops_backward": layer.backward} for layer in layer_step.layers],
-            "interference": interference,
+            "interference": interference, "coverage": coverage,
         }
 
     # ------------------------------------------------------------------------------------------ running
@@ -371,7 +393,7 @@ class Executor:
                                if schedule is not None else 0.0),
             energy_components=result.energy_components, epochs=result.epochs, phases=result.phases,
             noise_accuracy=result.noise_accuracy, interference=prepared["interference"], trace=trace,
-            layers=prepared["layers"],
+            layers=prepared["layers"], layer_coverage=prepared["coverage"],
         )
 
     @staticmethod

@@ -177,7 +177,12 @@ class Experiment:
         for arm in cfg.arms():
             if arm.sparse:
                 self.executor.schedule(arm)
-        self.executor.build_model(next(a for a in cfg.arms() if a.sparse), cfg.seeds[0])
+        probe = self.executor.build_model(next(a for a in cfg.arms() if a.sparse), cfg.seeds[0])
+        self.layer_kinds: tuple[str, ...] = self.executor.layer_kinds(probe)
+        # What ssProp can reach, known before training: the run header shows it, a low share is warned about.
+        self.layer_coverage = self.executor.coverage(probe)
+        if self.layer_coverage.warning:
+            log.warning("%s: %s", cfg.model, self.layer_coverage.warning)
         self.groups: list[Group] = plan_groups(cfg)
         self.created_at = now_iso()
         self.environment: dict[str, Any] = {}
@@ -326,7 +331,7 @@ class Experiment:
             kind=self.cfg.kind, status=status, created_at=self.created_at, config=self.cfg.to_dict(),
             environment=self.environment, carbon=self.carbon, arms=arms or {}, paired=paired or {},
             interleave=self.cfg.interleave, failure_reason=failure_reason,
-            finished_at=None if status == "running" else now_iso(),
+            finished_at=None if status == "running" else now_iso(), layer_kinds=list(self.layer_kinds),
             world_size=self.dist.world_size, nodes=self.dist.nodes,
         )
         write_summary(self.run_dir, summary)

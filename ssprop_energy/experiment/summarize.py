@@ -83,8 +83,12 @@ def arm_record(arm: ArmSpec, runs: Sequence[ArmRun], carbon: CarbonBlock,
         comm_share=sum(shares) / len(shares) if shares else None,
         repeats=[RepeatFigures(seed=r.seed, repeat=r.repeat, test_accuracy=r.test_accuracy, wall_s=r.wall_s,
                                energy_j=r.energy_j, co2_g=_co2(r.energy_j, carbon), flops_forward=r.flops_forward,
-                               flops_backward=r.flops_backward, flops_backward_conv=r.flops_backward_conv)
+                               flops_backward=r.flops_backward, flops_backward_conv=r.flops_backward_conv,
+                               energy_source=r.energy_source,
+                               eval_energy_j=float(r.phases.get("eval", {}).get("energy_j", 0.0)))
                  for r in runs],
+        # the same layers are sparsified in every run of an arm (one architecture, one --layers)
+        layer_coverage=runs[0].layer_coverage,
     )
 
 

@@ -261,7 +261,8 @@ def _arm_summary_table(run: Run) -> str:
     if not run.arms:
         return '<p class="note">No arm recorded.</p>'
     df = arm_table(run).set_index("arm")
-    pct = {"test_accuracy", "best_val_accuracy", *[c for c in df.columns if c.startswith("noise_accuracy_")]}
+    pct = {"test_accuracy", "best_val_accuracy", "sparsified_backward_share",
+           *[c for c in df.columns if c.startswith("noise_accuracy_")]}
     fmt = _fmt_float(4)
     cells = {col: [(_pct_fmt(v) if col in pct else fmt(v)) for v in df[col]] for col in df.columns}
     wide = pd.DataFrame(cells, index=list(df.index)).T
@@ -305,7 +306,7 @@ def _layer_table(run: Run) -> str:
     pct = [c for c in out.columns if str(c).startswith("backward saved")]
     return (f'<p class="sub">FLOPs as recorded in {LAYERS_FILE}: the harness records one training step per sample '
             "at the arm's nominal drop rate, so &ldquo;backward saved&rdquo; is the saving of a sparse step, not of the "
-            "whole schedule. Conv layers are the ones ssProp sparsifies.</p>"
+            "whole schedule. Layers of type SSPropConv2d / SSPropLinear are the ones ssProp replaced.</p>"
             + _table(out, pct=pct, scroll=len(out) > 14))
 
 
@@ -409,6 +410,16 @@ def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+def _coverage(run: Run) -> str:
+    """The layers ssProp replaced and their share of the backward FLOPs, with the share as a data attribute."""
+    text = T.layer_coverage_text(run)
+    if text is None:
+        return ""
+    shares = {a.layer_coverage.share for a in run.arms.values() if a.layer_coverage is not None}
+    attr = f' data-coverage-share="{_attr_num(shares.pop())}"' if len(shares) == 1 else ""
+    return f'<p class="sub" data-coverage{attr}>{_e(text)}</p>'
+
+
 def _run_article(run: Run, idx: int, multi: bool) -> str:
     comps = comparisons(run)
     s = run.summary
@@ -427,6 +438,9 @@ def _run_article(run: Run, idx: int, multi: bool) -> str:
     warn = T.estimate_warning(run)
     if warn:
         banners.append(f'<div class="banner" data-warning="estimated">{_e(warn)}</div>')
+    low = T.layer_coverage_warning(run)
+    if low:
+        banners.append(f'<div class="banner" data-warning="coverage">{_e(low)}</div>')
     reps = max((repeat_count(a) for a in run.arms.values()), default=1)
     seeds = len(s.config.get("seeds") or [0])
     runs_per_arm = f"{reps} run{'s' if reps != 1 else ''} per arm" + (f" ({seeds} seeds)" if seeds > 1 else "")
@@ -447,7 +461,7 @@ def _run_article(run: Run, idx: int, multi: bool) -> str:
         *banners,
         f'<nav class="toc">{toc}</nav>',
         f'<section id="{sec("headline")}"><{h}>Headline</{h}>{_headline(run, comps)}',
-        f'<p class="sub">{_e(T.provenance_line(run))}</p></section>',
+        f'<p class="sub">{_e(T.provenance_line(run))}</p>{_coverage(run)}</section>',
     ]
     if comps:
         body.append(f'<section id="{sec("paper")}"><{h}>The paper\'s claim and this run</{h}>{_paper_table(run, comps)}</section>')

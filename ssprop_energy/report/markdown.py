@@ -164,7 +164,13 @@ def _run_md(run: Run, multi: bool) -> str:
     warn = T.estimate_warning(run)
     if warn:
         parts.append(f"> **Warning:** {warn}")
+    low = T.layer_coverage_warning(run)
+    if low:
+        parts.append(f"> **Warning:** {low}")
     parts += [f"{h2} Headline", *_headline(run, comps), T.provenance_line(run)]
+    coverage = T.layer_coverage_text(run)
+    if coverage:
+        parts.append(coverage)
     for c in comps:
         arm = run.arms.get(c.arm)
         lines = [T.epoch_interval_text(arm, m) for m in ("wall_s", "energy_j")] if arm is not None else []
