@@ -45,12 +45,17 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ssprop_energy.errors import RecordError
+from ssprop_energy.layer_coverage import KindCoverage, LayerCoverage
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
 
 SOURCES = ("counted", "counter", "sampled", "estimated", "fake")
 RUN_STATUSES = ("running", "complete", "interrupted", "failed")
+
+# what ``comm_share`` (ArmRun, ArmRecord) measures, for every place that shows it
+COMM_SHARE_LABEL = ("timed: training wall time with a gradient all-reduce in flight (it overlaps the backward "
+                    "pass), as a share of training time")
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
@@ -161,6 +166,9 @@ class EnergyComponent:
         device: human-readable hardware name (e.g. ``NVIDIA H100 80GB HBM3``, ``Intel Xeon ...``).
         sampled_energy_j: for components that have both a counter and a sampled integral (NVML), the
             sampled figure kept beside the counter one so that their agreement is visible; else None.
+        rank: in a distributed run, the global rank whose meter read it (its GPU, its process's CPU
+            estimate); None for a node-wide counter or a single-process run.
+        node: in a distributed run, the node (torchrun ``GROUP_RANK``) it belongs to; None single-process.
     """
 
     component: str
@@ -168,6 +176,8 @@ class EnergyComponent:
     source: str
     device: str = ""
     sampled_energy_j: float | None = None
+    rank: int | None = None
+    node: int | None = None
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -177,7 +187,7 @@ class EnergyComponent:
 
 
 def total_energy(components: Sequence[EnergyComponent]) -> tuple[float, str]:
-    """Sum component energies (J) and name the provenance of the sum.
+    """Sum component energies (J) and name the provenance of the sum (over every rank and node).
 
     Returns:
         ``(energy_j, source)`` where source is the components' common source, or ``mixed`` when they differ
@@ -194,13 +204,27 @@ def total_energy(components: Sequence[EnergyComponent]) -> tuple[float, str]:
 
 
 def add_components(*groups: Iterable[EnergyComponent], scale: float = 1.0) -> list[EnergyComponent]:
-    """Sum components over several intervals by (component, source, device), each energy x ``scale``."""
-    sums: dict[tuple[str, str, str], float] = {}
+    """Sum components over several intervals by (component, source, device, rank, node), each energy x
+    ``scale``."""
+    sums: dict[tuple[str, str, str, int | None, int | None], float] = {}
     for group in groups:
         for c in group:
-            key = (c.component, c.source, c.device)
+            key = (c.component, c.source, c.device, c.rank, c.node)
             sums[key] = sums.get(key, 0.0) + c.energy_j * scale
-    return [EnergyComponent(component=k[0], source=k[1], device=k[2], energy_j=v) for k, v in sums.items()]
+    return [EnergyComponent(component=k[0], source=k[1], device=k[2], energy_j=v, rank=k[3], node=k[4])
+            for k, v in sums.items()]
+
+
+def energy_by(components: Sequence[EnergyComponent], label: str) -> dict[int | None, tuple[float, str]]:
+    """Energy (J) and its provenance per ``rank`` or per ``node`` label (``total_energy`` of each group).
+
+    Per node, every component of the node counts (its ranks' GPUs and CPU estimates, and its node-wide
+    counters); per rank, the node-wide counters have no rank and fall under None.
+    """
+    groups: dict[int | None, list[EnergyComponent]] = {}
+    for c in components:
+        groups.setdefault(getattr(c, label), []).append(c)
+    return {k: total_energy(v) for k, v in sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))}
 
 
 @dataclass
@@ -338,6 +362,9 @@ class RepeatFigures:
     flops_forward: float
     flops_backward: float
     flops_backward_conv: float
+    # provenance of energy_j / co2_g ("" in version-1 records, where the arm's energy_source applies)
+    energy_source: str = ""
+    eval_energy_j: float | None = None  # evaluation windows (validation + final test), not in energy_j
     fid: float | None = None
     fid_classifier: float | None = None
     sample_wall_s: float | None = None
@@ -359,6 +386,15 @@ class ArmRun:
     the comparability note); ``sample_wall_s`` and ``sample_energy_components`` are the sampling window's own
     time and energy, NOT part of ``energy_components`` (training); ``sampling`` says how the samples were drawn
     and names their grid file.
+
+    A distributed run (``world_size`` > 1 processes on ``nodes`` nodes) is one record: FLOPs and energy
+    summed over ranks (each energy component labelled with its ``rank`` / ``node``), accuracy and losses
+    reduced over ranks, ``ranks`` one entry per rank (node, host, device, meter sources, FLOPs, energy,
+    all-reduce time), ``comm_share`` the mean over ranks of the training time with a gradient all-reduce
+    in flight (``timed``); trace components are prefixed ``r<rank>:``.
+
+    ``layer_coverage`` (ssProp arms; None for the dense one) counts the sparsified layers per kind and their
+    backward FLOPs in a *dense* step (drop rate 0), i.e. the share of the backward ssProp can reach.
     """
 
     arm: str
@@ -381,6 +417,11 @@ class ArmRun:
     interference: list[dict[str, Any]] = field(default_factory=list)
     trace: list[list[Any]] = field(default_factory=list)
     layers: list[dict[str, Any]] = field(default_factory=list)
+    world_size: int = 1
+    nodes: int = 1
+    ranks: list[dict[str, Any]] = field(default_factory=list)
+    comm_share: float | None = None
+    layer_coverage: LayerCoverage | None = None
     task: str = "classification"
     fid: float | None = None
     fid_classifier: float | None = None
@@ -418,6 +459,7 @@ class ArmRun:
             kwargs["energy_components"] = [EnergyComponent(**c) for c in data.get("energy_components", [])]
             kwargs["sample_energy_components"] = [EnergyComponent(**c) for c in data.get("sample_energy_components", [])]
             kwargs["epochs"] = [epoch_from_dict(e) for e in data.get("epochs", [])]
+            kwargs["layer_coverage"] = layer_coverage_from_dict(data.get("layer_coverage"), where)
             return cls(**kwargs)
         except TypeError as exc:
             raise RecordError(f"{where}: malformed arm-run record ({exc})") from None
@@ -438,9 +480,14 @@ class ArmRecord:
     from the training energy, with their own provenance). ``repeats`` holds the per-run
     figures; ``paired`` (non-baseline arms) maps a metric to its :class:`PairedStat` against the dense
     baseline; ``epoch_intervals`` maps ``wall_s`` / ``energy_j`` to the single-run :class:`EpochInterval`.
+    A distributed arm (``world_size`` processes on ``nodes`` nodes) sums FLOPs and energy over processes, its
+    components labelled ``rank`` / ``node``; ``comm_share`` is the mean over its runs of ``ArmRun.comm_share``
+    (:data:`COMM_SHARE_LABEL`), None single-process.
     ``phases`` holds the meter's windows (``train``, ``eval``, and ``data`` / ``forward`` / ``backward`` /
     ``optimizer`` nested in ``train``); ``unattributed_energy_j`` is the training energy outside the nested
     step windows (version 1: the meter's energy outside every top-level window).
+    ``layer_coverage`` (ssProp arms) says how many layers of each kind were sparsified and what share of a
+    dense step's backward FLOPs they hold (None for the dense arm and in records that predate it).
     """
 
     name: str
@@ -472,6 +519,10 @@ class ArmRecord:
     epoch_intervals: dict[str, EpochInterval] = field(default_factory=dict)
     interference: Interference | None = None
     status: str = "complete"
+    world_size: int = 1
+    nodes: int = 1
+    comm_share: float | None = None
+    layer_coverage: LayerCoverage | None = None
     task: str = "classification"
     fid: float | None = None
     fid_classifier: float | None = None
@@ -508,8 +559,13 @@ class RunSummary:
     """Everything ``summary.json`` holds. ``arms`` maps arm name (``dense``, ``ssprop``, ``ssprop-d0.4-bar``...)
     to its :class:`ArmRecord`; ``paired`` maps a metric to paired-delta statistics of (ssprop - dense).
 
+    ``world_size`` / ``nodes``: processes and nodes of a distributed run (1 / 1 otherwise; the ranks' hosts,
+    devices and meters are in ``environment["distributed"]``).
+
     ``interleave`` says how arms were ordered in time: ``epoch`` (each epoch of every arm back to back, the
     order alternating ABBA epoch by epoch) or ``none`` (one arm-run after the other, ABBA by pair).
+    ``layer_kinds`` are the layer kinds ssProp replaced: ``--layers``, or the model's default when the
+    config's ``layers`` is null (empty in records that predate it).
     """
 
     kind: str
@@ -524,7 +580,10 @@ class RunSummary:
     interleave: str = "none"
     failure_reason: str | None = None
     finished_at: str | None = None
+    layer_kinds: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
+    world_size: int = 1
+    nodes: int = 1
     task: str = "classification"
     generation: dict[str, Any] | None = None  # generation runs: the diffusion, sampling and extractor settings
 
@@ -604,7 +663,24 @@ def _epoch_interval_from_dict(data: Any, where: str) -> EpochInterval:
         raise RecordError(f"{where}: malformed epoch interval ({exc})") from None
 
 
-_V1_REPEAT_DROPPED = ("eval_energy_j", "meter_components")  # written by version 1, never read
+_V1_REPEAT_DROPPED = ("meter_components",)  # written by version 1, never read
+
+
+def layer_coverage_from_dict(data: Any, where: str) -> LayerCoverage | None:
+    """A record's ``layer_coverage`` (``{"kinds": {kind: {"layers", "flops_backward"}}, "flops_backward"}``)
+    as a :class:`~ssprop_energy.layer_coverage.LayerCoverage`; None stays None."""
+    if data is None:
+        return None
+    if isinstance(data, LayerCoverage):
+        return data
+    try:
+        kinds = {str(k): KindCoverage(int(v["layers"]), float(v["flops_backward"])) for k, v in data["kinds"].items()}
+        total = float(data["flops_backward"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise RecordError(f"{where}: malformed layer_coverage ({type(exc).__name__}: {exc})") from None
+    if not total >= 0.0 or any(not (c.layers >= 0 and c.flops_backward >= 0.0) for c in kinds.values()):
+        raise RecordError(f"{where}: layer_coverage holds a negative or missing count")
+    return LayerCoverage(kinds=kinds, flops_backward=total)
 
 
 def _arm_from_dict(name: str, data: Mapping[str, Any], where: str, version: int) -> ArmRecord:
@@ -619,10 +695,11 @@ def _arm_from_dict(name: str, data: Mapping[str, Any], where: str, version: int)
         interference = None
         if data.get("interference") is not None:
             interference = Interference(**data["interference"])
+        coverage = layer_coverage_from_dict(data.get("layer_coverage"), f"{where}: arms.{name}")
         kwargs = {k: v for k, v in data.items() if k in _ARM_FIELDS and k not in _ARM_NESTED}
         kwargs = {k: (float("nan") if v is None and k in _FLOAT_FIELDS else v) for k, v in kwargs.items()}
         record = ArmRecord(energy_components=comps, epochs=epochs, repeats=repeats, interference=interference,
-                           sample_energy_components=sample_comps, **kwargs)
+                           sample_energy_components=sample_comps, layer_coverage=coverage, **kwargs)
     except TypeError as exc:
         raise RecordError(f"{where}: arm {name!r} is malformed ({exc})") from None
     record.paired = _paired_from_dict(data.get("paired") or {}, f"{where}: arms.{name}.paired")
@@ -638,7 +715,7 @@ def _arm_from_dict(name: str, data: Mapping[str, Any], where: str, version: int)
 
 _ARM_FIELDS = {f.name for f in fields(ArmRecord)}
 _ARM_NESTED = {"energy_components", "epochs", "repeats", "paired", "epoch_intervals", "interference",
-               "sample_energy_components"}
+               "sample_energy_components", "layer_coverage"}
 _FLOAT_FIELDS = {f.name for f in fields(ArmRecord) if f.type in ("float", float)}
 
 

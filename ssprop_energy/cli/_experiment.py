@@ -6,12 +6,15 @@ import argparse
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from ssprop_energy.errors import ConfigError, RunInterrupted
 from ssprop_energy.experiment.config import INTERLEAVES, METERS, PRESETS, SELECTIONS, ExperimentConfig
 from ssprop_energy.fmt import fmt_change, fmt_change_pp, fmt_flops
-from ssprop_energy.tracking import add_tracking_arguments, loggers_from_args, parse_targets
+from ssprop_energy.tracking import add_tracking_arguments, parse_targets
+
+if TYPE_CHECKING:
+    from ssprop_energy.layer_coverage import LayerCoverage
 
 EXIT_INTERRUPTED = 130
 
@@ -40,7 +43,8 @@ def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> 
     p.add_argument("--image-size", type=int, help="input size in pixels (default: the dataset's)")
     p.add_argument("--selection", choices=SELECTIONS, help=f"channel selection (default {defaults.selection})")
     p.add_argument("--layers", type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
-                   help="layer kinds ssProp replaces: conv, linear or conv,linear (default conv, as the paper)")
+                   help="layer kinds ssProp replaces: conv, linear or conv,linear (default: the model's, listed by "
+                   "`ssprop-energy models`: conv for CNNs/ResNets, linear for mlp, conv,linear for vit)")
     p.add_argument("--warmup-epochs", type=int, help="dense warm-up epochs (default 0; public code: warmup)")
     p.add_argument("--schedule-by", choices=("epoch", "iteration"),
                    help="schedule granularity (default epoch; public code: by_epoch)")
@@ -87,8 +91,14 @@ def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> 
 
     add_ledger_flag(p)
     p.add_argument("--out", help="run directory (default runs/<timestamp>-<model>-<dataset>)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (all other flags are ignored)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run (its own settings; other flags are ignored but --log-to's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--nproc-per-node", type=int, metavar="P",
+                   help="train on P processes of this machine with DDP (one per GPU; gloo on the CPU), launched "
+                   "as torchrun would; --batch-size stays the global batch (each process takes 1/P of it). "
+                   "For several nodes run torchrun yourself: torchrun --nnodes N --node-rank R "
+                   "--rdzv-endpoint HOST:PORT --nproc-per-node P -m ssprop_energy compare ...")
     add_tracking_arguments(p)
 
 
@@ -169,11 +179,16 @@ class StopFlag:
             signal.signal(sig, old)
 
 
-def print_header(cfg: ExperimentConfig, run_dir: Path, resumed: bool) -> None:
-    """Every setting, defaults included, so that a log of the run says exactly what ran."""
+def print_header(cfg: ExperimentConfig, run_dir: Path, resumed: bool, layer_kinds: Sequence[str] = (),
+                 coverage: LayerCoverage | None = None) -> None:
+    """Every setting, defaults included, so that a log of the run says exactly what ran; then the layers
+    ssProp replaces and the share of the backward FLOPs they hold."""
     verb = "resuming" if resumed else "starting"
     print(f"ssprop-energy {cfg.kind}: {verb} run in {run_dir}")
     items = [f"{k}={v}" for k, v in cfg.to_dict().items() if k not in ("kind", "out")]
+    if layer_kinds:
+        shown = ",".join(layer_kinds) + (" (the model's default)" if cfg.layers is None else "")
+        items = [f"layers={shown}" if item.startswith("layers=") else item for item in items]
     line = ""
     for item in items:
         if len(line) + len(item) > 100:
@@ -182,13 +197,17 @@ def print_header(cfg: ExperimentConfig, run_dir: Path, resumed: bool) -> None:
         line += item + "  "
     if line:
         print("  " + line.rstrip())
+    if coverage is not None:
+        print(f"  ssProp layers: {coverage.describe()} (dense step)")
 
 
-def run_with_signals(body: Callable[[StopFlag], int], run_dir: Path) -> int:
+def run_with_signals(body: Callable[[StopFlag], int], run_dir: Path, main: bool = True) -> int:
     with StopFlag() as stop:
         try:
             return body(stop)
         except RunInterrupted:
+            if not main:
+                return EXIT_INTERRUPTED
             sys.stderr.write(
                 f"ssprop-energy: run interrupted; record saved as 'interrupted' in {run_dir}. "
                 f"Continue with --resume {run_dir}\n"
@@ -256,6 +275,30 @@ def generation_lines(summary: Any) -> list[str]:
     return lines
 
 
+def distributed_lines(summary: Any) -> list[str]:
+    """Energy per process and per node, and the communication share, for a distributed run."""
+    from ssprop_energy.report import distributed as D
+
+    if not D.is_distributed(summary):
+        return []
+    lines = []
+    for name in summary.arms:
+        rows = [r for r in D.energy_rows(summary) if r["arm"] == name]
+        lines.append(f"{name}: " + ", ".join(f"{r['scope']} {r['energy_j']:,.0f} J ({r['source']})" for r in rows))
+    comm = D.comm_text(summary)
+    return lines + ([comm] if comm else [])
+
+
+def coverage_warnings(summary: Any) -> list[str]:
+    """One line per distinct low layer coverage of the ssProp arms (every arm of a run shares its layers)."""
+    lines: dict[str, list[str]] = {}
+    for name, arm in summary.arms.items():
+        cov = arm.layer_coverage
+        if cov is not None and cov.warning:
+            lines.setdefault(cov.warning, []).append(name)
+    return [f"warning: {', '.join(names)}: {text}" for text, names in lines.items()]
+
+
 def print_results(summary: Any) -> None:
     """The short dense-vs-ssProp table: accuracy, time, backward FLOPs, energy and CO2 with their sources,
     then the single-run intervals, interference warnings and provenance notes."""
@@ -317,6 +360,10 @@ def print_results(summary: Any) -> None:
                   + (" (epoch by epoch, ABBA)" if summary.interleave == "epoch" else " (one arm-run after another)"))
     for line in interference_warnings(summary):
         console.print(f"[yellow]{escape(line)}[/]")
+    for line in distributed_lines(summary):
+        console.print(escape(line))
+    for line in coverage_warnings(summary):
+        console.print(f"[yellow]{escape(line)}[/]")
     sources = {c.source for a in summary.arms.values() for c in a.energy_components}
     if "fake" in sources:
         console.print("[yellow]note: energy is SYNTHETIC (--meter fake): no hardware was read; "
@@ -342,53 +389,102 @@ def _write_report(run_dir: Path) -> Path | None:
 
 def execute(args: argparse.Namespace, kind: str, **lists: Any) -> int:
     """Run a compare or sweep from parsed flags (or resume one) and print the result table."""
-    from ssprop_energy.cli.progress import RichProgress
-    from ssprop_energy.experiment.runner import (
-        Experiment, ExperimentHooks, default_run_dir, load_run_config, prepare_run_dir,
-    )
+    from ssprop_energy.distributed import context as distributed
 
+    if getattr(args, "nproc_per_node", None) is not None:
+        if distributed.from_env() is not None:
+            raise ConfigError("--nproc-per-node: this process is already a worker of torchrun; drop the flag "
+                              "(torchrun's own --nproc-per-node sets the processes)")
+        from ssprop_energy.distributed.launch import launch, strip_flag
+
+        return launch(strip_flag(args.raw_argv, "--nproc-per-node"), args.nproc_per_node)
+    ctx = distributed.init()  # under torchrun: join the group now (resume reads rank 0's run directory)
+    try:
+        return _execute(args, kind, ctx, lists)
+    finally:
+        distributed.shutdown()
+
+
+def _resume_config(run_dir: Path, world_size: int) -> dict[str, Any]:
+    """The stored configuration of a run to resume, refusing a different number of processes (a run's
+    batches are split over its processes: another split would not continue the same computation)."""
+    from ssprop_energy.experiment.runner import load_run_config
+    from ssprop_energy.records import SUMMARY_FILE, read_json
+
+    cfg = load_run_config(run_dir)
+    started = int(read_json(run_dir / SUMMARY_FILE).get("world_size", 1))
+    if started != world_size:
+        raise ConfigError(f"--resume {run_dir}: the run was started with {started} process(es), this launch has "
+                          f"{world_size}; relaunch with the same number of processes")
+    return cfg.to_dict()
+
+
+def _execute(args: argparse.Namespace, kind: str, ctx: Any, lists: dict[str, Any]) -> int:
+    from ssprop_energy.cli.progress import RichProgress
+    from ssprop_energy.distributed.context import decide_on_main
+    from ssprop_energy.experiment.runner import Experiment, ExperimentHooks, default_run_dir, prepare_run_dir
+    from ssprop_energy.tracking import loggers_from_args
+
+    main = ctx.is_main
+    parse_targets(getattr(args, "log_to", None))  # an unknown --log-to target fails before anything runs
     if args.resume:
         run_dir = Path(args.resume)
-        cfg = load_run_config(run_dir)
+        cfg = ExperimentConfig.from_dict(
+            decide_on_main(ctx, lambda: _resume_config(run_dir, ctx.world_size)))
     else:
         cfg = config_from_args(args, kind, **lists)
-        run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+        run_dir = Path(ctx.broadcast(str(Path(cfg.out) if cfg.out else default_run_dir(cfg))))
         cfg.out = str(run_dir)
 
-    parse_targets(getattr(args, "log_to", ""))  # a bad --log-to fails before anything is written
-
     def body(stop: StopFlag) -> int:
-        loggers: list[Any] = []
+        loggers: list[Any] = []  # rank 0 only (empty elsewhere)
 
         def callbacks(arm: Any, seed: int, repeat: int) -> list[Any]:
-            out = [lg.callback(arm.name, seed, repeat) for lg in loggers]
-            if not args.quiet:
-                tag = f"{arm.name} s{seed}" + (f" r{repeat}" if cfg.repeats > 1 else "")
-                out.append(RichProgress(tag, cfg.epochs))
-            return out
+            found: list[Any] = [] if args.quiet or not main else [
+                RichProgress(f"{arm.name} s{seed}" + (f" r{repeat}" if cfg.repeats > 1 else ""), cfg.epochs)]
+            return found + [logger.callback(arm.name, seed, repeat) for logger in loggers]
 
         hooks = ExperimentHooks(callbacks=callbacks, stop_requested=stop, command=sys.argv)
         experiment = Experiment(cfg, run_dir, hooks)
-        if not args.resume:
-            prepare_run_dir(run_dir)
-        print_header(cfg, run_dir, resumed=bool(args.resume))
-        loggers += loggers_from_args(args, run_dir, experiment.carbon.intensity_g_per_kwh, cfg.pue)
+        if not main:  # only global rank 0 prints and writes
+            if not args.resume:
+                decide_on_main(ctx, lambda: prepare_run_dir(run_dir))
+            experiment.run()
+            return 0
+        # Opened before the run directory is made, so a missing package or a bad MLflow URI writes nothing.
+        loggers += loggers_from_args(args, run_dir, carbon_g_per_kwh=experiment.carbon.intensity_g_per_kwh,
+                                     pue=experiment.carbon.pue)
+        status = "failed"
         try:
-            for lg in loggers:
-                lg.log_config(cfg.to_dict())
+            if not args.resume:
+                decide_on_main(ctx, lambda: prepare_run_dir(run_dir))
+            for logger in loggers:
+                logger.log_config({**cfg.to_dict(), "layer_kinds": list(experiment.layer_kinds)})
+            print_header(cfg, run_dir, resumed=bool(args.resume), layer_kinds=experiment.layer_kinds,
+                         coverage=experiment.layer_coverage)
+            if ctx.distributed:
+                print(f"  distributed: {ctx.world_size} process(es) on {ctx.nodes} node(s), backend {ctx.backend}; "
+                      f"global batch {cfg.batch_size} = {cfg.batch_size // ctx.world_size} per process")
             try:
                 summary = experiment.run()  # opens and closes the run's audit-ledger row itself
             except RunInterrupted:
+                status = "interrupted"
                 _write_report(run_dir)
+                for logger in loggers:
+                    logger.on_run_end(run_dir)
                 raise
             print_results(summary)
             report = _write_report(run_dir)
-            for lg in loggers:
-                lg.on_run_end(run_dir)
+            for logger in loggers:  # after summary.json and report.html exist: they are the artifacts
+                logger.on_run_end(run_dir)
+            status = "complete"
+            print(f"run record: {run_dir}" + (f"\nreport: {report}" if report else ""))
+            for logger in loggers:
+                if logger.name == "tensorboard":
+                    print(f"tensorboard: tensorboard --logdir {logger.log_dir}")
+            return 0
         finally:
-            for lg in loggers:
-                lg.close()
-        print(f"run record: {run_dir}" + (f"\nreport: {report}" if report else ""))
-        return 0
+            for logger in loggers:
+                logger.close(status)
 
-    return run_with_signals(body, run_dir)
+    return run_with_signals(body, run_dir, main)

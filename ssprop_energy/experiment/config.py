@@ -70,7 +70,9 @@ class ExperimentConfig:
     schedules: list[str] = field(default_factory=lambda: ["bar"])
     dropouts: list[float] = field(default_factory=lambda: [0.0])
     selection: str = "topk"
-    layers: list[str] = field(default_factory=lambda: ["conv"])
+    # None: the model's default layer kinds (models.resolve_layers: conv for CNNs/ResNets, linear for mlp,
+    # conv+linear for vit and external models holding both); a list overrides it (--layers).
+    layers: list[str] | None = None
     warmup_epochs: int = 0
     schedule_by: str = "epoch"
     period: int = 10
@@ -125,11 +127,12 @@ class ExperimentConfig:
                 raise bad("dropouts", f"dropout must be in [0, 1), got {p!r}")
         if self.selection not in SELECTIONS:
             raise bad("selection", f"unknown selection {self.selection!r}; choose from {', '.join(SELECTIONS)}")
-        for kind in self.layers:
-            if kind not in LAYER_KINDS:
-                raise bad("layers", f"unknown layer kind {kind!r}; choose from {', '.join(LAYER_KINDS)}")
-        if not self.layers:
-            raise bad("layers", "at least one layer kind to sparsify is needed")
+        if self.layers is not None:
+            if not isinstance(self.layers, (list, tuple)) or not self.layers:
+                raise bad("layers", "at least one layer kind to sparsify is needed (or null: the model's default)")
+            for kind in self.layers:
+                if kind not in LAYER_KINDS:
+                    raise bad("layers", f"unknown layer kind {kind!r}; choose from {', '.join(LAYER_KINDS)}")
         if self.schedule_by not in BY:
             raise bad("schedule_by", f"unknown schedule granularity {self.schedule_by!r}; choose from {', '.join(BY)}")
         if self.schedule_interleave not in (None, True, False):
@@ -227,11 +230,12 @@ class ExperimentConfig:
         # (make_optimizer's Adam), no weight decay, no LR schedule, batch 128, the headline schedule (keep 0.2,
         # constant, interleaved, by epoch), full precision, no dropout. No augmentation, the 80/20 train/val split
         # of datasets with an official test set, and test accuracy at the best validation epoch are how every
-        # run here works already. Model, data, lr, epochs and seed stay the user's.
+        # run here works already. Model, data, lr, epochs and seed stay the user's. Layers: the model's default
+        # (the paper sparsifies the convolutions of its CNNs/ResNets; its Linear variant is for its MLP).
         values: dict[str, Any] = {
             "optimizer": "adam", "weight_decay": 0.0, "lr_schedule": "none", "batch_size": 128,
             "schedules": ["bar"], "drop_rates": [0.8], "start_drop_rate": 0.0, "schedule_interleave": None,
-            "warmup_epochs": 0, "schedule_by": "epoch", "selection": "topk", "layers": ["conv"],
+            "warmup_epochs": 0, "schedule_by": "epoch", "selection": "topk", "layers": None,
             "amp": False, "dropouts": [0.0],
         }
         for key, value in values.items():

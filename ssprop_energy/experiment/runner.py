@@ -17,6 +17,9 @@ classifiers) makes a generation run: the data default to 32x32 (the paper's size
 the resize), and the quality figure's feature extractor is built once before any arm starts (a classifier
 trained on first use and cached), in a meter window of its own that the ledger charges and no arm pays.
 
+Under ``torchrun`` (or ``--nproc-per-node``) every rank constructs and runs the same experiment; only global
+rank 0 touches the run directory and the ledger, and every rank returns rank 0's summary.
+
 Run directory (see ``records.py``): ``config.json``, ``summary.json`` (status ``running`` until the end),
 ``runs/<arm>__s<seed>__r<repeat>.json`` (one finished arm-run each, so ``--resume`` skips them),
 ``checkpoints/`` (arm-runs in progress), and at the end ``epochs.csv``, ``power_trace.csv``, ``layers.csv``.
@@ -30,7 +33,7 @@ import platform
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -39,6 +42,8 @@ import torch
 
 from ssprop_energy import __version__
 from ssprop_energy.data import load_dataset
+from ssprop_energy.distributed import context as distributed
+from ssprop_energy.distributed.sharding import validate_sharding
 from ssprop_energy.energy import open_meter, resolve_meter
 from ssprop_energy.energy.carbon import resolve_intensity
 from ssprop_energy.errors import ConfigError, RecordError, RunInterrupted
@@ -76,7 +81,9 @@ def _default_monitor(device: torch.device) -> Any:
     from ssprop_energy.energy.interference import InterferenceMonitor
 
     gpu_index = (device.index or 0) if device.type == "cuda" else None
-    return InterferenceMonitor(sample_period_s=0.25, gpu_index=gpu_index)
+    # under a launcher, "this run" is the launcher's whole process tree (every local rank), not rank 0 alone
+    root_pid = os.getppid() if distributed.current().distributed else None
+    return InterferenceMonitor(sample_period_s=0.25, gpu_index=gpu_index, root_pid=root_pid)
 
 
 @dataclass
@@ -165,25 +172,33 @@ class Experiment:
         self.cfg = cfg
         self.run_dir = run_dir
         self.hooks = hooks or ExperimentHooks()
+        self.dist = distributed.init()
         self.device = resolve_device(cfg.device)
+        if self.dist.distributed and self.device.type == "cuda":
+            distributed.check_cuda(self.dist)
+            self.device = torch.device("cuda", self.dist.local_rank)
         intensity = resolve_intensity(country=cfg.country, override_g_per_kwh=cfg.carbon_intensity)
         self.carbon = CarbonBlock(
             intensity_g_per_kwh=intensity.g_per_kwh, source=intensity.source, region=intensity.region, pue=cfg.pue,
             pue_source="--pue" if cfg.pue != 1.0 else "default 1.0 (no data-centre overhead)",
         )
         self.task = task_of(cfg.model)
+        if self.task == "generation" and self.dist.world_size > 1:
+            # each rank would sample and score its own copy: not wired yet, refused rather than half right
+            raise ConfigError(f"the generation model {cfg.model!r} runs on one process only (no DDP yet)")
         self.generation = self._generation_config() if self.task == "generation" else None
         # The split is fixed (seed 0) whatever the training seeds: every seed is tested on the same images.
         image_size = cfg.image_size
         if image_size is None and self.task == "generation":
             image_size = GENERATION_DEFAULTS["image_size"]
         self.data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, image_size=image_size, seed=0)
+        validate_sharding(len(self.data.train), cfg.batch_size, self.dist.world_size)
         # The meter's fallback chain runs once, here (an unavailable --meter is a user error found now);
         # every meter of the run opens exactly these sources.
         self.meter_choice = resolve_meter(cfg.meter, sample_period_s=cfg.sample_period_s)
         self.executor = Executor(
             cfg, self.data, self.device, self.meter_choice, None, run_dir / "checkpoints",
-            self.hooks.callbacks, self.hooks.stop_requested, generation=self.generation,
+            self.hooks.callbacks, self.hooks.stop_requested, dist=self.dist, generation=self.generation,
         )
         self.generation_info: dict[str, Any] | None = None
         if self.generation is not None and self.generation.inception_weights:
@@ -195,10 +210,16 @@ class Experiment:
         for arm in cfg.arms():
             if arm.sparse:
                 self.executor.schedule(arm)
-        self.executor.build_model(next(a for a in cfg.arms() if a.sparse), cfg.seeds[0])
+        probe = self.executor.build_model(next(a for a in cfg.arms() if a.sparse), cfg.seeds[0])
+        self.layer_kinds: tuple[str, ...] = self.executor.layer_kinds(probe)
+        # What ssProp can reach, known before training: the run header shows it, a low share is warned about.
+        self.layer_coverage = self.executor.coverage(probe)
+        if self.layer_coverage.warning:
+            log.warning("%s: %s", cfg.model, self.layer_coverage.warning)
         self.groups: list[Group] = plan_groups(cfg)
         self.created_at = now_iso()
         self.environment: dict[str, Any] = {}
+        self.rank_infos: list[dict[str, Any]] = []
         self.idle_power_w: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------------ running
@@ -256,7 +277,8 @@ class Experiment:
         """Run (or resume) every arm-run; returns the final summary, also written to the run directory.
 
         Raises:
-            RunInterrupted: the stop flag was raised; the summary is saved with status ``interrupted``.
+            RunInterrupted: the stop flag was raised (on any rank), or another rank of a distributed run
+                failed; the summary is saved with status ``interrupted``.
         """
         threads = torch.get_num_threads()
         if self.cfg.threads is not None:
@@ -269,17 +291,21 @@ class Experiment:
             torch.set_num_threads(threads)
 
     def _run(self) -> RunSummary:
-        ledger = LedgerHook(self, self.hooks.command or sys.argv) if self.hooks.ledger else None
-        (self.run_dir / "runs").mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.run_dir / CONFIG_FILE, self.cfg.to_dict())
+        main = self.dist.is_main
+        self.rank_infos = self.dist.all_gather(self.executor.rank_info())
+        ledger = LedgerHook(self, self.hooks.command or sys.argv) if self.hooks.ledger and main else None
+        if main:
+            (self.run_dir / "runs").mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.run_dir / CONFIG_FILE, self.cfg.to_dict())
         self.environment = self._environment()
-        self._write_summary("running")
-        monitor = self.hooks.monitor(self.device) if self.hooks.monitor is not None else None
+        if main:
+            self._write_summary("running")
+        monitor = self.hooks.monitor(self.device) if self.hooks.monitor is not None and main else None
         self.executor.monitor = monitor
         try:
             if monitor is not None:
                 monitor.start()
-            if self.cfg.idle_s > 0:
+            if self.cfg.idle_s > 0 and main:
                 meter = open_meter(choice=self.meter_choice, sample_period_s=self.cfg.sample_period_s)
                 try:
                     self.idle_power_w = dict(meter.measure_idle(self.cfg.idle_s))
@@ -287,38 +313,60 @@ class Experiment:
                     meter.close()
             if self.generation is not None:
                 self._build_extractor()
-                self._write_summary("running")
+                if main:
+                    self._write_summary("running")
             for group in self.groups:
-                pending = [key for key in group.runs if not self._result_path(key).exists()]
+                pending = [key for key in group.runs if not self._result_path(key).exists()] if main else []
+                names = set(self.dist.broadcast([key.name for key in pending]))  # rank 0 has the run directory
+                pending = [key for key in group.runs if key.name in names]
                 if pending:
                     self.executor.run_group(group, pending, self._save_run)
-            summary = self._finalise()
+            self.executor.gather_metered()
+            summary = self._finalise() if main else None
         except RunInterrupted:
-            self._write_summary("interrupted", self._arms(complete=False))
-            if ledger is not None:
-                ledger.close("interrupted")
+            self.executor.gather_metered()  # every rank stopped at the same batch (the flag is agreed)
+            if main:
+                self._write_summary("interrupted", self._arms(complete=False))
+                if ledger is not None:
+                    ledger.close("interrupted")
             raise
         except BaseException as exc:
+            if self.dist.distributed and isinstance(exc, Exception) and distributed.is_peer_failure(exc):
+                # another rank died: what is saved stays resumable, and this rank stops like the others
+                reason = f"another process of the distributed run failed ({type(exc).__name__}: {exc})"
+                if main:
+                    self._write_summary("interrupted", self._arms(complete=False), failure_reason=reason)
+                    if ledger is not None:
+                        ledger.close("interrupted", note=reason)
+                raise RunInterrupted(reason) from None
             reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, KeyboardInterrupt) else "KeyboardInterrupt"
-            self._write_summary("failed", self._arms(complete=False), failure_reason=reason)
-            if ledger is not None:
-                ledger.close("failed", note=reason)
+            if main:
+                self._write_summary("failed", self._arms(complete=False), failure_reason=reason)
+                if ledger is not None:
+                    ledger.close("failed", note=reason)
             raise
         finally:
             if monitor is not None:
                 monitor.stop()
         if ledger is not None:
             ledger.close("complete")
-        try:
-            (self.run_dir / "checkpoints").rmdir()  # empty once every arm-run finished
-        except OSError:
-            pass
-        return summary
+        if main:
+            try:
+                (self.run_dir / "checkpoints").rmdir()  # empty once every arm-run finished
+            except OSError:
+                pass
+        return self.dist.broadcast(summary) if self.dist.distributed else summary
 
     def spent_components(self) -> list[EnergyComponent]:
         """Energy every meter of this process measured (training, evaluation and the gaps between windows,
-        interrupted groups included): what the audit ledger charges to this invocation."""
-        return add_components(*self.executor.metered)
+        interrupted groups included): what the audit ledger charges to this invocation. In a distributed run
+        every rank's and node's components, named ``<component>@rank<r>`` / ``<component>@node<n>`` (the
+        ledger keys a row's components by name)."""
+        spent = add_components(*self.executor.metered)
+        if not self.dist.distributed:
+            return spent
+        return [replace(c, component=f"{c.component}@" + (f"rank{c.rank}" if c.rank is not None else f"node{c.node}"),
+                        rank=None, node=None) for c in spent]
 
     def _result_path(self, key: ArmRunKey) -> Path:
         return self.run_dir / "runs" / f"{key.name}.json"
@@ -339,6 +387,9 @@ class Experiment:
             "meter": {"kind": self.meter_choice.kind, "sources": list(self.meter_choice.sources),
                       "unavailable": dict(self.meter_choice.unavailable)},
             "dataset": getattr(self.data, "info", {}),
+            **({"distributed": {"world_size": self.dist.world_size, "nodes": self.dist.nodes,
+                                "backend": self.dist.backend, "ranks": self.rank_infos}}
+               if self.dist.distributed else {}),
         }
 
     # ------------------------------------------------------------------------------------------ summary
@@ -373,7 +424,8 @@ class Experiment:
             kind=self.cfg.kind, status=status, created_at=self.created_at, config=self.cfg.to_dict(),
             environment=self.environment, carbon=self.carbon, arms=arms or {}, paired=paired or {},
             interleave=self.cfg.interleave, failure_reason=failure_reason,
-            finished_at=None if status == "running" else now_iso(), task=self.task,
+            finished_at=None if status == "running" else now_iso(), layer_kinds=list(self.layer_kinds),
+            world_size=self.dist.world_size, nodes=self.dist.nodes, task=self.task,
             generation=self.generation_info,
         )
         write_summary(self.run_dir, summary)

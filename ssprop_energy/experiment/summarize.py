@@ -79,6 +79,7 @@ def arm_record(arm: ArmSpec, runs: Sequence[ArmRun], carbon: CarbonBlock,
             for k, v in w.items():
                 p[k] = p.get(k, 0.0) + float(v) / n
     noise = {k: sum(r.noise_accuracy[k] for r in runs) / n for k in runs[0].noise_accuracy}
+    shares = [r.comm_share for r in runs if r.comm_share is not None]
     # training energy outside the nested step windows (callbacks, schedule stepping, loop overhead)
     nested_j = sum(phases.get(p, {}).get("energy_j", 0.0) for p in STEP_PHASES)
     unattributed_j = max(0.0, phases["train"]["energy_j"] - nested_j) if "train" in phases else 0.0
@@ -91,12 +92,18 @@ def arm_record(arm: ArmSpec, runs: Sequence[ArmRun], carbon: CarbonBlock,
         test_loss=mean("test_loss"), best_val_accuracy=mean("best_val_accuracy"),
         best_epoch=int(round(mean("best_epoch"))), dropout=arm.dropout, noise_accuracy=noise, phases=phases,
         unattributed_energy_j=unattributed_j, idle_power_w=dict(idle_power_w or {}),
+        world_size=runs[0].world_size, nodes=runs[0].nodes,
+        comm_share=sum(shares) / len(shares) if shares else None,
         repeats=[RepeatFigures(seed=r.seed, repeat=r.repeat, test_accuracy=r.test_accuracy, wall_s=r.wall_s,
                                energy_j=r.energy_j, co2_g=_co2(r.energy_j, carbon), flops_forward=r.flops_forward,
                                flops_backward=r.flops_backward, flops_backward_conv=r.flops_backward_conv,
+                               energy_source=r.energy_source,
+                               eval_energy_j=float(r.phases.get("eval", {}).get("energy_j", 0.0)),
                                fid=r.fid, fid_classifier=r.fid_classifier, sample_wall_s=r.sample_wall_s,
                                sample_energy_j=r.sample_energy_j)
                  for r in runs],
+        # the same layers are sparsified in every run of an arm (one architecture, one --layers)
+        layer_coverage=runs[0].layer_coverage,
         **_generation_fields(runs),
     )
 

@@ -18,6 +18,7 @@ import pandas as pd
 
 from ssprop_energy import __version__
 from ssprop_energy.records import CONFIG_FILE, EPOCHS_FILE, LAYERS_FILE, SUMMARY_FILE, TRACE_FILE
+from ssprop_energy.report import distributed as D
 from ssprop_energy.report import text as T
 from ssprop_energy.report.figures import FigureData, run_figures
 from ssprop_energy.report.load import Run, arm_table, repeat_count
@@ -293,7 +294,8 @@ def _arm_summary_table(run: Run) -> str:
     if not run.arms:
         return '<p class="note">No arm recorded.</p>'
     df = arm_table(run).set_index("arm")
-    pct = {"test_accuracy", "best_val_accuracy", *[c for c in df.columns if c.startswith("noise_accuracy_")]}
+    pct = {"test_accuracy", "best_val_accuracy", "sparsified_backward_share",
+           *[c for c in df.columns if c.startswith("noise_accuracy_")]}
     fmt = _fmt_float(4)
     cells = {col: [(_pct_fmt(v) if col in pct else fmt(v)) for v in df[col]] for col in df.columns}
     wide = pd.DataFrame(cells, index=list(df.index)).T
@@ -339,7 +341,7 @@ def _layer_table(run: Run) -> str:
     pct = [c for c in out.columns if str(c).startswith("backward saved")]
     return (f'<p class="sub">FLOPs as recorded in {LAYERS_FILE}: the harness records one training step per sample '
             "at the arm's nominal drop rate, so &ldquo;backward saved&rdquo; is the saving of a sparse step, not of the "
-            "whole schedule. Conv layers are the ones ssProp sparsifies.</p>"
+            "whole schedule. Layers of type SSPropConv2d / SSPropLinear are the ones ssProp replaced.</p>"
             + _table(out, pct=pct, scroll=len(out) > 14))
 
 
@@ -368,12 +370,24 @@ def _phase_table(run: Run) -> str:
             + _table(pd.DataFrame(rows), pct=["share"], scroll=len(rows) > 14))
 
 
+def _distributed_section(run: Run) -> str:
+    """Energy per rank and per node, and the communication share (distributed runs only)."""
+    if not D.is_distributed(run.summary):
+        return ""
+    table = _table(pd.DataFrame(D.energy_rows(run.summary)), pct=["share"])
+    comm = D.comm_text(run.summary)
+    return (f'<h3>Per process and per node</h3><p class="sub">{_e(D.header_text(run.summary))}</p>{table}'
+            + (f'<p class="sub" data-metric="comm_share">{_e(comm)}</p>' if comm else ""))
+
+
 def _components_table(run: Run) -> str:
     rows = []
+    dist = D.is_distributed(run.summary)
     for name, arm in run.arms.items():
         for c in arm.energy_components:
             agree = (c.sampled_energy_j / c.energy_j - 1.0) if c.sampled_energy_j is not None and c.energy_j > 0 else math.nan
-            rows.append({"arm": name, "component": c.component, "device": c.device or "unnamed", "source": c.source,
+            labels = {"rank": "" if c.rank is None else c.rank, "node": "" if c.node is None else c.node} if dist else {}
+            rows.append({"arm": name, "component": c.component, **labels, "device": c.device or "unnamed", "source": c.source,
                          "energy_j": c.energy_j, "sampled_energy_j": c.sampled_energy_j if c.sampled_energy_j is not None else math.nan,
                          "sampled vs counter": agree, "idle_power_w": arm.idle_power_w.get(c.component, math.nan)})
     if not rows:
@@ -486,6 +500,16 @@ def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+def _coverage(run: Run) -> str:
+    """The layers ssProp replaced and their share of the backward FLOPs, with the share as a data attribute."""
+    text = T.layer_coverage_text(run)
+    if text is None:
+        return ""
+    shares = {a.layer_coverage.share for a in run.arms.values() if a.layer_coverage is not None}
+    attr = f' data-coverage-share="{_attr_num(shares.pop())}"' if len(shares) == 1 else ""
+    return f'<p class="sub" data-coverage{attr}>{_e(text)}</p>'
+
+
 def _run_article(run: Run, idx: int, multi: bool) -> str:
     comps = comparisons(run)
     s = run.summary
@@ -504,6 +528,9 @@ def _run_article(run: Run, idx: int, multi: bool) -> str:
     warn = T.estimate_warning(run)
     if warn:
         banners.append(f'<div class="banner" data-warning="estimated">{_e(warn)}</div>')
+    low = T.layer_coverage_warning(run)
+    if low:
+        banners.append(f'<div class="banner" data-warning="coverage">{_e(low)}</div>')
     reps = max((repeat_count(a) for a in run.arms.values()), default=1)
     seeds = len(s.config.get("seeds") or [0])
     runs_per_arm = f"{reps} run{'s' if reps != 1 else ''} per arm" + (f" ({seeds} seeds)" if seeds > 1 else "")
@@ -525,7 +552,7 @@ def _run_article(run: Run, idx: int, multi: bool) -> str:
         *banners,
         f'<nav class="toc">{toc}</nav>',
         f'<section id="{sec("headline")}"><{h}>Headline</{h}>{_headline(run, comps)}',
-        f'<p class="sub">{_e(T.provenance_line(run))}</p></section>',
+        f'<p class="sub">{_e(T.provenance_line(run))}</p>{_coverage(run)}</section>',
     ]
     if run.is_generation:
         body.append(f'<section id="{sec("samples")}" data-section="samples"><{h}>Samples and quality</{h}>'
@@ -538,7 +565,7 @@ def _run_article(run: Run, idx: int, multi: bool) -> str:
         f"<h3>Per arm</h3>{_arm_summary_table(run)}",
         f"<h3>Per epoch</h3>{_epoch_table(run)}",
         f"<h3>Per layer FLOPs</h3>{_layer_table(run)}",
-        f"<h3>Per phase energy</h3>{_phase_table(run)}</section>",
+        f"<h3>Per phase energy</h3>{_phase_table(run)}{_distributed_section(run)}</section>",
         f'<section id="{sec("provenance")}"><{h}>Provenance</{h}>{_provenance(run)}</section>',
         f'<section id="{sec("statement")}"><{h}>Carbon statement</{h}>',
         '<p class="sub">A paragraph to paste into a paper\'s compute and carbon statement.</p>',

@@ -290,8 +290,9 @@ def read_samples(path: Path, arms: Mapping[str, ArmRecord], missing: list[str]) 
     return out
 
 
-def load_runs(run_dirs: Sequence[str | Path]) -> list[Run]:
-    """Load several run directories, in the order given."""
+def load_run_dirs(run_dirs: Sequence[str | Path]) -> list[Run]:
+    """Load several run directories for the report, in the order given (``ssprop_energy.load_runs`` is the
+    DataFrame loader for users)."""
     if not run_dirs:
         raise RecordError("no run directory given")
     return [load_run(d) for d in run_dirs]
@@ -325,6 +326,9 @@ def arm_table(run: Run) -> pd.DataFrame:
             "repeats": repeat_count(arm),
             "epochs": len(arm.epochs),
             "status": arm.status,
+            # the layers ssProp replaced and their share of a dense step's backward FLOPs (NaN: not recorded)
+            "sparsified_layers": arm.layer_coverage.layers if arm.layer_coverage is not None else math.nan,
+            "sparsified_backward_share": arm.layer_coverage.share if arm.layer_coverage is not None else math.nan,
         }
         for level, acc in sorted(arm.noise_accuracy.items()):
             row[f"noise_accuracy_{level}"] = acc

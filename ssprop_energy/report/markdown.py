@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+from ssprop_energy.report import distributed as D
 from ssprop_energy.report import text as T
 from ssprop_energy.report.load import Run, repeat_count
 from ssprop_energy.report.savings import ArmComparison, Saving, comparisons, estimated_fraction, pareto_front
@@ -149,11 +150,27 @@ def _samples(run: Run) -> str:
 
 
 def _components(run: Run) -> str:
+    if D.is_distributed(run.summary):
+        rows = [[name, c.component, "" if c.rank is None else c.rank, "" if c.node is None else c.node,
+                 c.device or "unnamed", c.source, T.fmt_energy(c.energy_j)]
+                for name, a in run.arms.items() for c in a.energy_components]
+        return md_table(["arm", "component", "rank", "node", "device", "source", "energy"], rows)
     rows = [[name, c.component, c.device or "unnamed", c.source, T.fmt_energy(c.energy_j)]
             for name, a in run.arms.items() for c in a.energy_components]
     if not rows:
         return "No energy components recorded."
     return md_table(["arm", "component", "device", "source", "energy"], rows)
+
+
+def _distributed(run: Run) -> list[str]:
+    """The per-rank / per-node energy table and the communication share (distributed runs only)."""
+    if not D.is_distributed(run.summary):
+        return []
+    rows = [[r["arm"], r["scope"], r["host"], T.fmt_energy(r["energy_j"]), r["source"], T.fmt_pct(r["share"])]
+            for r in D.energy_rows(run.summary)]
+    parts = [D.header_text(run.summary), md_table(["arm", "scope", "host", "energy", "source", "share of arm"], rows)]
+    comm = D.comm_text(run.summary)
+    return parts + ([comm] if comm else [])
 
 
 def _phases(run: Run) -> str:
@@ -187,7 +204,13 @@ def _run_md(run: Run, multi: bool) -> str:
     warn = T.estimate_warning(run)
     if warn:
         parts.append(f"> **Warning:** {warn}")
+    low = T.layer_coverage_warning(run)
+    if low:
+        parts.append(f"> **Warning:** {low}")
     parts += [f"{h2} Headline", *_headline(run, comps), T.provenance_line(run)]
+    coverage = T.layer_coverage_text(run)
+    if coverage:
+        parts.append(coverage)
     for c in comps:
         arm = run.arms.get(c.arm)
         lines = [T.epoch_interval_text(arm, m) for m in ("wall_s", "energy_j")] if arm is not None else []
@@ -201,6 +224,7 @@ def _run_md(run: Run, multi: bool) -> str:
     parts += [
         f"{h2} Per arm", _arms(run),
         f"{h2} Per phase energy", _phases(run),
+        *([f"{h2} Per process and per node"] + _distributed(run) if D.is_distributed(run.summary) else []),
         f"{h2} Provenance", _components(run),
         f"{T.intensity_text(run)}; "
         f"estimated share of energy {T.fmt_pct(estimated_fraction(run.arms))}.",

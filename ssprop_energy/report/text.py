@@ -173,6 +173,38 @@ def synthetic_warning(run: Run) -> str | None:
     return None
 
 
+def _coverages(run: Run) -> dict[str, Any]:
+    """Arm name -> its ``LayerCoverage``, for the ssProp arms whose record holds one."""
+    return {name: a.layer_coverage for name, a in run.arms.items() if a.layer_coverage is not None}
+
+
+def layer_coverage_text(run: Run) -> str | None:
+    """Which layers ssProp replaced, how many of each kind, and the share of a dense step's backward FLOPs they
+    hold (``records.ArmRecord.layer_coverage``); None for records that predate it."""
+    covs = _coverages(run)
+    if not covs:
+        return None
+    kinds = "+".join(run.summary.layer_kinds)
+    default = "layers" in run.summary.config and run.summary.config["layers"] is None
+    origin = ", the model's default" if default else ""
+    head = f"ssProp layers ({kinds}{origin})" if kinds else "ssProp layers"
+    described = {c.describe() for c in covs.values()}
+    if len(described) == 1:
+        return f"{head}: {described.pop()} (a dense step, counted)."
+    return f"{head}: " + "; ".join(f"{name}: {c.describe()}" for name, c in covs.items()) + " (a dense step, counted)."
+
+
+def layer_coverage_warning(run: Run) -> str | None:
+    """The low-coverage warning (sparsified layers under ``layer_coverage.LOW_SHARE`` of the backward FLOPs)."""
+    found: dict[str, list[str]] = {}
+    for name, cov in _coverages(run).items():
+        if cov.warning:
+            found.setdefault(cov.warning, []).append(name)
+    if not found:
+        return None
+    return " ".join(f"{', '.join(names)}: {text}." for text, names in found.items())
+
+
 def affected_epochs(run: Run, arm_names: list[str]) -> list[str]:
     """``arm s0r0e3`` labels of the epochs where foreign CPU load was material, over the given arms."""
     out = []

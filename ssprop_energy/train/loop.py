@@ -107,6 +107,9 @@ class Trainer:
         stop_requested: polled after each batch; when true, the run stops with :class:`RunInterrupted`.
         task: the loss and metrics (classification by default).
         scope: prefix of this run's meter windows (the arm-run's name), so several arms can share a meter.
+        shard: ``(rank, world_size)``: serve this rank's part of every global batch of ``config.batch_size``.
+        reduce_sums: in a distributed run, the sum over ranks of a float64 tensor (the epoch's training
+            loss sum, metric sum and sample count), so every rank reports the whole batch's figures.
     """
 
     def __init__(
@@ -123,6 +126,8 @@ class Trainer:
         stop_requested: Callable[[], bool] = lambda: False,
         task: Task | None = None,
         scope: str = "run",
+        reduce_sums: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         from ssprop_energy.data import BatchLoader
 
@@ -138,10 +143,12 @@ class Trainer:
         self.stop_requested = stop_requested
         self.task: Task = task or ClassificationTask(self._autocast)
         self.scope = scope
+        self.reduce_sums = reduce_sums
         self.optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay)
         self.lr_schedule = make_lr_schedule(config.lr_schedule, self.optimizer, config.epochs)
         self.train_loader = BatchLoader(
-            data.train, config.batch_size, shuffle=True, seed=config.seed, mean=data.mean, std=data.std, device=device
+            data.train, config.batch_size, shuffle=True, seed=config.seed, mean=data.mean, std=data.std, device=device,
+            rank=shard[0], world_size=shard[1],
         )
         self.sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self.drop_rate = 0.0
@@ -237,6 +244,10 @@ class Trainer:
             batch_idx += 1
             if self.stop_requested():
                 raise RunInterrupted(f"stopped during epoch {epoch + 1}")
+        if self.reduce_sums is not None:
+            sums = self.reduce_sums(torch.stack([loss_sum, metric_sum, loss_sum.new_tensor(float(n)),
+                                                 loss_sum.new_tensor(drop_sum)]))
+            loss_sum, metric_sum, n, drop_sum = sums[0], sums[1], int(round(float(sums[2]))), float(sums[3])
         return float(loss_sum) / max(n, 1), float(metric_sum) / max(n, 1), drop_sum / max(n, 1)
 
     @property
