@@ -12,7 +12,11 @@ A run directory holds:
 - ``layers.csv``        per-layer FLOPs per arm (``arm, layer, type, flops_forward, flops_backward``): FLOPs per
                         sample of one training step at the arm's nominal drop rate (not the schedule average).
 
-Accuracies are fractions in [0, 1].
+Accuracies are fractions in [0, 1]. A generation run (``task`` ``generation``, the DDPM UNet) has no accuracy:
+its accuracy fields are NaN (``null`` in JSON), its losses are the noise-prediction MSE, and its quality figure is
+``fid`` (Inception-v3) or ``fid_classifier`` (a small classifier's features; lower is better), with the
+extractor, sample count and comparability note in ``quality`` and the end-of-run sampling metered apart
+(``sample_wall_s``, ``sample_energy_components``); its sample grids are ``samples_<arm>__s<seed>__r<repeat>.png``.
 
 This module never imports torch. Every write is atomic (temporary file in the same directory, fsync,
 rename), so a reader sees either the old file or the whole new one, never half of it.
@@ -41,12 +45,17 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from ssprop_energy.errors import RecordError
+from ssprop_energy.layer_coverage import KindCoverage, LayerCoverage
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
 
 SOURCES = ("counted", "counter", "sampled", "estimated", "fake")
 RUN_STATUSES = ("running", "complete", "interrupted", "failed")
+
+# what ``comm_share`` (ArmRun, ArmRecord) measures, for every place that shows it
+COMM_SHARE_LABEL = ("timed: training wall time with a gradient all-reduce in flight (it overlaps the backward "
+                    "pass), as a share of training time")
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
@@ -184,6 +193,9 @@ class EnergyComponent:
         device: human-readable hardware name (e.g. ``NVIDIA H100 80GB HBM3``, ``Intel Xeon ...``).
         sampled_energy_j: for components that have both a counter and a sampled integral (NVML), the
             sampled figure kept beside the counter one so that their agreement is visible; else None.
+        rank: in a distributed run, the global rank whose meter read it (its GPU, its process's CPU
+            estimate); None for a node-wide counter or a single-process run.
+        node: in a distributed run, the node (torchrun ``GROUP_RANK``) it belongs to; None single-process.
     """
 
     component: str
@@ -191,6 +203,8 @@ class EnergyComponent:
     source: str
     device: str = ""
     sampled_energy_j: float | None = None
+    rank: int | None = None
+    node: int | None = None
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -200,7 +214,7 @@ class EnergyComponent:
 
 
 def total_energy(components: Sequence[EnergyComponent]) -> tuple[float, str]:
-    """Sum component energies (J) and name the provenance of the sum.
+    """Sum component energies (J) and name the provenance of the sum (over every rank and node).
 
     Returns:
         ``(energy_j, source)`` where source is the components' common source, or ``mixed`` when they differ
@@ -217,13 +231,27 @@ def total_energy(components: Sequence[EnergyComponent]) -> tuple[float, str]:
 
 
 def add_components(*groups: Iterable[EnergyComponent], scale: float = 1.0) -> list[EnergyComponent]:
-    """Sum components over several intervals by (component, source, device), each energy x ``scale``."""
-    sums: dict[tuple[str, str, str], float] = {}
+    """Sum components over several intervals by (component, source, device, rank, node), each energy x
+    ``scale``."""
+    sums: dict[tuple[str, str, str, int | None, int | None], float] = {}
     for group in groups:
         for c in group:
-            key = (c.component, c.source, c.device)
+            key = (c.component, c.source, c.device, c.rank, c.node)
             sums[key] = sums.get(key, 0.0) + c.energy_j * scale
-    return [EnergyComponent(component=k[0], source=k[1], device=k[2], energy_j=v) for k, v in sums.items()]
+    return [EnergyComponent(component=k[0], source=k[1], device=k[2], energy_j=v, rank=k[3], node=k[4])
+            for k, v in sums.items()]
+
+
+def energy_by(components: Sequence[EnergyComponent], label: str) -> dict[int | None, tuple[float, str]]:
+    """Energy (J) and its provenance per ``rank`` or per ``node`` label (``total_energy`` of each group).
+
+    Per node, every component of the node counts (its ranks' GPUs and CPU estimates, and its node-wide
+    counters); per rank, the node-wide counters have no rank and fall under None.
+    """
+    groups: dict[int | None, list[EnergyComponent]] = {}
+    for c in components:
+        groups.setdefault(getattr(c, label), []).append(c)
+    return {k: total_energy(v) for k, v in sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))}
 
 
 @dataclass
@@ -257,6 +285,16 @@ class EpochRecord:
 
 
 EPOCH_COLUMNS = ["arm", "repeat", *[f.name for f in fields(EpochRecord)]]
+_EPOCH_FLOATS = {f.name for f in fields(EpochRecord) if f.type in ("float", float)}
+
+
+def epoch_from_dict(data: Mapping[str, Any]) -> EpochRecord:
+    """An :class:`EpochRecord` from JSON, where ``null`` stands for NaN (a generation run's accuracies)."""
+    return EpochRecord(**{k: (math.nan if v is None and k in _EPOCH_FLOATS else v) for k, v in data.items()})
+
+
+QUALITY_METRICS = ("fid", "fid_classifier")  # generation: Frechet distance by extractor (lower is better)
+SAMPLES_FILE = "samples_{name}.png"  # a generation arm-run's sample grid, name = <arm>__s<seed>__r<repeat>
 TRACE_COLUMNS = ["arm", "repeat", "t_s", "component", "power_w", "source", "phase"]
 LAYER_COLUMNS = ["arm", "layer", "type", "flops_forward", "flops_backward"]
 
@@ -360,6 +398,13 @@ class RepeatFigures:
     flops_forward: float
     flops_backward: float
     flops_backward_conv: float
+    # provenance of energy_j / co2_g ("" in version-1 records, where the arm's energy_source applies)
+    energy_source: str = ""
+    eval_energy_j: float | None = None  # evaluation windows (validation + final test), not in energy_j
+    fid: float | None = None
+    fid_classifier: float | None = None
+    sample_wall_s: float | None = None
+    sample_energy_j: float | None = None
     diverged_epoch: int | None = None
 
 
@@ -371,6 +416,22 @@ class ArmRun:
     the meter's window names (``train``, ``eval``, ``data``, ``forward``, ``backward``, ``optimizer``) to
     ``{"energy_j", "wall_s", "count"}``. ``trace`` rows are ``[t_s, component, power_w, source, phase]``
     (t_s since the meter started), ``layers`` per-layer FLOPs per sample at the arm's nominal drop rate.
+
+    Generation (``task == "generation"``): ``test_accuracy`` / ``best_val_accuracy`` are NaN, ``test_loss`` is
+    the fixed-noise MSE on the test split at the best epoch; ``fid`` or ``fid_classifier`` is the Frechet
+    distance of the end-of-run samples (``quality`` holds the extractor, its provenance, the sample counts and
+    the comparability note); ``sample_wall_s`` and ``sample_energy_components`` are the sampling window's own
+    time and energy, NOT part of ``energy_components`` (training); ``sampling`` says how the samples were drawn
+    and names their grid file.
+
+    A distributed run (``world_size`` > 1 processes on ``nodes`` nodes) is one record: FLOPs and energy
+    summed over ranks (each energy component labelled with its ``rank`` / ``node``), accuracy and losses
+    reduced over ranks, ``ranks`` one entry per rank (node, host, device, meter sources, FLOPs, energy,
+    all-reduce time), ``comm_share`` the mean over ranks of the training time with a gradient all-reduce
+    in flight (``timed``); trace components are prefixed ``r<rank>:``.
+
+    ``layer_coverage`` (ssProp arms; None for the dense one) counts the sparsified layers per kind and their
+    backward FLOPs in a *dense* step (drop rate 0), i.e. the share of the backward ssProp can reach.
     ``diverged_epoch`` is the first epoch (from 0) whose loss was NaN/inf, or None (see :func:`diverged_epoch`).
     """
 
@@ -394,6 +455,18 @@ class ArmRun:
     interference: list[dict[str, Any]] = field(default_factory=list)
     trace: list[list[Any]] = field(default_factory=list)
     layers: list[dict[str, Any]] = field(default_factory=list)
+    world_size: int = 1
+    nodes: int = 1
+    ranks: list[dict[str, Any]] = field(default_factory=list)
+    comm_share: float | None = None
+    layer_coverage: LayerCoverage | None = None
+    task: str = "classification"
+    fid: float | None = None
+    fid_classifier: float | None = None
+    quality: dict[str, Any] = field(default_factory=dict)
+    sample_wall_s: float | None = None
+    sample_energy_components: list[EnergyComponent] = field(default_factory=list)
+    sampling: dict[str, Any] = field(default_factory=dict)
     diverged_epoch: int | None = None
 
     @property
@@ -404,15 +477,28 @@ class ArmRun:
     def energy_source(self) -> str:
         return total_energy(self.energy_components)[1]
 
+    @property
+    def sample_energy_j(self) -> float | None:
+        """Energy of the sampling window (J), or None for a run that did not sample."""
+        return total_energy(self.sample_energy_components)[0] if self.sample_energy_components else None
+
+    @property
+    def quality_metric(self) -> str | None:
+        """``fid`` or ``fid_classifier`` (whichever this run has), or None for classification."""
+        return next((m for m in QUALITY_METRICS if getattr(self, m) is not None), None)
+
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(self, default=_json_default))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "arm-run") -> ArmRun:
         try:
-            kwargs = _float_none_to_nan(cls, {k: v for k, v in data.items() if k in _ARM_RUN_FIELDS})
+            kwargs = {k: (math.nan if v is None and k in _ARM_RUN_FLOATS else v)
+                      for k, v in data.items() if k in _ARM_RUN_FIELDS}
             kwargs["energy_components"] = [EnergyComponent(**c) for c in data.get("energy_components", [])]
-            kwargs["epochs"] = [EpochRecord.from_dict(e) for e in data.get("epochs", [])]
+            kwargs["sample_energy_components"] = [EnergyComponent(**c) for c in data.get("sample_energy_components", [])]
+            kwargs["epochs"] = [epoch_from_dict(e) for e in data.get("epochs", [])]
+            kwargs["layer_coverage"] = layer_coverage_from_dict(data.get("layer_coverage"), where)
             run = cls(**kwargs)
         except (TypeError, AttributeError) as exc:
             raise RecordError(f"{where}: malformed arm-run record ({exc})") from None
@@ -437,6 +523,7 @@ def diverged_epoch(epochs: Sequence[EpochRecord], test_loss: float) -> int | Non
 
 
 _ARM_RUN_FIELDS = {f.name for f in fields(ArmRun)}
+_ARM_RUN_FLOATS = {f.name for f in fields(ArmRun) if f.type in ("float", float)}
 
 
 @dataclass
@@ -444,12 +531,20 @@ class ArmRecord:
     """The result of one arm (dense, or one ssProp setting), averaged over its (seed, repeat) runs.
 
     FLOPs are whole-run totals (training steps only; evaluation is reported separately), energy in joules
-    over the training windows, CO2 in grams CO2e (energy x intensity x PUE). ``repeats`` holds the per-run
+    over the training windows, CO2 in grams CO2e (energy x intensity x PUE). A generation arm carries its
+    quality figure (``fid`` / ``fid_classifier``, mean over runs, details in ``quality``) where classification
+    carries ``test_accuracy`` (NaN here), and its sampling window's mean time and energy (``sample_*``, apart
+    from the training energy, with their own provenance). ``repeats`` holds the per-run
     figures; ``paired`` (non-baseline arms) maps a metric to its :class:`PairedStat` against the dense
     baseline; ``epoch_intervals`` maps ``wall_s`` / ``energy_j`` to the single-run :class:`EpochInterval`.
+    A distributed arm (``world_size`` processes on ``nodes`` nodes) sums FLOPs and energy over processes, its
+    components labelled ``rank`` / ``node``; ``comm_share`` is the mean over its runs of ``ArmRun.comm_share``
+    (:data:`COMM_SHARE_LABEL`), None single-process.
     ``phases`` holds the meter's windows (``train``, ``eval``, and ``data`` / ``forward`` / ``backward`` /
     ``optimizer`` nested in ``train``); ``unattributed_energy_j`` is the training energy outside the nested
     step windows (version 1: the meter's energy outside every top-level window).
+    ``layer_coverage`` (ssProp arms) says how many layers of each kind were sparsified and what share of a
+    dense step's backward FLOPs they hold (None for the dense arm and in records that predate it).
 
     ``diverged_runs`` labels the arm-runs whose loss became NaN/inf, ``s<seed>r<repeat>e<epoch>`` (epoch from
     1, the first diverged one): they are left out of the means, pairs and intervals. When every arm-run
@@ -487,6 +582,30 @@ class ArmRecord:
     interference: Interference | None = None
     status: str = "complete"
     diverged_runs: list[str] = field(default_factory=list)
+    world_size: int = 1
+    nodes: int = 1
+    comm_share: float | None = None
+    layer_coverage: LayerCoverage | None = None
+    task: str = "classification"
+    fid: float | None = None
+    fid_classifier: float | None = None
+    quality: dict[str, Any] = field(default_factory=dict)
+    sample_wall_s: float | None = None
+    sample_energy_j: float | None = None
+    sample_energy_source: str | None = None
+    sample_energy_components: list[EnergyComponent] = field(default_factory=list)
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def quality_metric(self) -> str | None:
+        """``fid`` or ``fid_classifier`` (whichever this arm has), or None for classification."""
+        return next((m for m in QUALITY_METRICS if getattr(self, m) is not None), None)
+
+    @property
+    def quality_value(self) -> float | None:
+        """The arm's mean Frechet distance (lower is better), or None for classification."""
+        metric = self.quality_metric
+        return None if metric is None else float(getattr(self, metric))
 
     @property
     def flops_total(self) -> float:
@@ -503,8 +622,13 @@ class RunSummary:
     """Everything ``summary.json`` holds. ``arms`` maps arm name (``dense``, ``ssprop``, ``ssprop-d0.4-bar``...)
     to its :class:`ArmRecord`; ``paired`` maps a metric to paired-delta statistics of (ssprop - dense).
 
+    ``world_size`` / ``nodes``: processes and nodes of a distributed run (1 / 1 otherwise; the ranks' hosts,
+    devices and meters are in ``environment["distributed"]``).
+
     ``interleave`` says how arms were ordered in time: ``epoch`` (each epoch of every arm back to back, the
     order alternating ABBA epoch by epoch) or ``none`` (one arm-run after the other, ABBA by pair).
+    ``layer_kinds`` are the layer kinds ssProp replaced: ``--layers``, or the model's default when the
+    config's ``layers`` is null (empty in records that predate it).
     """
 
     kind: str
@@ -519,7 +643,12 @@ class RunSummary:
     interleave: str = "none"
     failure_reason: str | None = None
     finished_at: str | None = None
+    layer_kinds: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
+    world_size: int = 1
+    nodes: int = 1
+    task: str = "classification"
+    generation: dict[str, Any] | None = None  # generation runs: the diffusion, sampling and extractor settings
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(self, default=_json_default))
@@ -597,7 +726,24 @@ def _epoch_interval_from_dict(data: Any, where: str) -> EpochInterval:
         raise RecordError(f"{where}: malformed epoch interval ({exc})") from None
 
 
-_V1_REPEAT_DROPPED = ("eval_energy_j", "meter_components")  # written by version 1, never read
+_V1_REPEAT_DROPPED = ("meter_components",)  # written by version 1, never read
+
+
+def layer_coverage_from_dict(data: Any, where: str) -> LayerCoverage | None:
+    """A record's ``layer_coverage`` (``{"kinds": {kind: {"layers", "flops_backward"}}, "flops_backward"}``)
+    as a :class:`~ssprop_energy.layer_coverage.LayerCoverage`; None stays None."""
+    if data is None:
+        return None
+    if isinstance(data, LayerCoverage):
+        return data
+    try:
+        kinds = {str(k): KindCoverage(int(v["layers"]), float(v["flops_backward"])) for k, v in data["kinds"].items()}
+        total = float(data["flops_backward"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise RecordError(f"{where}: malformed layer_coverage ({type(exc).__name__}: {exc})") from None
+    if not total >= 0.0 or any(not (c.layers >= 0 and c.flops_backward >= 0.0) for c in kinds.values()):
+        raise RecordError(f"{where}: layer_coverage holds a negative or missing count")
+    return LayerCoverage(kinds=kinds, flops_backward=total)
 
 
 def _arm_from_dict(name: str, data: Mapping[str, Any], where: str, version: int) -> ArmRecord:
@@ -605,17 +751,19 @@ def _arm_from_dict(name: str, data: Mapping[str, Any], where: str, version: int)
         raise RecordError(f"{where}: arm {name!r} must be an object")
     try:
         comps = [EnergyComponent(**c) for c in data.get("energy_components", [])]
-        epochs = [EpochRecord.from_dict(e) for e in data.get("epochs", [])]
+        sample_comps = [EnergyComponent(**c) for c in data.get("sample_energy_components", [])]
+        epochs = [epoch_from_dict(e) for e in data.get("epochs", [])]
         repeat_fields = {f.name for f in fields(RepeatFigures)}
         repeats = [RepeatFigures(**_float_none_to_nan(RepeatFigures, {k: v for k, v in r.items() if k in repeat_fields}))
                    for r in data.get("repeats", [])]
         interference = None
         if data.get("interference") is not None:
             interference = Interference(**data["interference"])
+        coverage = layer_coverage_from_dict(data.get("layer_coverage"), f"{where}: arms.{name}")
         kwargs = {k: v for k, v in data.items() if k in _ARM_FIELDS and k not in _ARM_NESTED}
         kwargs = {k: (float("nan") if v is None and k in _FLOAT_FIELDS else v) for k, v in kwargs.items()}
         record = ArmRecord(energy_components=comps, epochs=epochs, repeats=repeats, interference=interference,
-                           **kwargs)
+                           sample_energy_components=sample_comps, layer_coverage=coverage, **kwargs)
     except TypeError as exc:
         raise RecordError(f"{where}: arm {name!r} is malformed ({exc})") from None
     record.paired = _paired_from_dict(data.get("paired") or {}, f"{where}: arms.{name}.paired")
@@ -630,7 +778,8 @@ def _arm_from_dict(name: str, data: Mapping[str, Any], where: str, version: int)
 
 
 _ARM_FIELDS = {f.name for f in fields(ArmRecord)}
-_ARM_NESTED = {"energy_components", "epochs", "repeats", "paired", "epoch_intervals", "interference"}
+_ARM_NESTED = {"energy_components", "epochs", "repeats", "paired", "epoch_intervals", "interference",
+               "sample_energy_components", "layer_coverage"}
 _FLOAT_FIELDS = {f.name for f in fields(ArmRecord) if f.type in ("float", float)}
 
 

@@ -1,8 +1,9 @@
 """``load_runs(paths)``: run records as one pandas DataFrame, one row per arm-run (arm x seed x repeat).
 
-Reads only ``summary.json`` (through :func:`ssprop_energy.records.load_summary`, which validates it); never
-imports torch. Column names carry their units (``energy_j``, ``co2_g``, ``wall_s``, ``flops_*`` are FLOPs
-counted over the run's training steps, accuracies are fractions in [0, 1]).
+Reads only ``summary.json`` (through :func:`ssprop_energy.records.load_summary`, which validates it and reads
+schema version 1, before the typed records, and 2); never imports torch. Column names carry their units
+(``energy_j``, ``co2_g``, ``wall_s``; ``flops_*`` are FLOPs counted over the run's training steps; accuracies
+and ``sparsified_backward_share`` are fractions in [0, 1]).
 """
 
 from __future__ import annotations
@@ -14,16 +15,19 @@ from typing import Any, Iterable
 import pandas as pd
 
 from ssprop_energy.errors import RecordError
-from ssprop_energy.records import SUMMARY_FILE, RepeatFigures, RunSummary, load_summary
+from ssprop_energy.records import SUMMARY_FILE, ArmRecord, RunSummary, load_summary
 
 __all__ = ["RUN_COLUMNS", "load_runs", "run_rows"]
 
 # Column order of the frame; fields a record lacks are NaN / None.
 RUN_COLUMNS = [
-    "run_dir", "run_kind", "run_status", "created_at", "model", "dataset", "arm", "is_baseline", "seed", "repeat",
-    "drop_rate", "schedule", "average_drop_rate", "dropout", "test_accuracy", "wall_s", "flops_forward",
-    "flops_backward", "flops_backward_conv", "flops_total", "energy_j", "energy_source", "eval_energy_j", "co2_g",
+    "run_dir", "run_kind", "run_status", "schema_version", "created_at", "model", "dataset", "interleave",
+    "layer_kinds", "arm", "is_baseline", "seed", "repeat", "drop_rate", "schedule", "average_drop_rate", "dropout",
+    "sparsified_layers", "sparsified_backward_share", "test_accuracy", "wall_s", "flops_forward", "flops_backward",
+    "flops_backward_conv", "flops_total", "energy_j", "energy_source", "eval_energy_j", "co2_g",
     "carbon_intensity_g_per_kwh", "pue", "epochs",
+    # generation runs (DDPM): the Frechet distance by extractor and the sampling window (apart from training)
+    "task", "fid", "fid_classifier", "sample_wall_s", "sample_energy_j",
 ]
 
 
@@ -53,6 +57,51 @@ def _number(value: Any) -> float:
         return math.nan
 
 
+def _layer_kinds(summary: RunSummary) -> str | None:
+    """The run's ssProp layer kinds, e.g. ``conv,linear``: recorded since the per-model defaults; before them
+    the config always named them."""
+    kinds = summary.layer_kinds or (summary.config or {}).get("layers") or []
+    return ",".join(kinds) if kinds else None
+
+
+def _coverage(name: str, arm: ArmRecord, summary: RunSummary) -> tuple[float, float]:
+    """(layers sparsified, their share of a dense step's backward FLOPs); the baseline sparsifies nothing,
+    an arm whose record predates the coverage gives NaN."""
+    if arm.layer_coverage is not None:
+        return float(arm.layer_coverage.layers), arm.layer_coverage.share
+    if name == summary.baseline:
+        return 0.0, 0.0
+    return math.nan, math.nan
+
+
+def _repeat_rows(arm: ArmRecord) -> list[dict[str, Any]]:
+    """The arm-run figures of one arm: its per-run figures, or its averages when the record has none."""
+    if not arm.repeats:
+        return [{
+            "seed": None, "repeat": None, "test_accuracy": arm.test_accuracy, "wall_s": arm.wall_s,
+            "flops_forward": arm.flops_forward, "flops_backward": arm.flops_backward,
+            "flops_backward_conv": arm.flops_backward_conv, "energy_j": arm.energy_j,
+            "energy_source": arm.energy_source, "eval_energy_j": arm.eval_energy_j, "co2_g": arm.co2_g,
+            "fid": arm.fid, "fid_classifier": arm.fid_classifier, "sample_wall_s": arm.sample_wall_s,
+            "sample_energy_j": arm.sample_energy_j,
+        }]
+    rows = []
+    for rep in arm.repeats:
+        eval_j = rep.eval_energy_j
+        if eval_j is None and len(arm.repeats) == 1:
+            eval_j = arm.eval_energy_j  # one run: the arm's mean is that run's figure
+        rows.append({
+            "seed": rep.seed, "repeat": rep.repeat, "test_accuracy": rep.test_accuracy, "wall_s": rep.wall_s,
+            "flops_forward": rep.flops_forward, "flops_backward": rep.flops_backward,
+            "flops_backward_conv": rep.flops_backward_conv, "energy_j": rep.energy_j,
+            # every run of a record shares one meter choice; older records name the source per arm only
+            "energy_source": rep.energy_source or arm.energy_source, "eval_energy_j": eval_j, "co2_g": rep.co2_g,
+            "fid": rep.fid, "fid_classifier": rep.fid_classifier, "sample_wall_s": rep.sample_wall_s,
+            "sample_energy_j": rep.sample_energy_j,
+        })
+    return rows
+
+
 def run_rows(run_dir: str | Path, summary: RunSummary | None = None) -> list[dict[str, Any]]:
     """The rows of one run directory (see :func:`load_runs`)."""
     run_dir = Path(run_dir)
@@ -60,28 +109,22 @@ def run_rows(run_dir: str | Path, summary: RunSummary | None = None) -> list[dic
     cfg = summary.config or {}
     rows = []
     for name, arm in summary.arms.items():
+        layers, share = _coverage(name, arm, summary)
         base = {
             "run_dir": str(run_dir), "run_kind": summary.kind, "run_status": summary.status,
-            "created_at": summary.created_at, "model": cfg.get("model"), "dataset": cfg.get("dataset"),
+            "schema_version": summary.schema_version, "created_at": summary.created_at, "model": cfg.get("model"),
+            "dataset": cfg.get("dataset"), "interleave": summary.interleave, "layer_kinds": _layer_kinds(summary),
             "arm": name, "is_baseline": name == summary.baseline, "drop_rate": arm.drop_rate,
             "schedule": arm.schedule, "average_drop_rate": arm.average_drop_rate, "dropout": arm.dropout,
+            "sparsified_layers": layers, "sparsified_backward_share": share,
             "carbon_intensity_g_per_kwh": arm.carbon_intensity_g_per_kwh, "pue": arm.pue, "epochs": len(arm.epochs),
         }
-        # a record without per-repeat figures gives one row of its averages (seed and repeat None); every
-        # repeat of an arm is measured by the same components, so the arm's source is each repeat's
-        reps: list[RepeatFigures | None] = list(arm.repeats) or [None]
-        for rep in reps:
-            fig: Any = rep if rep is not None else arm
-            fwd, bwd = _number(fig.flops_forward), _number(fig.flops_backward)
+        for rep in _repeat_rows(arm):
+            fwd, bwd = _number(rep["flops_forward"]), _number(rep["flops_backward"])
             rows.append({
-                **base,
-                "seed": rep.seed if rep is not None else None, "repeat": rep.repeat if rep is not None else None,
-                "test_accuracy": _number(fig.test_accuracy), "wall_s": _number(fig.wall_s),
-                "flops_forward": fwd, "flops_backward": bwd,
-                "flops_backward_conv": _number(fig.flops_backward_conv), "flops_total": fwd + bwd,
-                "energy_j": _number(fig.energy_j), "energy_source": arm.energy_source,
-                "eval_energy_j": _number(arm.eval_energy_j),  # evaluation energy is kept per arm (mean)
-                "co2_g": _number(fig.co2_g),
+                **base, **{k: _number(v) for k, v in rep.items() if k not in ("seed", "repeat", "energy_source")},
+                "seed": rep["seed"], "repeat": rep["repeat"], "energy_source": rep["energy_source"],
+                "flops_total": fwd + bwd, "task": summary.task,
             })
     return rows
 
@@ -94,9 +137,13 @@ def load_runs(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
 
     Returns:
         A DataFrame with the columns of :data:`RUN_COLUMNS`. ``energy_source`` is the provenance of
-        ``energy_j`` and ``co2_g`` (``counter``, ``sampled``, ``estimated`` or ``mixed``: never compare
-        figures of different sources without saying so). A record without per-repeat figures (older runs)
-        gives one row of the arm's averages with ``seed`` and ``repeat`` None.
+        ``energy_j``, ``eval_energy_j`` and ``co2_g`` (``counter``, ``sampled``, ``estimated``, ``mixed``, or
+        ``fake`` for the synthetic test meter: never compare figures of different sources without saying so).
+        ``layer_kinds`` are the run's ssProp layer kinds; ``sparsified_layers`` and
+        ``sparsified_backward_share`` say how many layers the arm replaced and what share of a dense step's
+        backward FLOPs they hold (0 for the dense baseline; NaN where the record predates them, as does
+        ``eval_energy_j`` per run in records that kept only the arm's mean of several runs). A record without
+        per-repeat figures gives one row of the arm's averages with ``seed`` and ``repeat`` None.
 
     Raises:
         RecordError: a path that is not a run directory, or a malformed ``summary.json`` (naming the file).

@@ -206,8 +206,13 @@ def test_models_command_lists_counts(capsys):
     assert list(rows) == ALL_NAMES
     assert rows["resnet18"]["parameters"] == cifar_resnet_params((2, 2, 2, 2), False, 10, 1)
     assert rows["mlp"]["parameters"] == (784 * 256 + 256) + (256 * 256 + 256) + (256 * 10 + 10)
+    assert {n: r["default_layers"] for n, r in rows.items() if n in ("cnn", "mlp", "vit")} == {
+        "cnn": ["conv"], "mlp": ["linear"], "vit": ["conv", "linear"]}
     assert main(["models"]) == 0
-    assert "11,173,962" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "11,173,962" in text
+    lines = {line.split()[0]: line for line in text.splitlines()[1:] if line.startswith("  ")}
+    assert "ssProp on linear " in lines["mlp"] and "ssProp on conv+linear" in lines["vit"]
 
 
 # ---- ddpm-unet: the paper's DDPM noise predictor ----------------------------------------------------------

@@ -110,3 +110,33 @@ def test_version_2_summary_round_trips(tmp_path: Path) -> None:
     write_summary(tmp_path, summary)
     again = load_summary(tmp_path)
     assert again == summary
+
+
+def test_layer_coverage_round_trips_in_arm_runs_and_summaries(tmp_path: Path) -> None:
+    from ssprop_energy.layer_coverage import KindCoverage, LayerCoverage
+    from ssprop_energy.records import write_summary
+
+    cov = LayerCoverage({"conv": KindCoverage(20, 3.0e8), "linear": KindCoverage(1, 1.0e6)}, flops_backward=4.0e8)
+    run = _arm_run()
+    run.layer_coverage = cov
+    back = ArmRun.from_dict(json.loads(json.dumps(run.to_dict())))
+    assert back == run and back.layer_coverage.share == pytest.approx(3.01e8 / 4.0e8)
+    # summary.json: the coverage on the ssProp arm, the resolved layer kinds on the run
+    summary = load_summary(V1_RUN)
+    summary.arms["ssprop"].layer_coverage = cov
+    summary.layer_kinds = ["conv", "linear"]
+    summary.schema_version = SCHEMA_VERSION
+    write_summary(tmp_path, summary)
+    raw = json.loads((tmp_path / "summary.json").read_text())
+    assert raw["arms"]["ssprop"]["layer_coverage"] == {
+        "kinds": {"conv": {"layers": 20, "flops_backward": 3.0e8}, "linear": {"layers": 1, "flops_backward": 1.0e6}},
+        "flops_backward": 4.0e8}
+    again = load_summary(tmp_path)
+    assert again.arms["ssprop"].layer_coverage == cov and again.arms["dense"].layer_coverage is None
+    assert again.layer_kinds == ["conv", "linear"]
+    raw["arms"]["ssprop"]["layer_coverage"]["kinds"]["conv"]["layers"] = -1
+    with pytest.raises(RecordError, match="arms.ssprop: layer_coverage holds a negative"):
+        summary_from_dict(raw, "x/summary.json")
+    del raw["arms"]["ssprop"]["layer_coverage"]["flops_backward"]
+    with pytest.raises(RecordError, match="malformed layer_coverage"):
+        summary_from_dict(raw, "x/summary.json")

@@ -95,3 +95,41 @@ def test_probe_catches_a_broken_page(report: Path, tmp_path: Path) -> None:
     assert any("CSP" in e for e in result["errors"])
     assert any("undefinedFunction" in e for e in result["errors"])
     assert console
+
+
+@pytest.fixture(scope="module")
+def generation_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real (tiny) DDPM compare: 8x8 synthetic images, 5 diffusion steps, 4 samples, the fake meter."""
+    from ssprop_energy.experiment.config import ExperimentConfig
+    from ssprop_energy.experiment.runner import Experiment, ExperimentHooks
+
+    root = tmp_path_factory.mktemp("browser-gen")
+    with pytest.MonkeyPatch.context() as mp:  # module scope: keep the cache and ledger out of the real home
+        mp.setenv("XDG_CACHE_HOME", str(root / "cache"))
+        mp.setenv("SSPROP_ENERGY_LEDGER", str(root / "ledger.sqlite"))
+        mp.delenv("SSPROP_ENERGY_INCEPTION_WEIGHTS", raising=False)
+        cfg = ExperimentConfig(model="ddpm-unet", dataset="synthetic:1x8x8:4:128", batch_size=32, samples=4,
+                               timesteps=5, meter="fake", sample_period_s=0.05)
+        cfg.apply_task_defaults("generation")
+        cfg.image_size, cfg.epochs = 8, 2
+        cfg.validate()
+        Experiment(cfg, root / "run", ExperimentHooks(monitor=None, ledger=False)).run()
+    return render_report([root / "run"], root / "report.html")
+
+
+def test_generation_report_loads_cleanly_with_sample_grids(generation_report: Path, tmp_path: Path) -> None:
+    result, console = _load(_probe_page(generation_report, tmp_path / "page.html"), tmp_path / "profile")
+    assert result["errors"] == []
+    assert console == []
+    assert result["title"] == "ssProp energy report: ddpm-unet on synthetic:1x8x8:4:128"
+    figures = {f["key"]: f for f in result["figures"]}
+    assert {"accuracy_loss", "drop_rate", "flops"} <= set(figures)
+    for fig in result["figures"]:
+        assert fig["complete"], fig
+        assert min(fig["natural"]) > 0 and min(fig["box"]) > 10, fig
+    # the two arms' sample grids are the figures without a data-figure key, side by side
+    grids = [f for f in result["figures"] if f["key"] is None]
+    assert len(grids) == 2
+    # 4 tiles of 8 px x 2 in one row with 2 px gutters: 5 x 2 + 4 x 16 = 74 px wide, 2 x 2 + 16 = 20 px high
+    assert all(g["natural"] == [74, 20] for g in grids)
+    assert all(g["box"][0] >= 256 for g in grids)  # enlarged for reading (pixelated, not smoothed)

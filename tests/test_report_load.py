@@ -12,7 +12,7 @@ import pytest
 import report_fixtures as fx
 
 from ssprop_energy.errors import RecordError
-from ssprop_energy.report.load import load_run, load_runs
+from ssprop_energy.report.load import load_run, load_run_dirs
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_not_a_directory(tmp_path: Path) -> None:
     with pytest.raises(RecordError, match="not a run directory"):
         load_run(tmp_path / "nope")
     with pytest.raises(RecordError, match="no run directory"):
-        load_runs([])
+        load_run_dirs([])
 
 
 def _edit_summary(run_dir: Path, edit) -> None:

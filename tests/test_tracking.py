@@ -4,6 +4,7 @@ store (``file:`` URI in tmp_path). Skipped, with the reason, when the ``tracking
 from __future__ import annotations
 
 import json
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -189,3 +190,121 @@ def test_tracking_arguments_parse_and_open(tmp_path):
     with pytest.raises(ConfigError, match="choose from tensorboard, mlflow"):
         parse_targets("tensorboard,wandb")
 
+
+
+# ------------------------------------------------------------------------------------ through the CLI
+
+TINY_CLI = ["--model", "cnn", "--dataset", "synthetic:1x8x8:4:64", "--epochs", "2", "--batch-size", "32",
+            "--meter", "fake", "--sample-period", "0.05", "--carbon-intensity", str(INTENSITY), "--quiet"]
+
+
+def test_compare_logs_to_tensorboard_and_mlflow_from_the_cli(tmp_path, monkeypatch, capsys):
+    """`compare --log-to tensorboard --log-to mlflow`: per-epoch scalars equal the run's own records, the
+    config is the hyperparameters, summary.json (complete) and report.html are the parent run's artifacts."""
+    pytest.importorskip("tensorboard", reason="the 'tracking' extra (tensorboard) is not installed")
+    pytest.importorskip("mlflow", reason="the 'tracking' extra (mlflow) is not installed")
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ssprop_energy.cli import main
+    from ssprop_energy.records import load_summary
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = f"file:{tmp_path / 'mlruns'}"
+    out = tmp_path / "run"
+    rc = main(["compare", *TINY_CLI, "--out", str(out), "--log-to", "tensorboard", "--log-to", "mlflow",
+               "--mlflow-uri", uri, "--mlflow-experiment", "byo"])
+    assert rc == 0, capsys.readouterr().err
+    assert f"tensorboard --logdir {out / 'tensorboard'}" in capsys.readouterr().out
+    summary = load_summary(out)
+
+    for name, arm in summary.arms.items():
+        ea = EventAccumulator(str(out / "tensorboard" / name / "s0r0"))
+        ea.Reload()
+        assert [e.value for e in ea.Scalars("energy_j_fake")] == [pytest.approx(e.energy_j, rel=1e-6) for e in arm.epochs]
+        assert [e.value for e in ea.Scalars("co2_g_fake")] == [
+            pytest.approx(e.energy_j / 3.6e6 * INTENSITY, rel=1e-6) for e in arm.epochs]
+        assert [e.value for e in ea.Scalars("drop_rate")] == [pytest.approx(e.drop_rate) for e in arm.epochs]
+        assert [e.value for e in ea.Scalars("val_accuracy")] == [pytest.approx(e.val_accuracy) for e in arm.epochs]
+        assert [e.value for e in ea.Scalars("flops_backward_counted")] == [
+            pytest.approx(e.flops_backward, rel=1e-6) for e in arm.epochs]
+    assert [e.drop_rate for e in summary.arms["ssprop"].epochs] == [0.0, 0.8]  # bar: both phases logged
+    root = EventAccumulator(str(out / "tensorboard"))
+    root.Reload()
+    hp = root.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    assert b"layer_kinds" in hp and b"synthetic:1x8x8:4:64" in hp
+    listed = root.Tensors("artifacts/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert str((out / "summary.json").resolve()) in listed and str((out / "report.html").resolve()) in listed
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("byo")
+    runs = client.search_runs([exp.experiment_id])
+    [parent] = [r for r in runs if r.info.run_name == out.name]
+    assert parent.info.status == "FINISHED"
+    params = parent.data.params
+    assert params["model"] == "cnn" and params["layers"] == "none" and json.loads(params["layer_kinds"]) == ["conv"]
+    assert sorted(a.path for a in client.list_artifacts(parent.info.run_id)) == ["report.html", "summary.json"]
+    attached = client.download_artifacts(parent.info.run_id, "summary.json", str(tmp_path / "dl"))
+    assert json.loads(open(attached).read())["status"] == "complete"  # attached after the summary was final
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"dense/s0r0", "ssprop/s0r0"}
+    for name, arm in summary.arms.items():
+        child = children[f"{name}/s0r0"]
+        assert child.info.status == "FINISHED" and child.data.tags["energy_source"] == "fake"
+        hist = sorted((m.step, m.value) for m in client.get_metric_history(child.info.run_id, "energy_j_fake"))
+        assert hist == [(e.epoch, pytest.approx(e.energy_j, rel=1e-6)) for e in arm.epochs]
+
+
+def test_sweep_logs_every_arm_to_tensorboard(tmp_path, capsys):
+    pytest.importorskip("tensorboard", reason="the 'tracking' extra (tensorboard) is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ssprop_energy.cli import main
+
+    out = tmp_path / "sweep"
+    rc = main(["sweep", *TINY_CLI, "--epochs", "1", "--drop-rates", "0.4,0.8", "--schedules", "constant",
+               "--out", str(out), "--log-to", "tensorboard"])
+    assert rc == 0, capsys.readouterr().err
+    for arm, drop in (("dense", 0.0), ("constant-d0.4", 0.4), ("constant-d0.8", 0.8)):
+        ea = EventAccumulator(str(out / "tensorboard" / arm / "s0r0"))
+        ea.Reload()
+        assert [e.value for e in ea.Scalars("drop_rate")] == [pytest.approx(drop)]
+
+
+@pytest.mark.parametrize(("flags", "needle"), [
+    (["--log-to", "wandb"], "unknown --log-to target(s) wandb"),
+    (["--log-to", "mlflow"], "pip install 'ssprop-energy[tracking]'"),
+])
+def test_a_bad_log_target_is_one_line_and_writes_nothing(flags, needle, tmp_path, monkeypatch, capsys):
+    from ssprop_energy.cli import main
+
+    for name in [m for m in list(sys.modules) if m == "mlflow" or m.startswith("mlflow.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow raises ImportError
+    out = tmp_path / "run"
+    assert main(["compare", *TINY_CLI, "--out", str(out), *flags]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and needle in err[0]
+    assert not out.exists()
+
+
+def test_mlflow_close_ends_open_arm_runs_with_the_runs_status(tmp_path, monkeypatch):
+    """An interrupted run leaves arm-runs whose training never finished: they end KILLED, like the parent."""
+    pytest.importorskip("mlflow", reason="the 'tracking' extra (mlflow) is not installed")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = f"file:{tmp_path / 'mlruns'}"
+    [ml] = open_loggers(["mlflow"], tmp_path / "run", mlflow_uri=uri)
+    done, open_ = ml.callback("dense", 0, 0), ml.callback("ssprop", 0, 0)
+    trainer = fake_trainer()
+    for cb in (done, open_):
+        cb.on_train_start(trainer)
+        cb.on_epoch_end(trainer, epoch(0, 0.0))
+    done.on_train_end(trainer)
+    ml.close("interrupted")
+    ml.close("complete")  # idempotent: the first status stays
+    client = MlflowClient(tracking_uri=uri)
+    status = {r.info.run_name: r.info.status for r in client.search_runs(
+        [client.get_experiment_by_name("ssprop-energy").experiment_id])}
+    assert status == {"run": "KILLED", "dense/s0r0": "FINISHED", "ssprop/s0r0": "KILLED"}

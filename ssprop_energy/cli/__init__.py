@@ -89,10 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, or a bad flag (already reported in one line)
         return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
     _configure_logging(args.verbose)
+    args.raw_argv = list(sys.argv[1:] if argv is None else argv)  # for --nproc-per-node's workers
+    # a worker of a distributed run: rank 0 speaks for the run; another rank's error still shows, labelled
+    where = f"rank {os.environ['RANK']}: " if os.environ.get("RANK", "0") != "0" and "WORLD_SIZE" in os.environ else ""
     try:
         return int(args.func(args) or 0)
     except SSPropEnergyError as exc:
-        sys.stderr.write(f"ssprop-energy {args.command}: error: {exc}\n")
+        sys.stderr.write(f"{where}ssprop-energy {args.command}: error: {exc}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write(f"ssprop-energy {args.command}: interrupted\n")
@@ -102,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the last line of defence: never show a user a traceback
         log = _write_crash_log()
         sys.stderr.write(
-            f"ssprop-energy {args.command}: internal error: {type(exc).__name__}: {exc} (traceback in {log})\n"
+            f"{where}ssprop-energy {args.command}: internal error: {type(exc).__name__}: {exc} (traceback in {log})\n"
         )
         return EXIT_INTERNAL
 

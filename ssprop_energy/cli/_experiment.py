@@ -7,13 +7,16 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from ssprop_energy.errors import ConfigError, RunInterrupted, SSPropEnergyError
 from ssprop_energy.experiment.config import INTERLEAVES, METERS, PRESETS, SELECTIONS, ExperimentConfig
 from ssprop_energy.fmt import fmt_change, fmt_change_pp, fmt_flops
 from ssprop_energy.records import CONFIG_FILE, SUMMARY_FILE
-from ssprop_energy.tracking import add_tracking_arguments, loggers_from_args, parse_targets
+from ssprop_energy.tracking import add_tracking_arguments, parse_targets
+
+if TYPE_CHECKING:
+    from ssprop_energy.layer_coverage import LayerCoverage
 
 EXIT_INTERRUPTED = 130
 
@@ -34,14 +37,16 @@ def int_list(text: str) -> list[int]:
 
 def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> None:
     """Flags of every experiment command. Defaults are None here so the config's own defaults apply."""
-    p.add_argument("--model", help=f"model name (default {defaults.model}; see `ssprop-energy models`)")
+    p.add_argument("--model", help=f"model name (default {defaults.model}; see `ssprop-energy models`); ddpm-unet "
+                   "trains the paper's DDPM (generation: AdamW 1e-3, 2 epochs, 32x32 unless flags say otherwise)")
     p.add_argument("--dataset", help=f"dataset (default {defaults.dataset}, embedded and offline); also mnist, "
                    "fashion-mnist, cifar10, cifar100, folder:PATH")
     p.add_argument("--data-dir", help="where downloaded datasets are cached (default: user cache directory)")
     p.add_argument("--image-size", type=int, help="input size in pixels (default: the dataset's)")
     p.add_argument("--selection", choices=SELECTIONS, help=f"channel selection (default {defaults.selection})")
     p.add_argument("--layers", type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
-                   help="layer kinds ssProp replaces: conv, linear or conv,linear (default conv, as the paper)")
+                   help="layer kinds ssProp replaces: conv, linear or conv,linear (default: the model's, listed by "
+                   "`ssprop-energy models`: conv for CNNs/ResNets, linear for mlp, conv,linear for vit)")
     p.add_argument("--warmup-epochs", type=int, help="dense warm-up epochs (default 0; public code: warmup)")
     p.add_argument("--schedule-by", choices=("epoch", "iteration"),
                    help="schedule granularity (default epoch; public code: by_epoch)")
@@ -75,14 +80,27 @@ def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> 
     p.add_argument("--country", help="ISO-3 country code for the offline carbon intensity (default: world average)")
     p.add_argument("--pue", type=float, help="data-centre power usage effectiveness (default 1.0)")
     p.add_argument("--eval-noise", type=float_list, help="also test under Gaussian input noise, e.g. 0.1,0.2")
+    p.add_argument("--samples", type=int, help="generation models: images sampled per arm-run at the end, for "
+                   "the Frechet distance and the grid (default 32)")
+    p.add_argument("--timesteps", type=int, help="generation models: diffusion timesteps (default 200, the paper's)")
+    p.add_argument("--inception-weights", help="generation models: a local Inception-v3 weights file "
+                   "(torch-fidelity's) for the standard FID (default $SSPROP_ENERGY_INCEPTION_WEIGHTS; without "
+                   "one, a Frechet distance in a small classifier's features, not comparable to published FIDs)")
+    p.add_argument("--threads", type=int, help="torch CPU threads for the run (default: torch's; 1 is much faster "
+                   "on a CPU shared with other work)")
     p.add_argument("--project", help="project name for the audit ledger (default $SSPROP_ENERGY_PROJECT or 'default')")
     from ssprop_energy.cli.audit import add_ledger_flag  # the ledger's flag, owned by the audit command
 
     add_ledger_flag(p)
     p.add_argument("--out", help="run directory (default runs/<timestamp>-<model>-<dataset>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run with its recorded settings "
-                   "(other setting flags are refused; --quiet is allowed)")
+                   "(other setting flags are refused; --quiet, -v, --log-to and --ledger are allowed)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--nproc-per-node", type=int, metavar="P",
+                   help="train on P processes of this machine with DDP (one per GPU; gloo on the CPU), launched "
+                   "as torchrun would; --batch-size stays the global batch (each process takes 1/P of it). "
+                   "For several nodes run torchrun yourself: torchrun --nnodes N --node-rank R "
+                   "--rdzv-endpoint HOST:PORT --nproc-per-node P -m ssprop_energy compare ...")
     add_tracking_arguments(p)
 
 
@@ -106,7 +124,7 @@ SCALAR_FLAGS = ("model", "dataset", "data_dir", "image_size", "selection", "laye
                 "period", "start_drop_rate", "schedule_interleave",
                 "epochs", "batch_size", "lr", "optimizer", "weight_decay", "lr_schedule", "repeats", "device", "amp",
                 "meter", "sample_period_s", "idle_s", "carbon_intensity", "country", "pue", "eval_noise", "project",
-                "out", "interleave")
+                "out", "interleave", "samples", "timesteps", "inception_weights", "threads")
 
 
 def refuse_flags_with_resume(args: argparse.Namespace, kind: str, lists: dict[str, Any]) -> None:
@@ -124,9 +142,17 @@ def refuse_flags_with_resume(args: argparse.Namespace, kind: str, lists: dict[st
 
 def config_from_args(args: argparse.Namespace, kind: str, **lists: Any) -> ExperimentConfig:
     """Build and validate a config from parsed flags; unset flags keep the config defaults."""
+    from ssprop_energy.experiment.runner import task_of
+
     cfg = ExperimentConfig(kind=kind)
+    if getattr(args, "model", None) is not None:
+        cfg.model = args.model
+    task = task_of(cfg.model)
+    cfg.apply_task_defaults(task)  # the model's task defaults, then the preset, then flags
     if getattr(args, "preset", None) is not None:
         cfg.apply_preset(args.preset)
+        if task == "generation":
+            cfg.optimizer = "adamw"  # the preset's Adam is the classifier script's; the DDPM script uses AdamW
     for name in SCALAR_FLAGS:
         value = getattr(args, name, None)
         if value is not None:
@@ -168,8 +194,11 @@ class StopFlag:
     run directory stays resumable.
     """
 
-    def __init__(self, run_dir: Path | None = None, kind: str = "compare") -> None:
+    def __init__(self, run_dir: Path | None = None, kind: str = "compare", immediate: bool = True) -> None:
         self.raised = False
+        # a distributed run stops where its ranks agree (the flag, polled after each batch and reduced over
+        # ranks): an exception in one rank alone would leave the others waiting in a collective
+        self.immediate = immediate
         self.run_dir = run_dir
         self.kind = kind
         self._old: dict[int, Any] = {}
@@ -184,6 +213,9 @@ class StopFlag:
             _say(f"\n{name} again: exiting now{hint}\n")
             os._exit(EXIT_INTERRUPTED)
         self.raised = True
+        if not self.immediate:
+            _say(f"\n{name}: stopping after this batch and saving the record (a second signal exits at once)...\n")
+            return
         _say(f"\n{name}: stopping and saving the record (a second signal exits at once)...\n")
         raise KeyboardInterrupt
 
@@ -197,11 +229,16 @@ class StopFlag:
             signal.signal(sig, old)
 
 
-def print_header(cfg: ExperimentConfig, run_dir: Path, resumed: bool) -> None:
-    """Every setting, defaults included, so that a log of the run says exactly what ran."""
+def print_header(cfg: ExperimentConfig, run_dir: Path, resumed: bool, layer_kinds: Sequence[str] = (),
+                 coverage: LayerCoverage | None = None) -> None:
+    """Every setting, defaults included, so that a log of the run says exactly what ran; then the layers
+    ssProp replaces and the share of the backward FLOPs they hold."""
     verb = "resuming" if resumed else "starting"
     print(f"ssprop-energy {cfg.kind}: {verb} run in {run_dir}")
     items = [f"{k}={v}" for k, v in cfg.to_dict().items() if k not in ("kind", "out")]
+    if layer_kinds:
+        shown = ",".join(layer_kinds) + (" (the model's default)" if cfg.layers is None else "")
+        items = [f"layers={shown}" if item.startswith("layers=") else item for item in items]
     line = ""
     for item in items:
         if len(line) + len(item) > 100:
@@ -210,6 +247,8 @@ def print_header(cfg: ExperimentConfig, run_dir: Path, resumed: bool) -> None:
         line += item + "  "
     if line:
         print("  " + line.rstrip())
+    if coverage is not None:
+        print(f"  ssProp layers: {coverage.describe()} (dense step)")
 
 
 class _Progress:
@@ -221,17 +260,19 @@ class _Progress:
 
 
 def run_with_signals(body: Callable[[StopFlag, _Progress], int], run_dir: Path, kind: str = "compare",
-                     created: bool = False) -> int:
+                     created: bool = False, main: bool = True, distributed: bool = False) -> int:
     """Run ``body`` with the stop signals handled; map an interruption in any phase to one message and 130.
 
     ``created``: this invocation creates ``run_dir`` (a new run): stopped before the run started, the
-    directory is removed again if it is still empty.
+    directory is removed again if it is still empty. ``main``: this process prints (rank 0 of a distributed run).
     """
     progress = _Progress()
-    with StopFlag(run_dir, kind) as stop:
+    with StopFlag(run_dir, kind, immediate=not distributed) as stop:
         try:
             return body(stop, progress)
         except (RunInterrupted, KeyboardInterrupt):
+            if not main:
+                return EXIT_INTERRUPTED
             if progress.complete:
                 _say(f"ssprop-energy {kind}: interrupted while writing the report; the run is complete in {run_dir} "
                      f"(render it with `ssprop-energy report {run_dir}`)\n")
@@ -291,6 +332,60 @@ def diverged_warnings(summary: Any) -> list[str]:
     return lines
 
 
+def generation_lines(summary: Any) -> list[str]:
+    """A generation run's quality provenance and its sampling windows (time and energy apart from training)."""
+    from ssprop_energy.experiment.summarize import MATERIAL_CORES  # the epochs' rule, for the sampling window
+
+    lines = []
+    first = next(iter(summary.arms.values()), None)
+    if first is not None and first.quality:
+        q = first.quality
+        info = q.get("extractor_info") or {}
+        acc = info.get("test_accuracy")
+        lines.append(
+            f"{q.get('metric')}: Frechet distance of {q.get('n_generated')} samples to {q.get('n_real')} test images "
+            f"in the features of {q.get('extractor')}" + (f" (its test accuracy {acc:.1%})" if acc is not None else "")
+            + f"; lower is better. {q.get('note', '')}"
+        )
+    for arm in summary.arms.values():
+        if arm.sample_wall_s is None:
+            continue
+        energy = ("n/a" if arm.sample_energy_j is None
+                  else f"{arm.sample_energy_j:,.0f} J ({arm.sample_energy_source})")
+        readings = [r for r in (arm.sampling.get("interference") or {}).values() if r]
+        busy = max((r.get("foreign_cpu_cores_mean") or 0.0 for r in readings), default=None)
+        load = "" if busy is None else (
+            f" (foreign CPU load {busy:.2f} core" + (": includes other work's slowdown)" if busy >= MATERIAL_CORES
+                                                      else ")"))
+        lines.append(f"{arm.name}: sampling {arm.sampling.get('n_samples')} images x {arm.sampling.get('timesteps')} "
+                     f"steps took {arm.sample_wall_s:.1f} s, {energy}{load}; not in the training figures above")
+    return lines
+
+
+def distributed_lines(summary: Any) -> list[str]:
+    """Energy per process and per node, and the communication share, for a distributed run."""
+    from ssprop_energy.report import distributed as D
+
+    if not D.is_distributed(summary):
+        return []
+    lines = []
+    for name in summary.arms:
+        rows = [r for r in D.energy_rows(summary) if r["arm"] == name]
+        lines.append(f"{name}: " + ", ".join(f"{r['scope']} {r['energy_j']:,.0f} J ({r['source']})" for r in rows))
+    comm = D.comm_text(summary)
+    return lines + ([comm] if comm else [])
+
+
+def coverage_warnings(summary: Any) -> list[str]:
+    """One line per distinct low layer coverage of the ssProp arms (every arm of a run shares its layers)."""
+    lines: dict[str, list[str]] = {}
+    for name, arm in summary.arms.items():
+        cov = arm.layer_coverage
+        if cov is not None and cov.warning:
+            lines.setdefault(cov.warning, []).append(name)
+    return [f"warning: {', '.join(names)}: {text}" for text, names in lines.items()]
+
+
 def print_results(summary: Any) -> None:
     """The short dense-vs-ssProp table: accuracy, time, backward FLOPs, energy and CO2 with their sources,
     then the single-run intervals, interference warnings and provenance notes."""
@@ -300,21 +395,30 @@ def print_results(summary: Any) -> None:
 
     base = summary.arms.get("dense")
     others = [a for name, a in summary.arms.items() if name != "dense"]
+    generation = summary.task == "generation"
+    quality = next((a.quality_metric for a in summary.arms.values() if a.quality_metric), None)
     table = Table(title=f"{summary.kind}: {summary.config['model']} on {summary.config['dataset']}", show_lines=False)
     table.add_column("arm")
     table.add_column("drop rate (avg)", justify="right")
-    table.add_column("test acc", justify="right")
+    # generation: the quality figure (a Frechet distance, lower is better) in accuracy's place
+    table.add_column(f"{quality or 'FID'}\n(lower = better)" if generation else "test acc", justify="right")
     table.add_column("train time", justify="right")
     table.add_column("bwd FLOPs (counted)", justify="right")
     table.add_column("energy", justify="right")
     table.add_column("CO2e", justify="right")
     for arm in [a for a in [base] if a is not None] + others:
         p = arm.paired
-        acc = f"{arm.test_accuracy:.2%}" if arm.status != "diverged" else f"diverged ({arm.diverged_runs[0]})"
+        if generation:
+            value = arm.quality_value
+            first = "n/a" if value is None else f"{value:.4g}"
+            first += f"\n{_change(p.get(quality))}" if p and quality else ""
+        else:
+            acc = f"{arm.test_accuracy:.2%}" if arm.status != "diverged" else f"diverged ({arm.diverged_runs[0]})"
+            first = acc + (f"\n{_change(p.get('test_accuracy'), True)}" if p else "")
         table.add_row(
             arm.name,
             "dense" if arm.name == "dense" else f"{arm.drop_rate:g} {arm.schedule} ({arm.average_drop_rate:.2f})",
-            acc + (f"\n{_change(p.get('test_accuracy'), True)}" if p else ""),
+            first,
             f"{arm.wall_s:.1f} s" + (f"\n{_change(p.get('wall_s'))}" if p else ""),
             fmt_flops(arm.flops_backward) + (f"\n{_change(p.get('flops_backward'))}" if p else ""),
             f"{arm.energy_j:,.0f} J ({arm.energy_source})" + (f"\n{_change(p.get('energy_j'))}" if p else ""),
@@ -337,9 +441,16 @@ def print_results(summary: Any) -> None:
         n = next(iter(iv.values())).n_epochs
         console.print(f"{arm.name}: single-run 95% interval from {n} paired epochs: {'; '.join(parts)} "
                       f"({next(iter(iv.values())).label})")
+    if generation:
+        for line in generation_lines(summary):
+            console.print(escape(line))
     console.print(f"arms interleaved in time: {summary.interleave}"
                   + (" (epoch by epoch, ABBA)" if summary.interleave == "epoch" else " (one arm-run after another)"))
     for line in interference_warnings(summary) + diverged_warnings(summary):
+        console.print(f"[yellow]{escape(line)}[/]")
+    for line in distributed_lines(summary):
+        console.print(escape(line))
+    for line in coverage_warnings(summary):
         console.print(f"[yellow]{escape(line)}[/]")
     sources = {c.source for a in summary.arms.values() for c in a.energy_components}
     if "fake" in sources:
@@ -366,33 +477,63 @@ def _write_report(run_dir: Path) -> Path | None:
 
 def execute(args: argparse.Namespace, kind: str, **lists: Any) -> int:
     """Run a compare or sweep from parsed flags (or resume one) and print the result table."""
-    from ssprop_energy.cli.progress import RichProgress
-    from ssprop_energy.experiment.execute import out_of_memory_error
-    from ssprop_energy.experiment.runner import (
-        Experiment, ExperimentHooks, default_run_dir, load_run_config, prepare_run_dir,
-    )
+    from ssprop_energy.distributed import context as distributed
 
+    if getattr(args, "nproc_per_node", None) is not None:
+        if distributed.from_env() is not None:
+            raise ConfigError("--nproc-per-node: this process is already a worker of torchrun; drop the flag "
+                              "(torchrun's own --nproc-per-node sets the processes)")
+        from ssprop_energy.distributed.launch import launch, strip_flag
+
+        return launch(strip_flag(args.raw_argv, "--nproc-per-node"), args.nproc_per_node)
+    ctx = distributed.init()  # under torchrun: join the group now (resume reads rank 0's run directory)
+    try:
+        return _execute(args, kind, ctx, lists)
+    finally:
+        distributed.shutdown()
+
+
+def _resume_config(run_dir: Path, world_size: int) -> dict[str, Any]:
+    """The stored configuration of a run to resume, refusing a different number of processes (a run's
+    batches are split over its processes: another split would not continue the same computation)."""
+    from ssprop_energy.experiment.runner import load_run_config
+    from ssprop_energy.records import SUMMARY_FILE, read_json
+
+    cfg = load_run_config(run_dir)
+    started = int(read_json(run_dir / SUMMARY_FILE).get("world_size", 1))
+    if started != world_size:
+        raise ConfigError(f"--resume {run_dir}: the run was started with {started} process(es), this launch has "
+                          f"{world_size}; relaunch with the same number of processes")
+    return cfg.to_dict()
+
+
+def _execute(args: argparse.Namespace, kind: str, ctx: Any, lists: dict[str, Any]) -> int:
+    from ssprop_energy.cli.progress import RichProgress
+    from ssprop_energy.distributed.context import decide_on_main
+    from ssprop_energy.experiment.execute import out_of_memory_error
+    from ssprop_energy.experiment.runner import Experiment, ExperimentHooks, default_run_dir, prepare_run_dir
+    from ssprop_energy.tracking import loggers_from_args
+
+    main = ctx.is_main
+    parse_targets(getattr(args, "log_to", None))  # an unknown --log-to target fails before anything runs
     if args.resume:
         refuse_flags_with_resume(args, kind, lists)
         run_dir = Path(args.resume)
-        cfg = load_run_config(run_dir)
+        cfg = ExperimentConfig.from_dict(
+            decide_on_main(ctx, lambda: _resume_config(run_dir, ctx.world_size)))
     else:
         cfg = config_from_args(args, kind, **lists)
-        run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
+        run_dir = Path(ctx.broadcast(str(Path(cfg.out) if cfg.out else default_run_dir(cfg))))
         cfg.out = str(run_dir)
-    created = not args.resume and not run_dir.exists()
-
-    parse_targets(getattr(args, "log_to", ""))  # a bad --log-to fails before anything is written
+    created = main and not args.resume and not run_dir.exists()
 
     def body(stop: StopFlag, progress: _Progress) -> int:
-        loggers: list[Any] = []
+        loggers: list[Any] = []  # rank 0 only (empty elsewhere)
 
         def callbacks(arm: Any, seed: int, repeat: int) -> list[Any]:
-            out = [lg.callback(arm.name, seed, repeat) for lg in loggers]
-            if not args.quiet:
-                tag = f"{arm.name} s{seed}" + (f" r{repeat}" if cfg.repeats > 1 else "")
-                out.append(RichProgress(tag, cfg.epochs))
-            return out
+            found: list[Any] = [] if args.quiet or not main else [
+                RichProgress(f"{arm.name} s{seed}" + (f" r{repeat}" if cfg.repeats > 1 else ""), cfg.epochs)]
+            return found + [logger.callback(arm.name, seed, repeat) for logger in loggers]
 
         hooks = ExperimentHooks(callbacks=callbacks, stop_requested=stop, command=sys.argv)
         try:
@@ -402,38 +543,56 @@ def execute(args: argparse.Namespace, kind: str, **lists: Any) -> int:
             if oom is None:
                 raise
             raise oom from None
-        if not args.resume:
-            prepare_run_dir(run_dir)
-        print_header(cfg, run_dir, resumed=bool(args.resume))
-        loggers += loggers_from_args(args, run_dir, experiment.carbon.intensity_g_per_kwh, cfg.pue)
-        progress.started = True
+        if not main:  # only global rank 0 prints and writes
+            if not args.resume:
+                decide_on_main(ctx, lambda: prepare_run_dir(run_dir))
+            experiment.run()
+            return 0
+        # Opened before the run directory is made, so a missing package or a bad MLflow URI writes nothing.
+        loggers += loggers_from_args(args, run_dir, carbon_g_per_kwh=experiment.carbon.intensity_g_per_kwh,
+                                     pue=experiment.carbon.pue)
+        status = "failed"
         try:
-            for lg in loggers:
-                lg.log_config(cfg.to_dict())
+            if not args.resume:
+                decide_on_main(ctx, lambda: prepare_run_dir(run_dir))
+            for logger in loggers:
+                logger.log_config({**cfg.to_dict(), "layer_kinds": list(experiment.layer_kinds)})
+            print_header(cfg, run_dir, resumed=bool(args.resume), layer_kinds=experiment.layer_kinds,
+                         coverage=experiment.layer_coverage)
+            if ctx.distributed:
+                print(f"  distributed: {ctx.world_size} process(es) on {ctx.nodes} node(s), backend {ctx.backend}; "
+                      f"global batch {cfg.batch_size} = {cfg.batch_size // ctx.world_size} per process")
+            progress.started = True
             try:
                 summary = experiment.run()  # opens and closes the run's audit-ledger row itself
             except RunInterrupted:
+                status = "interrupted"
                 _write_report(run_dir)
+                for logger in loggers:
+                    logger.on_run_end(run_dir)
                 raise
             except SSPropEnergyError:
-                if not (run_dir / SUMMARY_FILE).exists():  # stopped before its first record (a lock, a bad value)
-                    if created:
-                        _remove_run_dir_if_bare(run_dir)
+                if not (run_dir / SUMMARY_FILE).exists() and created:  # refused before its first record
+                    _remove_run_dir_if_bare(run_dir)
                 raise
             progress.complete = True
             print_results(summary)
             print(f"run record: {run_dir}", flush=True)
             report = _write_report(run_dir)
+            for logger in loggers:  # after summary.json and report.html exist: they are the artifacts
+                logger.on_run_end(run_dir)
+            status = "complete"
             if report is not None:
                 print(f"report: {report}")
-            for lg in loggers:
-                lg.on_run_end(run_dir)
+            for logger in loggers:
+                if logger.name == "tensorboard":
+                    print(f"tensorboard: tensorboard --logdir {logger.log_dir}")
+            return 0
         finally:
-            for lg in loggers:
-                lg.close()
-        return 0
+            for logger in loggers:
+                logger.close(status)
 
-    return run_with_signals(body, run_dir, kind, created=created)
+    return run_with_signals(body, run_dir, kind, created=created, main=main, distributed=bool(ctx.distributed))
 
 
 def _remove_run_dir_if_bare(run_dir: Path) -> None:

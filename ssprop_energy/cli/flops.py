@@ -23,7 +23,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="a registered model (see 'models'), torchvision:NAME, timm:NAME, path/to/file.py:factory or "
         "module.sub:factory (default resnet18)",
     )
-    parser.add_argument("--input-shape", default="3,32,32", help="one sample's shape C,H,W (default 3,32,32)")
+    parser.add_argument("--input-shape", default=None,
+                        help="one sample's shape C,H,W (default 3,32,32; 1,32,32 for ddpm-unet, the paper's MNIST size)")
     parser.add_argument("--num-classes", type=int, default=10, help="number of classes (default 10)")
     parser.add_argument("--drop-rate", type=float, default=0.0, help="ssProp drop rate in [0, 1) (default 0: dense)")
     parser.add_argument(
@@ -62,7 +63,16 @@ def collect(
     from ssprop_energy.sparse import sparsify
     from ssprop_energy.sparse.functional import validate_drop_rate
 
+    from ssprop_energy.experiment.runner import task_of
+
     drop_rate = validate_drop_rate(drop_rate)
+    task = task_of(model_name)
+    step_fn = None
+    if task == "generation":
+        from ssprop_energy.generation import Diffusion
+
+        # The DDPM training step: noising at random timesteps, the UNet (time embedding included), noise MSE.
+        step_fn = Diffusion().training_loss
     model = get_model(model_name, num_classes=num_classes, in_channels=shape[0], image_size=shape[1])
     if layers is None:
         kinds = default_layers_for(model_name, model)
@@ -70,13 +80,14 @@ def collect(
         kinds = tuple(k.strip() for k in layers.split(",") if k.strip())
     if drop_rate > 0:
         sparsify(model, drop_rate=drop_rate, layers=kinds)
-    meter = FlopMeter(model, shape, num_classes, batch_size=batch_size)
+    meter = FlopMeter(model, shape, num_classes, batch_size=batch_size, step_fn=step_fn)
     step = meter.per_sample(drop_rate)
     dense = meter.per_sample(0.0) if drop_rate > 0 else None
     # Shares from the dense step: the sparse step's own backward would shrink the share it is judged by.
     coverage = layer_coverage(dense.layers).to_dict() if dense is not None else None
     result: dict[str, Any] = {
         "model": model_name,
+        "task": task,
         "input_shape": list(shape),
         "num_classes": num_classes,
         "drop_rate": drop_rate,
@@ -85,6 +96,10 @@ def collect(
         "convention": CONVENTION,
         "convention_description": CONVENTION_DESCRIPTION,
         "step": step.to_dict(),
+        "step_description": ("diffusion training step: noise the input at random timesteps, predict the noise "
+                             "(UNet with time embedding and attention), MSE; every conv, linear and attention "
+                             "product counted" if task == "generation" else "classification step: forward, "
+                             "cross-entropy, backward"),
         "dense": dense.to_dict() if dense is not None else None,
         "sparsified_layers": coverage,
     }
@@ -103,8 +118,9 @@ def _print_text(info: dict[str, Any]) -> None:
     step, dense = info["step"], info["dense"]
     shape = "x".join(str(s) for s in info["input_shape"])
     sparse = f"ssProp on {'+'.join(info['ssprop_layers'])} at drop rate {info['drop_rate']:g}" if dense else "dense"
-    out.write(f"model {info['model']}: {info['params']:,} parameters, input {shape}, {info['num_classes']} classes, "
-              f"{sparse}\n")
+    what = "generation (DDPM noise predictor)" if info.get("task") == "generation" else f"{info['num_classes']} classes"
+    out.write(f"model {info['model']}: {info['params']:,} parameters, input {shape}, {what}, {sparse}\n")
+    out.write(f"step: {info['step_description']}\n")
     out.write(f"convention: {info['convention']} ({info['convention_description']})\n")
     coverage = info.get("sparsified_layers")
     if coverage:
@@ -148,7 +164,10 @@ def _print_text(info: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    shape = parse_shape(args.input_shape)
+    from ssprop_energy.experiment.runner import task_of
+
+    default_shape = "1,32,32" if task_of(args.model) == "generation" else "3,32,32"
+    shape = parse_shape(args.input_shape or default_shape)
     if args.num_classes < 1:
         raise ConfigError(f"--num-classes must be >= 1, got {args.num_classes}")
     if args.batch_size < 1:

@@ -24,22 +24,28 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def collect(num_classes: int, in_channels: int, image_size: int | None) -> list[dict[str, Any]]:
-    """One dict per model: name, description, image_size, parameters."""
+    """One dict per model: name, description, task, image_size, parameters (None, with ``unavailable`` saying
+    why, for a model that cannot be built at these shapes: the UNet needs a size divisible by 4)."""
+    from ssprop_energy.errors import ConfigError
     from ssprop_energy.models import count_parameters, get_model, list_models
 
     rows = []
     for info in list_models():
         size = info.default_image_size if image_size is None else image_size
-        model = get_model(info.name, num_classes=num_classes, in_channels=in_channels, image_size=size)
-        rows.append(
-            {
-                "name": info.name,
-                "description": info.description,
-                "image_size": size,
-                "parameters": count_parameters(model),
-                "default_layers": list(info.default_layers),
-            }
-        )
+        row: dict[str, Any] = {
+            "name": info.name,
+            "description": info.description,
+            "task": info.task,
+            "image_size": size,
+            "parameters": None,
+            "default_layers": list(info.default_layers),
+        }
+        try:
+            model = get_model(info.name, num_classes=num_classes, in_channels=in_channels, image_size=size)
+            row["parameters"] = count_parameters(model)
+        except ConfigError as exc:  # one model refusing these shapes must not hide the others
+            row["unavailable"] = str(exc)
+        rows.append(row)
     return rows
 
 
@@ -52,8 +58,12 @@ def run(args: argparse.Namespace) -> int:
     out.write(f"models for {args.num_classes} classes, {args.in_channels} input channel(s):\n")
     width = max(len(r["name"]) for r in rows)
     for r in rows:
-        out.write(f"  {r['name']:<{width}}  {r['parameters']:>12,d} params @ {r['image_size']}px  "
-                  f"ssProp on {'+'.join(r['default_layers']):<11}  {r['description']}\n")
+        params = f"{r['parameters']:>12,d} params" if r["parameters"] is not None else f"{'n/a':>12} params"
+        task = " [generation]" if r["task"] == "generation" else ""
+        out.write(f"  {r['name']:<{width}}  {params} @ {r['image_size']}px  "
+                  f"ssProp on {'+'.join(r['default_layers']):<11}  {r['description']}{task}\n")
+        if r.get("unavailable"):
+            out.write(f"  {'':<{width}}  not available at these shapes: {r['unavailable']}\n")
     out.write("also: torchvision:NAME, timm:NAME (pip install 'ssprop-energy[vision]'), path/to/file.py:factory, "
               "module.sub:factory; external models default to ssProp on conv+linear when they have both\n")
     return 0

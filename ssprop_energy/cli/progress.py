@@ -45,9 +45,11 @@ class RichProgress(Callback):
             return
         rec = result.record
         self.energy_j += rec.energy_j
+        # a generation run has no accuracy (NaN): its validation figure is the loss (noise MSE)
+        val = f"val loss {rec.val_loss:.4f}" if rec.val_accuracy != rec.val_accuracy else f"val acc {rec.val_accuracy:.1%}"
         self.progress.update(
             self.task,
-            status=f"loss {rec.train_loss:.3f}  val acc {rec.val_accuracy:.1%}  energy {self.energy_j:,.0f} J",
+            status=f"loss {rec.train_loss:.3f}  {val}  energy {self.energy_j:,.0f} J",
         )
         self.progress.stop()
         self.progress = None

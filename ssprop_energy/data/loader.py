@@ -3,7 +3,9 @@
 No worker processes and no per-sample Python: one ``index_select`` and one fused scale-and-shift per batch.
 On a GPU the whole uint8 split is moved to the device once, so a batch never crosses the bus.
 The order of an epoch depends only on ``(seed, epoch)``, so a resumed run and the two arms of a paired
-comparison see the same batches in the same order.
+comparison see the same batches in the same order. In a distributed run each rank serves its contiguous
+part of every batch (``rank``, ``world_size``; see ``distributed/sharding.py``), so the union over ranks of
+each batch is exactly the single-process batch.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import torch
 
 from ssprop_energy.data.base import TensorSplit
+from ssprop_energy.distributed.sharding import shard_slice
 from ssprop_energy.errors import ConfigError
 
 
@@ -31,6 +34,9 @@ class BatchLoader:
         mean, std: per-channel normalisation on the [0, 1] scale; None leaves pixels at pixel / 255.
         device: where the data lives and the batches are made.
         drop_last: drop the final incomplete batch.
+        rank, world_size: serve only part ``rank`` of ``world_size`` of every batch (``batch_size`` is then the
+            global batch); ``last_batch_samples`` holds ``(samples served, samples in the global batch)`` of
+            the batch served last.
     """
 
     def __init__(
@@ -43,7 +49,11 @@ class BatchLoader:
         std: Sequence[float] | None = None,
         device: str | torch.device = "cpu",
         drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank must be in [0, {world_size}), got {rank}")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if seed < 0:
@@ -61,6 +71,9 @@ class BatchLoader:
         self.seed = int(seed)
         self.drop_last = drop_last
         self.epoch = 0
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.last_batch_samples = (0, 0)
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device)
         # (x / 255 - mean) / std == x * scale - shift, folded in float64 then stored as float32
@@ -104,4 +117,8 @@ class BatchLoader:
         order = self.order().to(self.device)
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            if self.world_size > 1:
+                start, stop = shard_slice(len(idx), self.world_size, self.rank)
+                self.last_batch_samples = (stop - start, len(idx))
+                idx = idx[start:stop]
             yield self.normalize(self.images.index_select(0, idx)), self.labels.index_select(0, idx)

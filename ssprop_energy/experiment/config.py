@@ -47,6 +47,15 @@ DEFAULT_EPOCHS = 4
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_LR = 1e-3
 
+# The generation task (a model whose registry entry says ``task="generation"``: the DDPM UNet) starts from these
+# instead, before a preset and explicit flags (``apply_task_defaults``). AdamW at 1e-3 and 32x32 inputs are the
+# paper's DDPM settings (public code ``train_ddpm.py``); 2 epochs (one dense, one sparse under ``bar``) keep the
+# default compare on digits, sampling included, at a few minutes on a 2-core CPU (BENCHMARKS.md). Batch 32: on
+# that CPU a UNet step costs the same per sample at 32 as at 64 (measured), so twice the optimizer updates for
+# the same time; 16 costs ~25% more per sample.
+GENERATION_DEFAULTS: dict[str, Any] = {"optimizer": "adamw", "lr": 1e-3, "epochs": 2, "image_size": 32,
+                                       "batch_size": 32}
+
 
 @dataclass(frozen=True)
 class ArmSpec:
@@ -73,7 +82,9 @@ class ExperimentConfig:
     schedules: list[str] = field(default_factory=lambda: ["bar"])
     dropouts: list[float] = field(default_factory=lambda: [0.0])
     selection: str = "topk"
-    layers: list[str] = field(default_factory=lambda: ["conv"])
+    # None: the model's default layer kinds (models.resolve_layers: conv for CNNs/ResNets, linear for mlp,
+    # conv+linear for vit and external models holding both); a list overrides it (--layers).
+    layers: list[str] | None = None
     warmup_epochs: int = 0
     schedule_by: str = "epoch"
     period: int = 10
@@ -100,6 +111,11 @@ class ExperimentConfig:
     interleave: str = "epoch"
     project: str | None = None
     out: str | None = None
+    # generation task only (None: the task's default; ignored by classification models)
+    samples: int | None = None  # images generated per arm-run at the end (default 32)
+    timesteps: int | None = None  # diffusion steps (default 200, the paper's)
+    inception_weights: str | None = None  # local Inception-v3 weights for the standard FID (else the env var)
+    threads: int | None = None  # torch CPU threads during the run (None: torch's default, recorded either way)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad value and the allowed ones, in the domain's words;
@@ -131,11 +147,12 @@ class ExperimentConfig:
                 raise bad("dropouts", f"dropout must be in [0, 1), got {p!r}")
         if self.selection not in SELECTIONS:
             raise bad("selection", f"unknown selection {self.selection!r}; choose from {', '.join(SELECTIONS)}")
-        for kind in self.layers:
-            if kind not in LAYER_KINDS:
-                raise bad("layers", f"unknown layer kind {kind!r}; choose from {', '.join(LAYER_KINDS)}")
-        if not self.layers:
-            raise bad("layers", "at least one layer kind to sparsify is needed")
+        if self.layers is not None:
+            if not isinstance(self.layers, (list, tuple)) or not self.layers:
+                raise bad("layers", "at least one layer kind to sparsify is needed (or null: the model's default)")
+            for kind in self.layers:
+                if kind not in LAYER_KINDS:
+                    raise bad("layers", f"unknown layer kind {kind!r}; choose from {', '.join(LAYER_KINDS)}")
         if self.schedule_by not in BY:
             raise bad("schedule_by", f"unknown schedule granularity {self.schedule_by!r}; choose from {', '.join(BY)}")
         if self.schedule_interleave not in (None, True, False):
@@ -175,6 +192,15 @@ class ExperimentConfig:
         for s in self.eval_noise:
             if not (s > 0 and math.isfinite(s)):
                 raise bad("eval_noise", f"evaluation noise levels must be positive, got {s!r}")
+        if self.samples is not None and (isinstance(self.samples, bool) or not isinstance(self.samples, int)
+                                         or self.samples < 2):
+            raise bad("samples", f"a Frechet distance needs at least 2 samples, got {self.samples!r}")
+        if self.timesteps is not None and (isinstance(self.timesteps, bool) or not isinstance(self.timesteps, int)
+                                           or self.timesteps < 1):
+            raise bad("timesteps", f"diffusion timesteps must be a positive integer, got {self.timesteps!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise bad("threads", f"threads must be a positive integer, got {self.threads!r}")
         if not self.seeds:
             raise bad("seeds", "at least one seed is needed")
         for seed in self.seeds:
@@ -214,6 +240,15 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def apply_task_defaults(self, task: str) -> None:
+        """Set the defaults of ``task`` (``models.ModelInfo.task``); call before a preset and explicit values.
+
+        Classification keeps the class defaults; generation takes :data:`GENERATION_DEFAULTS`.
+        """
+        if task == "generation":
+            for key, value in GENERATION_DEFAULTS.items():
+                setattr(self, key, value)
+
     def apply_preset(self, name: str) -> None:
         """Set every field that preset ``name`` fixes; explicit flags are applied afterwards and win."""
         if name not in PRESETS:
@@ -222,11 +257,12 @@ class ExperimentConfig:
         # (make_optimizer's Adam), no weight decay, no LR schedule, batch 128, the headline schedule (keep 0.2,
         # constant, interleaved, by epoch), full precision, no dropout. No augmentation, the 80/20 train/val split
         # of datasets with an official test set, and test accuracy at the best validation epoch are how every
-        # run here works already. Model, data, lr, epochs and seed stay the user's.
+        # run here works already. Model, data, lr, epochs and seed stay the user's. Layers: the model's default
+        # (the paper sparsifies the convolutions of its CNNs/ResNets; its Linear variant is for its MLP).
         values: dict[str, Any] = {
             "optimizer": "adam", "weight_decay": 0.0, "lr_schedule": "none", "batch_size": 128,
             "schedules": ["bar"], "drop_rates": [0.8], "start_drop_rate": 0.0, "schedule_interleave": None,
-            "warmup_epochs": 0, "schedule_by": "epoch", "selection": "topk", "layers": ["conv"],
+            "warmup_epochs": 0, "schedule_by": "epoch", "selection": "topk", "layers": None,
             "amp": False, "dropouts": [0.0],
         }
         for key, value in values.items():

@@ -12,6 +12,14 @@ The data flows one way through three rooms:
 
 This module ties them to a run directory and to the hooks (progress, stop flag, the audit ledger).
 
+A generation model (``models.model_info(name).task == "generation"``, the DDPM UNet; external models are
+classifiers) makes a generation run: the data default to 32x32 (the paper's size; the dataset record states
+the resize), and the quality figure's feature extractor is built once before any arm starts (a classifier
+trained on first use and cached), in a meter window of its own that the ledger charges and no arm pays.
+
+Under ``torchrun`` (or ``--nproc-per-node``) every rank constructs and runs the same experiment; only global
+rank 0 touches the run directory and the ledger, and every rank returns rank 0's summary.
+
 Run directory (see ``records.py``): ``config.json``, ``summary.json`` (status ``running`` until the end),
 ``runs/<arm>__s<seed>__r<repeat>.json`` (one finished arm-run each, so ``--resume`` skips them),
 ``checkpoints/`` (arm-runs in progress), and at the end ``epochs.csv``, ``power_trace.csv``, ``layers.csv``.
@@ -21,10 +29,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import platform
 import socket
 import sys
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,10 +43,12 @@ import torch
 
 from ssprop_energy import __version__
 from ssprop_energy.data import load_dataset
+from ssprop_energy.distributed import context as distributed
+from ssprop_energy.distributed.sharding import validate_sharding
 from ssprop_energy.energy import open_meter, resolve_meter
 from ssprop_energy.energy.carbon import resolve_intensity
 from ssprop_energy.errors import ConfigError, RecordError, RunInterrupted
-from ssprop_energy.experiment.config import ArmSpec, ExperimentConfig
+from ssprop_energy.experiment.config import GENERATION_DEFAULTS, ArmSpec, ExperimentConfig
 from ssprop_energy.experiment.execute import Executor, out_of_memory_error
 from ssprop_energy.experiment.lock import RunLock
 from ssprop_energy.experiment.plan import ArmRunKey, Group, all_runs, plan_groups
@@ -50,6 +62,19 @@ from ssprop_energy.train import Callback, resolve_device
 log = logging.getLogger(__name__)
 
 
+def task_of(model: str) -> str:
+    """``classification`` or ``generation``: the registry's word for a registered model; external models
+    (``torchvision:``, ``timm:``, factories) are classifiers.
+
+    Raises:
+        ConfigError: an unknown registered name.
+    """
+    from ssprop_energy.models import model_info
+    from ssprop_energy.models.external import is_external
+
+    return "classification" if is_external(model) else model_info(model).task
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -58,7 +83,9 @@ def _default_monitor(device: torch.device) -> Any:
     from ssprop_energy.energy.interference import InterferenceMonitor
 
     gpu_index = (device.index or 0) if device.type == "cuda" else None
-    return InterferenceMonitor(sample_period_s=0.25, gpu_index=gpu_index)
+    # under a launcher, "this run" is the launcher's whole process tree (every local rank), not rank 0 alone
+    root_pid = os.getppid() if distributed.current().distributed else None
+    return InterferenceMonitor(sample_period_s=0.25, gpu_index=gpu_index, root_pid=root_pid)
 
 
 @dataclass
@@ -176,34 +203,104 @@ class Experiment:
         self.cfg = cfg
         self.run_dir = run_dir
         self.hooks = hooks or ExperimentHooks()
+        self.dist = distributed.init()
         self.device = resolve_device(cfg.device)
+        if self.dist.distributed and self.device.type == "cuda":
+            distributed.check_cuda(self.dist)
+            self.device = torch.device("cuda", self.dist.local_rank)
         intensity = resolve_intensity(country=cfg.country, override_g_per_kwh=cfg.carbon_intensity)
         self.carbon = CarbonBlock(
             intensity_g_per_kwh=intensity.g_per_kwh, source=intensity.source, region=intensity.region, pue=cfg.pue,
             pue_source="--pue" if cfg.pue != 1.0 else "default 1.0 (no data-centre overhead)",
         )
+        self.task = task_of(cfg.model)
+        if self.task == "generation" and self.dist.world_size > 1:
+            # each rank would sample and score its own copy: not wired yet, refused rather than half right
+            raise ConfigError(f"the generation model {cfg.model!r} runs on one process only (no DDP yet)")
+        self.generation = self._generation_config() if self.task == "generation" else None
         # The split is fixed (seed 0) whatever the training seeds: every seed is tested on the same images.
-        self.data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size, seed=0)
+        image_size = cfg.image_size
+        if image_size is None and self.task == "generation":
+            image_size = GENERATION_DEFAULTS["image_size"]
+        self.data = load_dataset(cfg.dataset, data_dir=cfg.data_dir, image_size=image_size, seed=0)
+        validate_sharding(len(self.data.train), cfg.batch_size, self.dist.world_size)
         # The meter's fallback chain runs once, here (an unavailable --meter is a user error found now);
         # every meter of the run opens exactly these sources.
         self.meter_choice = resolve_meter(cfg.meter, sample_period_s=cfg.sample_period_s)
         self.executor = Executor(
             cfg, self.data, self.device, self.meter_choice, None, run_dir / "checkpoints",
-            self.hooks.callbacks, self.hooks.stop_requested,
+            self.hooks.callbacks, self.hooks.stop_requested, dist=self.dist, generation=self.generation,
         )
+        self.generation_info: dict[str, Any] | None = None
+        if self.generation is not None and self.generation.inception_weights:
+            # A named weights file that is missing or unusable is the user's mistake: found now, not mid-run.
+            from ssprop_energy.generation import inception_extractor
+
+            self.executor.extractor = inception_extractor(self.generation.inception_weights)
         check_split_sizes(cfg.dataset, self.data)
         # Unknown model names, or a model with no layer of the kinds to sparsify, fail now, not mid-run.
         n_batches = math.ceil(len(self.data.train) / cfg.batch_size)
         for arm in cfg.arms():
             if arm.sparse:
                 check_schedule_drops(arm, self.executor.schedule(arm), cfg.epochs, n_batches)
-        self.executor.build_model(next(a for a in cfg.arms() if a.sparse), cfg.seeds[0])
+        probe = self.executor.build_model(next(a for a in cfg.arms() if a.sparse), cfg.seeds[0])
+        self.layer_kinds: tuple[str, ...] = self.executor.layer_kinds(probe)
+        # What ssProp can reach, known before training: the run header shows it, a low share is warned about.
+        self.layer_coverage = self.executor.coverage(probe)
+        if self.layer_coverage.warning:
+            log.warning("%s: %s", cfg.model, self.layer_coverage.warning)
         self.groups: list[Group] = plan_groups(cfg)
         self.created_at = now_iso()
         self.environment: dict[str, Any] = {}
+        self.rank_infos: list[dict[str, Any]] = []
         self.idle_power_w: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------------ running
+
+    def _generation_config(self) -> Any:
+        """The generation task's settings from the config (unset values: the task's defaults)."""
+        from ssprop_energy.generation import ENV_INCEPTION_WEIGHTS, GenerationConfig
+
+        cfg = self.cfg
+        if cfg.eval_noise:
+            raise ConfigError("--eval-noise (input-noise accuracy) applies to classification, not to the "
+                              f"generation model {cfg.model!r}", field="eval_noise")
+        options: dict[str, Any] = {}
+        if cfg.samples is not None:
+            options["n_samples"] = cfg.samples
+        if cfg.timesteps is not None:
+            options["timesteps"] = cfg.timesteps
+        weights = cfg.inception_weights or os.environ.get(ENV_INCEPTION_WEIGHTS) or None
+        return GenerationConfig(inception_weights=weights, **options)
+
+    def _build_extractor(self) -> None:
+        """Build the quality figure's feature extractor once, before any arm, metered apart from every arm.
+
+        The classifier's one-off training (on first use; cached afterwards) is charged to this invocation in
+        the ledger (it is in ``executor.metered``) but to neither arm.
+        """
+        from ssprop_energy.generation import GenerationTask
+        from ssprop_energy.records import total_energy
+
+        task = GenerationTask(self.data, self.generation)
+        meter = open_meter(choice=self.meter_choice, sample_period_s=self.cfg.sample_period_s)
+        started = time.perf_counter()
+        meter.start()
+        try:
+            with meter.window("extractor", scope="setup"):
+                extractor = self.executor.extractor or task.extractor()
+        finally:
+            report = meter.stop()
+            self.executor.metered.append(list(report.components))
+        self.executor.extractor = extractor
+        energy_j, source = total_energy(report.components)
+        self.generation_info = {
+            **task.describe(),
+            "extractor": extractor.describe(),
+            "extractor_setup": {"wall_s": time.perf_counter() - started, "energy_j": energy_j, "energy_source": source,
+                                "note": "building the extractor (training the classifier when not cached) is "
+                                        "charged to the ledger row, not to any arm"},
+        }
 
     def plan(self) -> list[ArmRunKey]:
         """All arm-runs in execution order (within a group, epochs interleave)."""
@@ -212,64 +309,100 @@ class Experiment:
     def run(self) -> RunSummary:
         """Run (or resume) every arm-run; returns the final summary, also written to the run directory.
 
-        The run directory is locked (:class:`~ssprop_energy.experiment.lock.RunLock`) while this runs.
+        The run directory is locked (:class:`~ssprop_energy.experiment.lock.RunLock`, by rank 0) while this runs.
 
         Raises:
-            RunInterrupted: the stop flag was raised, or KeyboardInterrupt arrived (a signal, in any phase);
-                the summary is saved with status ``interrupted``.
+            RunInterrupted: the stop flag was raised (on any rank), KeyboardInterrupt arrived (a signal, in any
+                phase), or another rank of a distributed run failed; the summary is saved as ``interrupted``.
             ConfigError: another process holds the run directory, or the run is already complete.
         """
-        lock = RunLock(self.run_dir).acquire()
+        lock = RunLock(self.run_dir).acquire() if self.dist.is_main else None
         try:
             summary_path = self.run_dir / SUMMARY_FILE
-            if summary_path.exists() and read_json(summary_path).get("status") == "complete":
+            if lock is not None and summary_path.exists() and read_json(summary_path).get("status") == "complete":
                 raise ConfigError(f"--resume {self.run_dir}: the run is already complete")
+            return self._run_threads()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run_threads(self) -> RunSummary:
+        threads = torch.get_num_threads()
+        if self.cfg.threads is not None:
+            # a process-wide setting: restored when the run ends (on a CPU shared with other work, 1 thread
+            # avoids the pathological slowdown of spinning OpenMP threads; BENCHMARKS.md)
+            torch.set_num_threads(self.cfg.threads)
+        try:
             return self._run()
         finally:
-            lock.release()
+            torch.set_num_threads(threads)
 
     def _run(self) -> RunSummary:
+        main = self.dist.is_main
+        self.rank_infos = self.dist.all_gather(self.executor.rank_info())
         ledger: LedgerHook | None = None
         monitor = None
         self._recorded = False  # a summary exists: from here on, a stop or failure is saved in it
         try:
-            if self.hooks.ledger:
+            if self.hooks.ledger and main:
                 ledger = LedgerHook(self, self.hooks.command or sys.argv)
-            (self.run_dir / "runs").mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.run_dir / CONFIG_FILE, self.cfg.to_dict())
+            if main:
+                (self.run_dir / "runs").mkdir(parents=True, exist_ok=True)
+                write_json_atomic(self.run_dir / CONFIG_FILE, self.cfg.to_dict())
             self.environment = self._environment()
-            self._write_summary("running")
-            self._recorded = True
-            monitor = self.hooks.monitor(self.device) if self.hooks.monitor is not None else None
+            if main:
+                self._write_summary("running")
+                self._recorded = True
+            monitor = self.hooks.monitor(self.device) if self.hooks.monitor is not None and main else None
             self.executor.monitor = monitor
             if monitor is not None:
                 monitor.start()
-            if self.cfg.idle_s > 0:
+            if self.cfg.idle_s > 0 and main:
                 meter = open_meter(choice=self.meter_choice, sample_period_s=self.cfg.sample_period_s)
                 try:
                     self.idle_power_w = dict(meter.measure_idle(self.cfg.idle_s))
                 finally:
                     meter.close()
+            if self.generation is not None:
+                self._build_extractor()
+                if main:
+                    self._write_summary("running")
             for group in self.groups:
-                pending = [key for key in group.runs if not self._result_path(key).exists()]
+                pending = [key for key in group.runs if not self._result_path(key).exists()] if main else []
+                names = set(self.dist.broadcast([key.name for key in pending]))  # rank 0 has the run directory
+                pending = [key for key in group.runs if key.name in names]
                 if pending:
                     self.executor.run_group(group, pending, self._save_run)
-            # Say "not finished" on disk before finalising: if the tables or the summary cannot be written
-            # (a full disk), the record is never left "running" with every arm-run done; resume finalises.
-            self._write_summary("failed", self._arms(complete=False),
-                                failure_reason=f"finalisation did not finish; run --resume {self.run_dir} to finish it")
-            summary = self._finalise()
+            self.executor.gather_metered()
+            if main:
+                # Say "not finished" on disk before finalising: if the tables or the summary cannot be written
+                # (a full disk), the record is never left "running" with every arm-run done; resume finalises.
+                self._write_summary("failed", self._arms(complete=False), failure_reason=(
+                    f"finalisation did not finish; run --resume {self.run_dir} to finish it"))
+            summary = self._finalise() if main else None
         except (RunInterrupted, KeyboardInterrupt) as exc:
-            # a signal in any phase (setup, counting, warm-up, idle, training, evaluation, finalisation):
-            # what finished is on disk; the record says interrupted and --resume continues from there
-            self._close_unfinished("interrupted", ledger)
+            # a signal in any phase (setup, counting, warm-up, idle, training, evaluation, finalisation): what
+            # finished is on disk; the record says interrupted and --resume continues from there
+            if isinstance(exc, RunInterrupted):
+                self.executor.gather_metered()  # every rank stopped at the same batch (the flag is agreed)
+            if main:
+                self._close_unfinished("interrupted", ledger)
             if isinstance(exc, RunInterrupted):
                 raise
             raise RunInterrupted("interrupted") from None
         except BaseException as exc:
+            if self.dist.distributed and isinstance(exc, Exception) and distributed.is_peer_failure(exc):
+                # another rank died: what is saved stays resumable, and this rank stops like the others
+                reason = f"another process of the distributed run failed ({type(exc).__name__}: {exc})"
+                if main:
+                    self._write_summary("interrupted", self._arms(complete=False), failure_reason=reason)
+                    if ledger is not None:
+                        ledger.close("interrupted", note=reason)
+                raise RunInterrupted(reason) from None
             oom = out_of_memory_error(exc, self.cfg, self.data.image_size)
             reason = str(oom) if oom is not None else f"{type(exc).__name__}: {exc}"
-            self._close_unfinished("failed", ledger, reason)
+            if main:
+                self._close_unfinished("failed", ledger, reason)
             if oom is not None:
                 raise oom from None
             raise
@@ -278,11 +411,12 @@ class Experiment:
                 monitor.stop()
         if ledger is not None:
             ledger.close("complete")
-        try:
-            (self.run_dir / "checkpoints").rmdir()  # empty once every arm-run finished
-        except OSError:
-            pass
-        return summary
+        if main:
+            try:
+                (self.run_dir / "checkpoints").rmdir()  # empty once every arm-run finished
+            except OSError:
+                pass
+        return self.dist.broadcast(summary) if self.dist.distributed else summary
 
     def _close_unfinished(self, status: str, ledger: LedgerHook | None, reason: str | None = None) -> None:
         """Save the summary of the finished arm-runs (and their tables, for a partial report) with ``status``
@@ -310,8 +444,14 @@ class Experiment:
 
     def spent_components(self) -> list[EnergyComponent]:
         """Energy every meter of this process measured (training, evaluation and the gaps between windows,
-        interrupted groups included): what the audit ledger charges to this invocation."""
-        return add_components(*self.executor.metered)
+        interrupted groups included): what the audit ledger charges to this invocation. In a distributed run
+        every rank's and node's components, named ``<component>@rank<r>`` / ``<component>@node<n>`` (the
+        ledger keys a row's components by name)."""
+        spent = add_components(*self.executor.metered)
+        if not self.dist.distributed:
+            return spent
+        return [replace(c, component=f"{c.component}@" + (f"rank{c.rank}" if c.rank is not None else f"node{c.node}"),
+                        rank=None, node=None) for c in spent]
 
     def _result_path(self, key: ArmRunKey) -> Path:
         return self.run_dir / "runs" / f"{key.name}.json"
@@ -332,6 +472,9 @@ class Experiment:
             "meter": {"kind": self.meter_choice.kind, "sources": list(self.meter_choice.sources),
                       "unavailable": dict(self.meter_choice.unavailable)},
             "dataset": getattr(self.data, "info", {}),
+            **({"distributed": {"world_size": self.dist.world_size, "nodes": self.dist.nodes,
+                                "backend": self.dist.backend, "ranks": self.rank_infos}}
+               if self.dist.distributed else {}),
         }
 
     # ------------------------------------------------------------------------------------------ summary
@@ -366,7 +509,9 @@ class Experiment:
             kind=self.cfg.kind, status=status, created_at=self.created_at, config=self.cfg.to_dict(),
             environment=self.environment, carbon=self.carbon, arms=arms or {}, paired=paired or {},
             interleave=self.cfg.interleave, failure_reason=failure_reason,
-            finished_at=None if status == "running" else now_iso(),
+            finished_at=None if status == "running" else now_iso(), layer_kinds=list(self.layer_kinds),
+            world_size=self.dist.world_size, nodes=self.dist.nodes, task=self.task,
+            generation=self.generation_info,
         )
         write_summary(self.run_dir, summary)
         return summary

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from ssprop_energy.energy.carbon import co2_g
 from ssprop_energy.energy.interference import DEFAULT_THRESHOLD_CORES, InterferenceReading
@@ -23,6 +23,10 @@ from ssprop_energy.records import (
 
 PAIRED_METRICS = ("energy_j", "co2_g", "wall_s", "flops_backward", "flops_backward_conv", "flops_total",
                   "test_accuracy")
+# A generation run has no accuracy: its quality figure (``fid`` or ``fid_classifier``, lower is better) takes
+# test accuracy's place, beside the test noise MSE and the sampling window's time and energy.
+GENERATION_PAIRED_METRICS = ("energy_j", "co2_g", "wall_s", "flops_backward", "flops_backward_conv", "flops_total",
+                             "test_loss", "sample_wall_s", "sample_energy_j")
 INTERVAL_METRICS = ("wall_s", "energy_j")
 STEP_PHASES = ("data", "forward", "backward", "optimizer")  # the windows nested in each epoch's "train"
 MATERIAL_CORES = DEFAULT_THRESHOLD_CORES  # foreign busy cores from which a time/energy figure is flagged
@@ -39,7 +43,15 @@ def _value(run: ArmRun, metric: str, carbon: CarbonBlock) -> float:
         return run.flops_forward + run.flops_backward
     if metric == "energy_j":
         return run.energy_j
-    return float(getattr(run, metric))
+    value = getattr(run, metric)
+    return math.nan if value is None else float(value)
+
+
+def _mean_or_none(values: Sequence[float | None]) -> float | None:
+    """The mean of the values, or None when any is missing (a mean over part of the runs would mislead)."""
+    if not values or any(v is None for v in values):
+        return None
+    return sum(values) / len(values)  # type: ignore[arg-type]
 
 
 def arm_record(arm: ArmSpec, runs: Sequence[ArmRun], carbon: CarbonBlock,
@@ -67,6 +79,7 @@ def arm_record(arm: ArmSpec, runs: Sequence[ArmRun], carbon: CarbonBlock,
             for k, v in w.items():
                 p[k] = p.get(k, 0.0) + float(v) / n
     noise = {k: sum(r.noise_accuracy[k] for r in runs) / n for k in runs[0].noise_accuracy}
+    shares = [r.comm_share for r in runs if r.comm_share is not None]
     # training energy outside the nested step windows (callbacks, schedule stepping, loop overhead)
     nested_j = sum(phases.get(p, {}).get("energy_j", 0.0) for p in STEP_PHASES)
     unattributed_j = max(0.0, phases["train"]["energy_j"] - nested_j) if "train" in phases else 0.0
@@ -79,18 +92,65 @@ def arm_record(arm: ArmSpec, runs: Sequence[ArmRun], carbon: CarbonBlock,
         test_loss=mean("test_loss"), best_val_accuracy=mean("best_val_accuracy"),
         best_epoch=int(round(mean("best_epoch"))), dropout=arm.dropout, noise_accuracy=noise, phases=phases,
         unattributed_energy_j=unattributed_j, idle_power_w=dict(idle_power_w or {}),
+        world_size=runs[0].world_size, nodes=runs[0].nodes,
+        comm_share=sum(shares) / len(shares) if shares else None,
         repeats=[RepeatFigures(seed=r.seed, repeat=r.repeat, test_accuracy=r.test_accuracy, wall_s=r.wall_s,
                                energy_j=r.energy_j, co2_g=_co2(r.energy_j, carbon), flops_forward=r.flops_forward,
-                               flops_backward=r.flops_backward, flops_backward_conv=r.flops_backward_conv)
+                               flops_backward=r.flops_backward, flops_backward_conv=r.flops_backward_conv,
+                               energy_source=r.energy_source,
+                               eval_energy_j=float(r.phases.get("eval", {}).get("energy_j", 0.0)),
+                               fid=r.fid, fid_classifier=r.fid_classifier, sample_wall_s=r.sample_wall_s,
+                               sample_energy_j=r.sample_energy_j)
                  for r in runs],
+        # the same layers are sparsified in every run of an arm (one architecture, one --layers)
+        layer_coverage=runs[0].layer_coverage,
+        **_generation_fields(runs),
     )
+
+
+def _generation_fields(runs: Sequence[ArmRun]) -> dict[str, Any]:
+    """A generation arm's means: the quality figure, its details, and the sampling window's time and energy."""
+    if runs[0].task != "generation":
+        return {}
+    n = len(runs)
+    first = runs[0]
+    metric = first.quality_metric
+    quality = {k: v for k, v in first.quality.items() if k not in ("value", "wall_s")}
+    if metric is not None:
+        values = [getattr(r, metric) for r in runs]
+        quality["per_run"] = {f"s{r.seed}r{r.repeat}": v for r, v in zip(runs, values)}
+    sample_components = add_components(*(r.sample_energy_components for r in runs), scale=1.0 / n)
+    sample_energy_j, sample_source = total_energy(sample_components)
+    sampling = {k: v for k, v in first.sampling.items() if k not in ("grid_file", "interference")}
+    sampling["grid_files"] = {f"s{r.seed}r{r.repeat}": r.sampling.get("grid_file") for r in runs}
+    sampling["interference"] = {f"s{r.seed}r{r.repeat}": r.sampling.get("interference") for r in runs}
+    has_samples = all(r.sample_energy_components for r in runs)
+    return {
+        "task": "generation",
+        "fid": _mean_or_none([r.fid for r in runs]) if metric == "fid" else None,
+        "fid_classifier": _mean_or_none([r.fid_classifier for r in runs]) if metric == "fid_classifier" else None,
+        "quality": quality,
+        "sample_wall_s": _mean_or_none([r.sample_wall_s for r in runs]),
+        "sample_energy_j": sample_energy_j if has_samples else None,
+        "sample_energy_source": sample_source if has_samples else None,
+        "sample_energy_components": sample_components,
+        "sampling": sampling,
+    }
 
 
 def paired(base: Sequence[ArmRun], arm: Sequence[ArmRun], carbon: CarbonBlock) -> dict[str, PairedStat]:
     """Paired statistics of every metric, pairing runs by (seed, repeat)."""
     b, a = _matched(base, arm)
-    return {m: paired_stats([_value(r, m, carbon) for r in b], [_value(r, m, carbon) for r in a])
-            for m in PAIRED_METRICS}
+    metrics: tuple[str, ...] = PAIRED_METRICS
+    if b and b[0].task == "generation":
+        quality = b[0].quality_metric
+        metrics = GENERATION_PAIRED_METRICS + ((quality,) if quality is not None else ())
+    out = {}
+    for m in metrics:
+        bv, av = [_value(r, m, carbon) for r in b], [_value(r, m, carbon) for r in a]
+        if all(math.isfinite(v) for v in bv + av):  # a figure missing from a run is not paired at all
+            out[m] = paired_stats(bv, av)
+    return out
 
 
 def _matched(base: Sequence[ArmRun], arm: Sequence[ArmRun]) -> tuple[list[ArmRun], list[ArmRun]]:
@@ -208,5 +268,5 @@ def write_tables(run_dir: Path, by_arm: dict[str, list[ArmRun]]) -> None:
     write_csv_atomic(run_dir / LAYERS_FILE, layer_rows, LAYER_COLUMNS)
 
 
-__all__ = ["PAIRED_METRICS", "arm_record", "epoch_intervals", "interference", "paired", "summarize_arms",
+__all__ = ["GENERATION_PAIRED_METRICS", "PAIRED_METRICS", "arm_record", "epoch_intervals", "interference", "paired", "summarize_arms",
            "write_tables"]

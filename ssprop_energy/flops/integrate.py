@@ -205,6 +205,7 @@ class FlopMeter:
         n_samples: int,
         batch_size: int,
         drop_last: bool = False,
+        batch_sizes: Sequence[int] | None = None,
     ) -> RunFlops:
         """Integrate the step FLOPs over a run that follows ``schedule`` batch by batch.
 
@@ -214,6 +215,9 @@ class FlopMeter:
             n_samples: training samples per epoch.
             batch_size: samples per batch; the last batch is partial unless ``drop_last``.
             drop_last: drop the partial last batch, as the loader does with the same flag.
+            batch_sizes: the samples of each batch of an epoch, given explicitly (one rank's parts of the
+                global batches in a distributed run); ``n_samples`` / ``batch_size`` / ``drop_last`` then
+                only count the batches.
 
         Returns:
             The run's FLOPs per epoch and in total.
@@ -226,6 +230,10 @@ class FlopMeter:
         sizes = [batch_size] * (n_samples // batch_size)
         if n_samples % batch_size and not drop_last:
             sizes.append(n_samples % batch_size)
+        if batch_sizes is not None:
+            if len(batch_sizes) != len(sizes) or any(b < 0 for b in batch_sizes):
+                raise ConfigError(f"batch_sizes: expected {len(sizes)} non-negative sizes, got {list(batch_sizes)}")
+            sizes = [int(b) for b in batch_sizes]
         epochs = []
         by_rate: dict[float, StepFlops] = {}  # a run has ~1e5 batches but few distinct rates
         samples_at: dict[float, int] = {}

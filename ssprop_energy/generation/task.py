@@ -244,6 +244,12 @@ class GenerationTask:
             model.train(was_training)
         return to_uint8(images)
 
+    def use_extractor(self, extractor: FeatureExtractor) -> None:
+        """Share an extractor already built (an experiment builds it once, before any arm, for all tasks)."""
+        if extractor.metric != self.quality_metric:
+            raise ConfigError(f"extractor {extractor.name!r} gives {extractor.metric}, this task expects {self.quality_metric}")
+        self._extractor = extractor
+
     def extractor(self) -> FeatureExtractor:
         """The feature extractor (built once per task; the classifier is cached across runs)."""
         if self._extractor is None:

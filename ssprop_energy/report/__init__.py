@@ -14,9 +14,9 @@ from typing import Sequence
 
 from ssprop_energy.errors import ConfigError
 from ssprop_energy.records import write_text_atomic
-from ssprop_energy.report.load import Run, load_run, load_runs
+from ssprop_energy.report.load import Run, load_run, load_run_dirs
 
-__all__ = ["FORMATS", "MAX_REPORT_BYTES", "Run", "load_run", "load_runs", "render_report", "render_text"]
+__all__ = ["FORMATS", "MAX_REPORT_BYTES", "Run", "load_run", "load_run_dirs", "render_report", "render_text"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def render_report(
     if fmt not in FORMATS:
         raise ConfigError(f"unknown report format {fmt!r} (expected one of: {', '.join(FORMATS)})")
     dirs = [run_dirs] if isinstance(run_dirs, (str, os.PathLike)) else list(run_dirs)
-    runs = load_runs(dirs)
+    runs = load_run_dirs(dirs)
     text = render_text(runs, fmt)
     size = len(text.encode("utf-8"))
     if size > MAX_REPORT_BYTES:

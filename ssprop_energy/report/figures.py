@@ -103,7 +103,12 @@ def _legend(ax) -> None:
 
 
 def accuracy_loss(run: Run) -> FigureData:
-    """Validation accuracy and training/validation loss per epoch, mean over repeats with min-max bands."""
+    """Validation accuracy and training/validation loss per epoch, mean over repeats with min-max bands.
+
+    A generation run has no accuracy: one panel, the noise-prediction MSE (train, and validation at fixed
+    timesteps and noise)."""
+    if run.is_generation:
+        return _generation_loss(run)
     with matplotlib.rc_context(_RC):
         fig, (ax_acc, ax_loss) = _new(3.0, ncols=2)
         colours = _colours(run)
@@ -129,6 +134,30 @@ def accuracy_loss(run: Run) -> FigureData:
     reps = int(run.epochs["repeat"].nunique()) if len(run.epochs) else 0
     band = f" Mean of {reps} repeats; shaded: min to max." if reps > 1 else ""
     return _render(fig, "accuracy_loss", "Accuracy and loss per epoch", f"From epochs.csv.{band}")
+
+
+def _generation_loss(run: Run) -> FigureData:
+    with matplotlib.rc_context(_RC):
+        fig, (ax,) = _new(3.0)
+        colours = _colours(run)
+        for name in run.arms:
+            df = run.epochs[run.epochs["arm"] == name]
+            if df.empty:
+                continue
+            g = df.groupby("epoch")
+            mean, lo, hi = g.mean(numeric_only=True), g.min(numeric_only=True), g.max(numeric_only=True)
+            x = mean.index.to_numpy()
+            ax.plot(x, mean["train_loss"], color=colours[name], ls=":", lw=1)
+            ax.plot(x, mean["val_loss"], color=colours[name], marker="o", ms=3, label=name)
+            if df["repeat"].nunique() > 1:
+                ax.fill_between(x, lo["val_loss"], hi["val_loss"], color=colours[name], alpha=0.15)
+        ax.set(xlabel="epoch", ylabel="noise MSE",
+               title="Noise-prediction loss (solid: validation, fixed timesteps and noise; dotted: train)")
+        _integer_epochs(ax)
+        _legend(ax)
+    reps = int(run.epochs["repeat"].nunique()) if len(run.epochs) else 0
+    band = f" Mean of {reps} repeats; shaded: min to max." if reps > 1 else ""
+    return _render(fig, "accuracy_loss", "Loss per epoch (noise-prediction MSE)", f"From epochs.csv.{band}")
 
 
 def drop_rate(run: Run) -> FigureData:
@@ -265,10 +294,12 @@ def sweep_figures(run: Run, comps: list[ArmComparison]) -> list[FigureData]:
     base = run.baseline
     groups = _groups(run, comps)
     out = []
+    quality = base.quality_metric if run.is_generation else None
     panels = [
         ("energy_j", "training energy (J)", 1.0, "energy"),
         ("co2_g", "CO2 (g CO2e)", 1.0, "co2"),
-        ("test_accuracy", "test accuracy (%)", 100.0, "accuracy"),
+        (quality, f"{quality} (lower is better)", 1.0, "quality") if quality
+        else ("test_accuracy", "test accuracy (%)", 100.0, "accuracy"),
     ]
     with matplotlib.rc_context(_RC):
         fig, axes = _new(2.8, ncols=3)
@@ -284,7 +315,7 @@ def sweep_figures(run: Run, comps: list[ArmComparison]) -> list[FigureData]:
                 ax.set_ylim(bottom=0)
         axes[0].set_title("Energy")
         axes[1].set_title("CO2")
-        axes[2].set_title("Test accuracy")
+        axes[2].set_title("Sample quality" if quality else "Test accuracy")
         _legend(axes[2])
     out.append(
         _render(
@@ -295,7 +326,8 @@ def sweep_figures(run: Run, comps: list[ArmComparison]) -> list[FigureData]:
             + provenance_line(run),
         )
     )
-    out.append(pareto(run))
+    if not quality:  # the energy-accuracy front; a generation sweep's quality is in the panel above
+        out.append(pareto(run))
     return out
 
 
@@ -303,7 +335,13 @@ def _yerr(cs: list[ArmComparison], key: str, scale: float):
     """Asymmetric error bars from the paired intervals (in the metric's unit), or None without them."""
     lows, highs = [], []
     for c in cs:
-        if key == "accuracy":
+        if key == "quality":
+            q = c.quality
+            if q is None or q.ci is None:
+                return None
+            lows.append(scale * (q.diff - q.ci[0]))
+            highs.append(scale * (q.ci[1] - q.diff))
+        elif key == "accuracy":
             ci = c.accuracy.ci
             if ci is None:
                 return None

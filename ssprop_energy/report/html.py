@@ -8,6 +8,7 @@ check what the page says against the record.
 
 from __future__ import annotations
 
+import base64
 import html
 import math
 from importlib import resources
@@ -17,6 +18,7 @@ import pandas as pd
 
 from ssprop_energy import __version__
 from ssprop_energy.records import CONFIG_FILE, EPOCHS_FILE, LAYERS_FILE, SUMMARY_FILE, TRACE_FILE
+from ssprop_energy.report import distributed as D
 from ssprop_energy.report import text as T
 from ssprop_energy.report.figures import FigureData, run_figures
 from ssprop_energy.report.load import Run, arm_table, repeat_count
@@ -94,6 +96,25 @@ def _accuracy_card(c: ArmComparison) -> str:
     return _card("Test accuracy difference", T.fmt_pp(a.diff, 2), detail, cls, "accuracy_diff", a.diff, a.ci, c.arm)
 
 
+def _quality_card(c: ArmComparison) -> str:
+    """A generation arm's Frechet distance against the baseline's (lower is better), with its extractor."""
+    q = c.quality
+    assert q is not None
+    if q.ci is None:
+        cls, ci_text = "", "single pair: no interval" if q.n_pairs < 2 else "no interval recorded"
+    elif q.ci[0] == q.ci[1]:
+        cls, ci_text = "", f"identical in all {q.n_pairs} pairs (one seed): no interval"
+    else:
+        cls = "noise" if q.ci_spans_zero else ("good" if q.diff < 0 else "bad")
+        ci_text = (f"{q.ci_level:.0%} CI of the difference [{T.fmt_number(q.ci[0])}, {T.fmt_number(q.ci[1])}]"
+                   f"{' (includes 0: noise)' if q.ci_spans_zero else ''}, {q.n_pairs} pairs")
+    rel = f" ({T.fmt_pct(q.rel_change)})" if math.isfinite(q.rel_change) else ""
+    detail = (f"{_e(f'{q.baseline:.4g}')} &rarr; {_e(f'{q.value:.4g}')} (lower is better)<br>{_e(ci_text)}<br>"
+              f"extractor: <b>{_e(q.extractor)}</b>, {_e(q.n_generated)} samples")
+    return _card(f"Sample quality: {q.metric} difference", f"{q.diff:+.4g}{rel}", detail, cls, "quality_diff",
+                 q.diff, q.ci, c.arm)
+
+
 def _measured_extra(run: Run, c: ArmComparison, metric: str | None) -> str:
     """What sits beside a measured (time, energy) figure: the single-run interval and the busy-machine badge."""
     out = ""
@@ -118,7 +139,7 @@ def _cards(c: ArmComparison, run: Run) -> str:
         _saving_card("Time saved", c.time, T.fmt_seconds, "time_saved_frac", c.arm,
                      _measured_extra(run, c, "wall_s")),
         _saving_card("Backward FLOPs saved", c.flops_backward, flops, "flops_backward_saved_frac", c.arm),
-        _accuracy_card(c),
+        _quality_card(c) if c.quality is not None else _accuracy_card(c),
     ]) + "</div>"
 
 
@@ -135,14 +156,21 @@ def _with_ci(s: Saving) -> str:
 
 
 def _sweep_table(run: Run, comps: list[ArmComparison]) -> str:
+    quality = next((c.quality.metric for c in comps if c.quality is not None), None)
+    last = f"{quality} difference (lower = better)" if quality else "test accuracy"
     head = ("<tr><th>arm</th><th>drop rate</th><th>avg drop</th><th>energy</th><th>CO2</th><th>time</th>"
-            "<th>backward FLOPs</th><th>test accuracy</th></tr>")
+            f"<th>backward FLOPs</th><th>{_e(last)}</th></tr>")
     rows = []
     for c in comps:
         arm = run.arms[c.arm]
         acc = T.fmt_pp(c.accuracy.diff, 2)
         if c.accuracy.ci is not None:
             acc += f" [{T.fmt_pp(c.accuracy.ci[0], 2)}, {T.fmt_pp(c.accuracy.ci[1], 2)}]"
+        metric, number = "accuracy_diff", c.accuracy.diff
+        if c.quality is not None:
+            q = c.quality
+            acc = f"{q.diff:+.4g}" + (f" [{q.ci[0]:+.4g}, {q.ci[1]:+.4g}]" if q.ci is not None else "")
+            metric, number = "quality_diff", q.diff
         rows.append(
             f'<tr><td class="name">{_e(c.arm)}</td><td>{arm.drop_rate:g} ({_e(arm.schedule)})</td><td>{c.average_drop_rate:.2f}</td>'
             + _cell(_with_ci(c.energy), "energy_saved_frac", c.arm, c.energy.saved_frac, _saving_class(c.energy))
@@ -150,7 +178,7 @@ def _sweep_table(run: Run, comps: list[ArmComparison]) -> str:
             + _cell(_with_ci(c.time), "time_saved_frac", c.arm, c.time.saved_frac, _saving_class(c.time))
             + _cell(T.less_or_more(c.flops_backward.saved_frac), "flops_backward_saved_frac", c.arm,
                     c.flops_backward.saved_frac)
-            + _cell(acc, "accuracy_diff", c.arm, c.accuracy.diff)
+            + _cell(acc, metric, c.arm, number)
             + "</tr>"
         )
     ci_note = ""
@@ -172,11 +200,17 @@ def _headline(run: Run, comps: list[ArmComparison]) -> str:
     verdicts = "".join(
         f'<li data-verdict="{_e(c.arm)}">{_e(T.verdict(c, est))}</li>' for c in comps
     )
-    points = [(n, a.energy_j, a.test_accuracy) for n, a in run.arms.items() if math.isfinite(a.test_accuracy)]
+    if run.is_generation:
+        # lower Frechet distance is better: negated, it ranks like an accuracy
+        points = [(n, a.energy_j, -a.quality_value) for n, a in run.arms.items() if a.quality_value is not None]
+        words = "Energy-quality Pareto front (no other arm has less energy and a lower Frechet distance)"
+    else:
+        points = [(n, a.energy_j, a.test_accuracy) for n, a in run.arms.items() if math.isfinite(a.test_accuracy)]
+        words = "Energy-accuracy Pareto front (no other arm has less energy and higher accuracy)"
     front = pareto_front(points)
     return (
         _sweep_table(run, comps)
-        + f'<p class="verdict">Energy-accuracy Pareto front (no other arm has less energy and higher accuracy): '
+        + f'<p class="verdict">{words}: '
         f"<b>{_e(', '.join(front))}</b>.</p><ul class=\"verdicts\">{verdicts}</ul>" + _few_pairs(comps)
     )
 
@@ -260,7 +294,8 @@ def _arm_summary_table(run: Run) -> str:
     if not run.arms:
         return '<p class="note">No arm recorded.</p>'
     df = arm_table(run).set_index("arm")
-    pct = {"test_accuracy", "best_val_accuracy", *[c for c in df.columns if c.startswith("noise_accuracy_")]}
+    pct = {"test_accuracy", "best_val_accuracy", "sparsified_backward_share",
+           *[c for c in df.columns if c.startswith("noise_accuracy_")]}
     fmt = _fmt_float(4)
     cells = {col: [(_pct_fmt(v) if col in pct else fmt(v)) for v in df[col]] for col in df.columns}
     wide = pd.DataFrame(cells, index=list(df.index)).T
@@ -279,6 +314,8 @@ def _epoch_table(run: Run) -> str:
     df = pd.DataFrame(rows)
     reps = run.epochs["repeat"].nunique() if len(run.epochs) else 1
     note = f'<p class="sub">Means over {reps} runs per arm (summary.json); every run is in {EPOCHS_FILE}.</p>' if reps > 1 else ""
+    if run.is_generation:  # losses are the noise MSE; there is no accuracy to show
+        df = df.drop(columns=["train_accuracy", "val_accuracy"])
     return note + _table(df, pct=["train_accuracy", "val_accuracy"], scroll=len(df) > 14)
 
 
@@ -304,7 +341,7 @@ def _layer_table(run: Run) -> str:
     pct = [c for c in out.columns if str(c).startswith("backward saved")]
     return (f'<p class="sub">FLOPs as recorded in {LAYERS_FILE}: the harness records one training step per sample '
             "at the arm's nominal drop rate, so &ldquo;backward saved&rdquo; is the saving of a sparse step, not of the "
-            "whole schedule. Conv layers are the ones ssProp sparsifies.</p>"
+            "whole schedule. Layers of type SSPropConv2d / SSPropLinear are the ones ssProp replaced.</p>"
             + _table(out, pct=pct, scroll=len(out) > 14))
 
 
@@ -333,12 +370,24 @@ def _phase_table(run: Run) -> str:
             + _table(pd.DataFrame(rows), pct=["share"], scroll=len(rows) > 14))
 
 
+def _distributed_section(run: Run) -> str:
+    """Energy per rank and per node, and the communication share (distributed runs only)."""
+    if not D.is_distributed(run.summary):
+        return ""
+    table = _table(pd.DataFrame(D.energy_rows(run.summary)), pct=["share"])
+    comm = D.comm_text(run.summary)
+    return (f'<h3>Per process and per node</h3><p class="sub">{_e(D.header_text(run.summary))}</p>{table}'
+            + (f'<p class="sub" data-metric="comm_share">{_e(comm)}</p>' if comm else ""))
+
+
 def _components_table(run: Run) -> str:
     rows = []
+    dist = D.is_distributed(run.summary)
     for name, arm in run.arms.items():
         for c in arm.energy_components:
             agree = (c.sampled_energy_j / c.energy_j - 1.0) if c.sampled_energy_j is not None and c.energy_j > 0 else math.nan
-            rows.append({"arm": name, "component": c.component, "device": c.device or "unnamed", "source": c.source,
+            labels = {"rank": "" if c.rank is None else c.rank, "node": "" if c.node is None else c.node} if dist else {}
+            rows.append({"arm": name, "component": c.component, **labels, "device": c.device or "unnamed", "source": c.source,
                          "energy_j": c.energy_j, "sampled_energy_j": c.sampled_energy_j if c.sampled_energy_j is not None else math.nan,
                          "sampled vs counter": agree, "idle_power_w": arm.idle_power_w.get(c.component, math.nan)})
     if not rows:
@@ -357,6 +406,61 @@ def _plain(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return ", ".join(_plain(x) for x in v)
     return str(v)
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+def _samples_section(run: Run) -> str:
+    """The arms' sample grids side by side (PNG files of the run, embedded), then the quality figure's and the
+    sampling windows' provenance."""
+    figures = []
+    for name, arm in run.arms.items():
+        for label, png in run.samples.get(name, {}).items():
+            per_run = (arm.quality.get("per_run") or {}).get(label)
+            metric = arm.quality_metric or "quality"
+            value = f"{metric} {per_run:.4g}" if isinstance(per_run, (int, float)) else ""
+            uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+            figures.append(
+                f'<figure data-samples="{_e(name)}" data-repeat="{_e(label)}"><img src="{uri}" '
+                f'alt="samples of {_e(name)} {_e(label)}"><figcaption><b>{_e(name)}</b> ({_e(label)}) {_e(value)}'
+                "</figcaption></figure>"
+            )
+    grids = (f'<div class="samples">{"".join(figures)}</div>' if figures
+             else '<p class="note">No sample grid found in the run directory.</p>')
+    first = next(iter(run.arms.values()), None)
+    q = first.quality if first is not None else {}
+    info = q.get("extractor_info") or {}
+    sampling = first.sampling if first is not None else {}
+    facts: dict[str, Any] = {
+        "quality figure": f"{q.get('metric')} (Frechet distance; lower is better)",
+        "feature extractor": q.get("extractor"),
+        "extractor's own test accuracy": T.fmt_pct(info["test_accuracy"], 1) if "test_accuracy" in info else "n/a",
+        "generated / real images": f"{q.get('n_generated')} / {q.get('n_real')} (real: the test split)",
+        "comparability": q.get("note"),
+        "sampler": f"{sampling.get('sampler')}, {sampling.get('timesteps')} steps, noise seed {sampling.get('seed')} "
+                   "(identical for every arm)",
+        "weights sampled": sampling.get("weights", "n/a"),
+    }
+    setup = (run.summary.generation or {}).get("extractor_setup")
+    if setup:
+        facts["extractor setup"] = (f"{T.fmt_seconds(setup['wall_s'])}, {T.fmt_energy(setup['energy_j'])} "
+                                    f"({setup['energy_source']}): {setup['note']}")
+    rows = [{"arm": name, str(a.quality_metric or "quality"): a.quality_value if a.quality_value is not None else math.nan,
+             "sampling wall_s": a.sample_wall_s if a.sample_wall_s is not None else math.nan,
+             "sampling energy_j": a.sample_energy_j if a.sample_energy_j is not None else math.nan,
+             "sampling energy source": a.sample_energy_source or "n/a",
+             "sampling foreign CPU cores": max(
+                 [(r or {}).get("foreign_cpu_cores_mean") or 0.0 for r in (a.sampling.get("interference") or {}).values()
+                  if r] or [math.nan]),
+             "test noise MSE": a.test_loss}
+            for name, a in run.arms.items()]
+    return (
+        '<p class="sub">Every arm samples the same images from the same noise seed at the end of its run, with '
+        "the weights of its best validation epoch. Sampling is metered in its own window: its time and energy are "
+        "not in the training figures.</p>"
+        + grids + _kv(facts) + _table(pd.DataFrame(rows))
+    )
 
 
 # ------------------------------------------------------------------------------------------ page
@@ -396,6 +500,16 @@ def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+def _coverage(run: Run) -> str:
+    """The layers ssProp replaced and their share of the backward FLOPs, with the share as a data attribute."""
+    text = T.layer_coverage_text(run)
+    if text is None:
+        return ""
+    shares = {a.layer_coverage.share for a in run.arms.values() if a.layer_coverage is not None}
+    attr = f' data-coverage-share="{_attr_num(shares.pop())}"' if len(shares) == 1 else ""
+    return f'<p class="sub" data-coverage{attr}>{_e(text)}</p>'
+
+
 def _run_article(run: Run, idx: int, multi: bool) -> str:
     comps = comparisons(run)
     s = run.summary
@@ -417,6 +531,9 @@ def _run_article(run: Run, idx: int, multi: bool) -> str:
     warn = T.estimate_warning(run)
     if warn:
         banners.append(f'<div class="banner" data-warning="estimated">{_e(warn)}</div>')
+    low = T.layer_coverage_warning(run)
+    if low:
+        banners.append(f'<div class="banner" data-warning="coverage">{_e(low)}</div>')
     reps = max((repeat_count(a) for a in run.arms.values()), default=1)
     seeds = len(s.config.get("seeds") or [0])
     runs_per_arm = f"{reps} run{'s' if reps != 1 else ''} per arm" + (f" ({seeds} seeds)" if seeds > 1 else "")
@@ -428,7 +545,8 @@ def _run_article(run: Run, idx: int, multi: bool) -> str:
     sec = lambda name: f"{anchor}-{name}"  # noqa: E731
     h = "h3" if multi else "h2"
     toc = "".join(f'<a href="#{sec(k)}">{t}</a>' for k, t in (
-        ("headline", "Headline"), ("paper", "Paper vs this run"), ("figures", "Figures"), ("tables", "Tables"),
+        ("headline", "Headline"), *((("samples", "Samples and quality"),) if run.is_generation else ()),
+        ("paper", "Paper vs this run"), ("figures", "Figures"), ("tables", "Tables"),
         ("provenance", "Provenance"), ("statement", "Carbon statement")))
     body = [
         f'<article class="run" id="{anchor}" data-run="{_e(str(run.path))}" data-status="{_e(s.status)}">',
@@ -437,8 +555,11 @@ def _run_article(run: Run, idx: int, multi: bool) -> str:
         *banners,
         f'<nav class="toc">{toc}</nav>',
         f'<section id="{sec("headline")}"><{h}>Headline</{h}>{_headline(run, comps)}',
-        f'<p class="sub">{_e(T.provenance_line(run))}</p></section>',
+        f'<p class="sub">{_e(T.provenance_line(run))}</p>{_coverage(run)}</section>',
     ]
+    if run.is_generation:
+        body.append(f'<section id="{sec("samples")}" data-section="samples"><{h}>Samples and quality</{h}>'
+                    f"{_samples_section(run)}</section>")
     if comps:
         body.append(f'<section id="{sec("paper")}"><{h}>The paper\'s claim and this run</{h}>{_paper_table(run, comps)}</section>')
     body += [
@@ -447,7 +568,7 @@ def _run_article(run: Run, idx: int, multi: bool) -> str:
         f"<h3>Per arm</h3>{_arm_summary_table(run)}",
         f"<h3>Per epoch</h3>{_epoch_table(run)}",
         f"<h3>Per layer FLOPs</h3>{_layer_table(run)}",
-        f"<h3>Per phase energy</h3>{_phase_table(run)}</section>",
+        f"<h3>Per phase energy</h3>{_phase_table(run)}{_distributed_section(run)}</section>",
         f'<section id="{sec("provenance")}"><{h}>Provenance</{h}>{_provenance(run)}</section>',
         f'<section id="{sec("statement")}"><{h}>Carbon statement</{h}>',
         '<p class="sub">A paragraph to paste into a paper\'s compute and carbon statement.</p>',
@@ -466,12 +587,19 @@ def _overview(runs: list[Run]) -> str:
             f'<tr><td><a href="#run{i}">{_e(run.title)}</a></td><td>{_e(run.summary.kind)}</td>'
             f"<td>{_e(run.summary.status)}</td><td>{len(run.arms)}</td>"
             f"<td>{_e(T.less_or_more(best.energy.saved_frac) + ' (' + best.arm + ')') if best else 'n/a'}</td>"
-            f"<td>{_e(T.fmt_pp(best.accuracy.diff, 2)) if best else 'n/a'}</td></tr>"
+            f"<td>{_e(_effect_text(best)) if best else 'n/a'}</td></tr>"
         )
     return ("<h1>ssProp energy report</h1><p class=\"sub\">" + str(len(runs)) + " runs. Largest energy saving per run "
-            "and that arm's accuracy difference; details in each run's section.</p>"
+            "and that arm's accuracy (or sample-quality) difference; details in each run's section.</p>"
             "<table><thead><tr><th>run</th><th>kind</th><th>status</th><th>arms</th><th>largest energy saving</th>"
             f"<th>its accuracy difference</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def _effect_text(c: ArmComparison) -> str:
+    """Accuracy difference, or a generation arm's Frechet-distance difference (lower is better)."""
+    if c.quality is not None:
+        return f"{c.quality.metric} {c.quality.diff:+.4g} (lower = better)"
+    return T.fmt_pp(c.accuracy.diff, 2)
 
 
 def render_html(runs: list[Run]) -> str:

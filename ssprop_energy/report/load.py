@@ -65,6 +65,8 @@ class Run:
         layers: ``layers.csv`` as a DataFrame, or None when the file is absent.
         paired: arm name -> metric -> :class:`PairedStat` (arms without repeats statistics are absent).
         missing: names of optional files that are absent.
+        samples: generation runs: arm name -> ``{"s0r0": PNG bytes}``, the sample grids the arm's record
+            names (a named file that is absent is listed in ``missing``, never guessed).
     """
 
     path: Path
@@ -75,10 +77,16 @@ class Run:
     layers: pd.DataFrame | None
     paired: dict[str, dict[str, PairedStat]] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
+    samples: dict[str, dict[str, bytes]] = field(default_factory=dict)
 
     @property
     def arms(self) -> dict[str, ArmRecord]:
         return self.summary.arms
+
+    @property
+    def is_generation(self) -> bool:
+        """A generation run (DDPM): a quality figure (Frechet distance) in place of accuracy."""
+        return self.summary.task == "generation"
 
     @property
     def baseline_name(self) -> str | None:
@@ -137,7 +145,8 @@ def _frame(
     frame = pd.DataFrame(rows, columns=list(header)) if rows else pd.DataFrame(columns=list(header))
     frame = frame[list(columns)].copy()
     for col in numeric:
-        frame[col] = frame[col].astype(float)  # each value passed float() above; 'nan' (a diverged loss) too
+        # every value passed float() above; "nan" (a generation run's accuracies, a diverged loss) is one pd.to_numeric refuses
+        frame[col] = frame[col].map(float).astype(float)
     for col in integer:
         frame[col] = frame[col].astype(int)
     return frame
@@ -254,13 +263,42 @@ def load_run(run_dir: str | Path) -> Run:
         layers = read_layers(path / LAYERS_FILE, summary.arms)
     else:
         missing.append(LAYERS_FILE)
+    samples = read_samples(path, summary.arms, missing)
     if missing:
         logger.info("%s: optional record file(s) absent: %s", path, ", ".join(missing))
-    return Run(path, summary, config, epochs, trace, layers, paired, missing)
+    return Run(path, summary, config, epochs, trace, layers, paired, missing, samples)
 
 
-def load_runs(run_dirs: Sequence[str | Path]) -> list[Run]:
-    """Load several run directories, in the order given."""
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def read_samples(path: Path, arms: Mapping[str, ArmRecord], missing: list[str]) -> dict[str, dict[str, bytes]]:
+    """The sample grids named by generation arms (``sampling.grid_files``), as PNG bytes.
+
+    A named file that is absent goes to ``missing``; one that is not a PNG, or a name that leaves the run
+    directory, is a :class:`RecordError`.
+    """
+    out: dict[str, dict[str, bytes]] = {}
+    for name, arm in arms.items():
+        for label, file in (arm.sampling.get("grid_files") or {}).items():
+            if not file:
+                continue
+            if Path(file).name != file:
+                raise RecordError(f"{path / SUMMARY_FILE}: arm {name!r}: sample grid {file!r} is not a file name")
+            target = path / file
+            if not target.exists():
+                missing.append(file)
+                continue
+            data = target.read_bytes()
+            if not data.startswith(PNG_SIGNATURE):
+                raise RecordError(f"{target}: not a PNG image")
+            out.setdefault(name, {})[label] = data
+    return out
+
+
+def load_run_dirs(run_dirs: Sequence[str | Path]) -> list[Run]:
+    """Load several run directories for the report, in the order given (``ssprop_energy.load_runs`` is the
+    DataFrame loader for users)."""
     if not run_dirs:
         raise RecordError("no run directory given")
     return [load_run(d) for d in run_dirs]
@@ -294,8 +332,19 @@ def arm_table(run: Run) -> pd.DataFrame:
             "repeats": repeat_count(arm),
             "epochs": len(arm.epochs),
             "status": arm.status,
+            # the layers ssProp replaced and their share of a dense step's backward FLOPs (NaN: not recorded)
+            "sparsified_layers": arm.layer_coverage.layers if arm.layer_coverage is not None else math.nan,
+            "sparsified_backward_share": arm.layer_coverage.share if arm.layer_coverage is not None else math.nan,
         }
         for level, acc in sorted(arm.noise_accuracy.items()):
             row[f"noise_accuracy_{level}"] = acc
+        if run.is_generation:
+            # no accuracy: the quality figure, the test noise MSE and the sampling window instead
+            for key in ("test_accuracy", "best_val_accuracy"):
+                row.pop(key)
+            row = {"arm": name, **({arm.quality_metric: arm.quality_value} if arm.quality_metric else {}),
+                   "test_noise_mse": arm.test_loss, **{k: v for k, v in row.items() if k != "arm"},
+                   "sample_wall_s": arm.sample_wall_s, "sample_energy_j": arm.sample_energy_j,
+                   "sample_energy_source": arm.sample_energy_source}
         rows.append(row)
     return pd.DataFrame(rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+from ssprop_energy.report import distributed as D
 from ssprop_energy.report import text as T
 from ssprop_energy.report.load import Run, repeat_count
 from ssprop_energy.report.savings import ArmComparison, Saving, comparisons, estimated_fraction, pareto_front
@@ -39,6 +40,12 @@ def _bracketed(s: Saving) -> str:
 
 
 def _acc_text(c: ArmComparison) -> str:
+    if c.quality is not None:  # generation: the Frechet-distance difference (lower is better)
+        q = c.quality
+        text = f"{q.metric} {q.diff:+.4g}"
+        if q.ci is not None:
+            text += f" ({q.ci_level:.0%} CI {q.ci[0]:+.4g} to {q.ci[1]:+.4g}{', includes 0: noise' if q.ci_spans_zero else ''})"
+        return text
     a = c.accuracy
     text = T.fmt_pp(a.diff, 2)
     if a.ci is not None:
@@ -60,7 +67,11 @@ def _headline(run: Run, comps: list[ArmComparison]) -> list[str]:
             ["Backward FLOPs saved", _saving_text(c.flops_backward),
              f"{T.fmt_si(c.flops_backward.baseline, 'FLOP')} -> {T.fmt_si(c.flops_backward.value, 'FLOP')}", "counted"],
             ["Test accuracy difference", _acc_text(c),
-             f"{T.fmt_pct(c.accuracy.baseline, 2)} -> {T.fmt_pct(c.accuracy.value, 2)}", "measured"],
+             f"{T.fmt_pct(c.accuracy.baseline, 2)} -> {T.fmt_pct(c.accuracy.value, 2)}", "measured"]
+            if c.quality is None else
+            [f"Sample quality ({c.quality.metric}, lower is better)", _acc_text(c),
+             f"{c.quality.baseline:.4g} -> {c.quality.value:.4g}",
+             f"{c.quality.extractor} features, {c.quality.n_generated} samples"],
         ]
         out.append(md_table(["", f"{c.arm} vs {c.baseline_arm}", "values", "source"], rows))
         out.append(f"**Verdict.** {T.verdict(c, est)}")
@@ -70,9 +81,14 @@ def _headline(run: Run, comps: list[ArmComparison]) -> list[str]:
         arm = run.arms[c.arm]
         rows.append([c.arm, f"{arm.drop_rate:g} ({arm.schedule})", f"{c.average_drop_rate:.2f}", _saving_text(c.energy),
                      _saving_text(c.co2), _saving_text(c.time), T.less_or_more(c.flops_backward.saved_frac), _acc_text(c)])
-    out.append(md_table(["arm", "drop rate", "avg drop", "energy", "CO2", "time", "backward FLOPs", "test accuracy"], rows))
-    points = [(n, a.energy_j, a.test_accuracy) for n, a in run.arms.items() if math.isfinite(a.test_accuracy)]
-    out.append(f"Energy-accuracy Pareto front: **{', '.join(pareto_front(points))}**.")
+    last = "quality (lower = better)" if run.is_generation else "test accuracy"
+    out.append(md_table(["arm", "drop rate", "avg drop", "energy", "CO2", "time", "backward FLOPs", last], rows))
+    if run.is_generation:
+        points = [(n, a.energy_j, -a.quality_value) for n, a in run.arms.items() if a.quality_value is not None]
+        out.append(f"Energy-quality Pareto front (less energy, lower Frechet distance): **{', '.join(pareto_front(points))}**.")
+    else:
+        points = [(n, a.energy_j, a.test_accuracy) for n, a in run.arms.items() if math.isfinite(a.test_accuracy)]
+        out.append(f"Energy-accuracy Pareto front: **{', '.join(pareto_front(points))}**.")
     out.append("\n".join(f"- {T.verdict(c, est)}" for c in comps))
     return out + _few_pairs(comps)
 
@@ -101,19 +117,60 @@ def _arms(run: Run) -> str:
         return "No arm recorded."
     rows = []
     for name, a in run.arms.items():
-        rows.append([name, f"{a.drop_rate:g}", a.schedule, f"{a.average_drop_rate:.2f}", T.fmt_pct(a.test_accuracy, 2),
+        quality = T.fmt_pct(a.test_accuracy, 2) if a.quality_value is None else f"{a.quality_metric} {a.quality_value:.4g}"
+        rows.append([name, f"{a.drop_rate:g}", a.schedule, f"{a.average_drop_rate:.2f}", quality,
                      T.fmt_seconds(a.wall_s), T.fmt_si(a.flops_forward, "FLOP"), T.fmt_si(a.flops_backward, "FLOP"),
                      T.fmt_energy(a.energy_j), a.energy_source, T.fmt_co2(a.co2_g), repeat_count(a), a.status])
-    return md_table(["arm", "drop rate", "schedule", "avg drop", "test acc", "wall", "fwd FLOPs", "bwd FLOPs", "energy",
+    return md_table(["arm", "drop rate", "schedule", "avg drop", "test acc / quality", "wall", "fwd FLOPs", "bwd FLOPs", "energy",
                      "source", "CO2", "repeats", "status"], rows)
 
 
+def _samples(run: Run) -> str:
+    """A generation run: the grid files (relative links, next to the records), the quality figure's provenance
+    and the sampling windows' time and energy."""
+    lines = []
+    for name, a in run.arms.items():
+        for label, file in (a.sampling.get("grid_files") or {}).items():
+            lines.append(f"![{name} {label}]({file})")
+    first = next(iter(run.arms.values()), None)
+    q = first.quality if first is not None else {}
+    acc = (q.get("extractor_info") or {}).get("test_accuracy")
+    lines.append(
+        f"Quality figure: {q.get('metric')} (Frechet distance, lower is better) of {q.get('n_generated')} samples "
+        f"against {q.get('n_real')} test images, in the features of {q.get('extractor')}"
+        + (f" (its own test accuracy {T.fmt_pct(acc, 1)})" if acc is not None else "") + f". {q.get('note', '')}."
+    )
+    rows = [[name, f"{a.quality_value:.4g}" if a.quality_value is not None else "n/a",
+             T.fmt_seconds(a.sample_wall_s) if a.sample_wall_s is not None else "n/a",
+             T.fmt_energy(a.sample_energy_j) if a.sample_energy_j is not None else "n/a",
+             a.sample_energy_source or "n/a"] for name, a in run.arms.items()]
+    lines.append(md_table(["arm", str(q.get("metric")), "sampling time", "sampling energy", "source"], rows))
+    lines.append("Sampling is metered in its own window: its time and energy are not in the training figures.")
+    return "\n\n".join(lines)
+
+
 def _components(run: Run) -> str:
+    if D.is_distributed(run.summary):
+        rows = [[name, c.component, "" if c.rank is None else c.rank, "" if c.node is None else c.node,
+                 c.device or "unnamed", c.source, T.fmt_energy(c.energy_j)]
+                for name, a in run.arms.items() for c in a.energy_components]
+        return md_table(["arm", "component", "rank", "node", "device", "source", "energy"], rows)
     rows = [[name, c.component, c.device or "unnamed", c.source, T.fmt_energy(c.energy_j)]
             for name, a in run.arms.items() for c in a.energy_components]
     if not rows:
         return "No energy components recorded."
     return md_table(["arm", "component", "device", "source", "energy"], rows)
+
+
+def _distributed(run: Run) -> list[str]:
+    """The per-rank / per-node energy table and the communication share (distributed runs only)."""
+    if not D.is_distributed(run.summary):
+        return []
+    rows = [[r["arm"], r["scope"], r["host"], T.fmt_energy(r["energy_j"]), r["source"], T.fmt_pct(r["share"])]
+            for r in D.energy_rows(run.summary)]
+    parts = [D.header_text(run.summary), md_table(["arm", "scope", "host", "energy", "source", "share of arm"], rows)]
+    comm = D.comm_text(run.summary)
+    return parts + ([comm] if comm else [])
 
 
 def _phases(run: Run) -> str:
@@ -150,18 +207,27 @@ def _run_md(run: Run, multi: bool) -> str:
     warn = T.estimate_warning(run)
     if warn:
         parts.append(f"> **Warning:** {warn}")
+    low = T.layer_coverage_warning(run)
+    if low:
+        parts.append(f"> **Warning:** {low}")
     parts += [f"{h2} Headline", *_headline(run, comps), T.provenance_line(run)]
+    coverage = T.layer_coverage_text(run)
+    if coverage:
+        parts.append(coverage)
     for c in comps:
         arm = run.arms.get(c.arm)
         lines = [T.epoch_interval_text(arm, m) for m in ("wall_s", "energy_j")] if arm is not None else []
         for label, line in zip(("Time", "Energy"), lines):
             if line:
                 parts.append(f"{label} ({c.arm}): {line}.")
+    if run.is_generation:
+        parts += [f"{h2} Samples and quality", _samples(run)]
     if comps:
         parts += [f"{h2} The paper's claim and this run", _paper(comps)]
     parts += [
         f"{h2} Per arm", _arms(run),
         f"{h2} Per phase energy", _phases(run),
+        *([f"{h2} Per process and per node"] + _distributed(run) if D.is_distributed(run.summary) else []),
         f"{h2} Provenance", _components(run),
         f"{T.intensity_text(run)}; "
         f"estimated share of energy {T.fmt_pct(estimated_fraction(run.arms))}.",

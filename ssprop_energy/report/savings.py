@@ -69,6 +69,39 @@ class AccuracyDiff:
 
 
 @dataclass(frozen=True)
+class QualityDiff:
+    """A generation arm's Frechet distance against the baseline's (lower is better).
+
+    Attributes:
+        metric: ``fid`` (Inception-v3) or ``fid_classifier`` (a small classifier's features).
+        baseline / value: the two arms' means.
+        diff: value - baseline (negative: the sparse arm's samples are closer to the real images).
+        ci: interval of ``diff`` or None (fewer than 2 pairs).
+        extractor, n_generated, note: the figure's provenance, from the arm's record.
+    """
+
+    metric: str
+    baseline: float
+    value: float
+    diff: float
+    ci: tuple[float, float] | None
+    n_pairs: int
+    ci_level: float
+    extractor: str
+    n_generated: int | None
+    note: str
+
+    @property
+    def ci_spans_zero(self) -> bool:
+        return self.ci is not None and self.ci[0] <= 0.0 <= self.ci[1]
+
+    @property
+    def rel_change(self) -> float:
+        """``diff`` as a fraction of the baseline (negative: lower, i.e. better)."""
+        return self.diff / self.baseline if self.baseline > 0 else math.nan
+
+
+@dataclass(frozen=True)
 class ArmComparison:
     """Everything the headline says about one sparse arm against the baseline."""
 
@@ -82,6 +115,7 @@ class ArmComparison:
     flops_total: Saving
     accuracy: AccuracyDiff
     average_drop_rate: float
+    quality: QualityDiff | None = None  # generation runs: the Frechet distance in accuracy's place
 
     @property
     def paper_conv_backward_frac(self) -> float:
@@ -144,6 +178,7 @@ def compare_arm(run: Run, arm_name: str) -> ArmComparison:
             base.test_accuracy, arm.test_accuracy, arm.test_accuracy - base.test_accuracy, None, 0, DEFAULT_CI_LEVEL
         )
     return ArmComparison(
+        quality=quality_diff(base, arm, stats),
         arm=arm_name,
         baseline_arm=run.summary.baseline,
         energy=make("energy_j", energy_source),
@@ -154,6 +189,23 @@ def compare_arm(run: Run, arm_name: str) -> ArmComparison:
         flops_total=saving("flops_total", base.flops_total, arm.flops_total, total_stat, "counted"),
         accuracy=acc,
         average_drop_rate=effective_drop_rate(run, arm_name),
+    )
+
+
+def quality_diff(base: ArmRecord, arm: ArmRecord, stats: dict[str, PairedStat]) -> QualityDiff | None:
+    """The Frechet-distance comparison of a generation arm, or None (classification, or no figure recorded)."""
+    metric = base.quality_metric
+    if metric is None or arm.quality_metric != metric:
+        return None
+    b, v = float(getattr(base, metric)), float(getattr(arm, metric))
+    stat = stats.get(metric)
+    diff = stat.delta_mean if stat is not None else v - b
+    ci = stat.delta_ci if stat is not None else None
+    q = arm.quality
+    return QualityDiff(
+        metric=metric, baseline=b, value=v, diff=diff, ci=ci, n_pairs=stat.n if stat is not None else 0,
+        ci_level=stat.confidence if stat is not None else DEFAULT_CI_LEVEL, extractor=str(q.get("extractor", "?")),
+        n_generated=q.get("n_generated"), note=str(q.get("note", "")),
     )
 
 

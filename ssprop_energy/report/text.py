@@ -66,6 +66,25 @@ def _accuracy_clause(c: ArmComparison) -> str:
     return f"test accuracy {word} by {fmt_pp(abs(a.diff), 2).lstrip('+')} ({ci}, {a.n_pairs} pairs)"
 
 
+def quality_clause(c: ArmComparison) -> str:
+    """A generation arm's Frechet distance against the baseline, worded by its interval (lower is better)."""
+    q = c.quality
+    assert q is not None
+    what = f"{q.metric} ({q.extractor} features, {q.n_generated} samples; lower is better)"
+    change = f"{fmt_number(q.baseline)} -> {fmt_number(q.value)}"
+    if q.ci is None:
+        suffix = "in a single pair of runs (no interval)" if q.n_pairs < 2 else "(no interval recorded)"
+        word = "fell (better)" if q.diff < 0 else "rose (worse)" if q.diff > 0 else "did not change"
+        return f"{what} {word} {change} {suffix}"
+    if q.ci[0] == q.ci[1]:
+        return (f"{what} changed {change}, identically in all {q.n_pairs} pairs: repeats of one seed do not "
+                "sample its variation, so this is no interval (use several seeds for one)")
+    ci = f"{q.ci_level:.0%} CI of the difference {fmt_number(q.ci[0])} to {fmt_number(q.ci[1])}, {q.n_pairs} pairs"
+    if q.ci_spans_zero:
+        return f"the {what} difference ({change}, {ci}) is not distinguishable from noise"
+    return f"{what} {'fell (better)' if q.diff < 0 else 'rose (worse)'} {change} ({ci})"
+
+
 def verdict(c: ArmComparison, estimated_frac: float) -> str:
     """A plain-language verdict for one sparse arm that claims no more than its numbers.
 
@@ -90,7 +109,7 @@ def verdict(c: ArmComparison, estimated_frac: float) -> str:
     if estimated_frac > ESTIMATE_DOMINATES_FRACTION:
         energy += "; an estimate follows the power model's assumptions, not the hardware"
     time = _saving_clause(c.time, "wall time", "fell by", "rose by")
-    acc = _accuracy_clause(c)
+    acc = quality_clause(c) if c.quality is not None else _accuracy_clause(c)
     return f"{flops} {_cap(energy)}. {_cap(time)}. {_cap(acc)}."
 
 
@@ -177,6 +196,38 @@ def synthetic_warning(run: Run) -> str | None:
         return ("The energy in this run is SYNTHETIC: it comes from the fake meter (--meter fake), no hardware was "
                 "read, and every energy and CO2 figure below is a test value, not a measurement.")
     return None
+
+
+def _coverages(run: Run) -> dict[str, Any]:
+    """Arm name -> its ``LayerCoverage``, for the ssProp arms whose record holds one."""
+    return {name: a.layer_coverage for name, a in run.arms.items() if a.layer_coverage is not None}
+
+
+def layer_coverage_text(run: Run) -> str | None:
+    """Which layers ssProp replaced, how many of each kind, and the share of a dense step's backward FLOPs they
+    hold (``records.ArmRecord.layer_coverage``); None for records that predate it."""
+    covs = _coverages(run)
+    if not covs:
+        return None
+    kinds = "+".join(run.summary.layer_kinds)
+    default = "layers" in run.summary.config and run.summary.config["layers"] is None
+    origin = ", the model's default" if default else ""
+    head = f"ssProp layers ({kinds}{origin})" if kinds else "ssProp layers"
+    described = {c.describe() for c in covs.values()}
+    if len(described) == 1:
+        return f"{head}: {described.pop()} (a dense step, counted)."
+    return f"{head}: " + "; ".join(f"{name}: {c.describe()}" for name, c in covs.items()) + " (a dense step, counted)."
+
+
+def layer_coverage_warning(run: Run) -> str | None:
+    """The low-coverage warning (sparsified layers under ``layer_coverage.LOW_SHARE`` of the backward FLOPs)."""
+    found: dict[str, list[str]] = {}
+    for name, cov in _coverages(run).items():
+        if cov.warning:
+            found.setdefault(cov.warning, []).append(name)
+    if not found:
+        return None
+    return " ".join(f"{', '.join(names)}: {text}." for text, names in found.items())
 
 
 def affected_epochs(run: Run, arm_names: list[str]) -> list[str]:
@@ -315,10 +366,20 @@ def carbon_statement(run: Run, comps: list[ArmComparison]) -> str:
     if len(comps) == 1:
         c = comps[0]
         ci_text = f" ({fmt_ci_pct(c.energy.ci_frac, c.energy.ci_level)})" if c.energy.ci_frac else ""
+        if c.quality is not None:
+            effect = (f"a sample-quality {c.quality.metric} of {fmt_number(c.quality.value)} against "
+                      f"{fmt_number(c.quality.baseline)} (lower is better; {c.quality.extractor} features, "
+                      f"{c.quality.n_generated} samples)")
+        else:
+            effect = f"a test-accuracy difference of {fmt_pp(c.accuracy.diff, 2)}"
         text += (
             f" Scheduled sparse back-propagation (ssProp, drop rate {run.arms[c.arm].drop_rate:g}, "
             f"{run.arms[c.arm].schedule} schedule) used {less_or_more(c.energy.saved_frac, 'energy')}{ci_text} "
-            f"than dense training, with a test-accuracy difference of {fmt_pp(c.accuracy.diff, 2)}."
+            f"than dense training, with {effect}."
         )
+    sampling = [a.sample_energy_j * repeat_count(a) for a in run.arms.values() if a.sample_energy_j is not None]
+    if sampling:
+        text += (f" Generating the evaluation samples used a further {fmt_energy(sum(sampling))} "
+                 "(metered apart from training, not included above).")
     text += " Measured with ssprop-energy."
     return text

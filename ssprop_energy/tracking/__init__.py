@@ -9,11 +9,14 @@ callback per arm-run (``logger.callback(arm, seed, repeat)``), takes the configu
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ssprop_energy.errors import ConfigError
-from ssprop_energy.tracking.base import EpochScalars, RunLogger, epoch_scalars
+
+if TYPE_CHECKING:
+    from ssprop_energy.tracking.base import EpochScalars, RunLogger, epoch_scalars
 
 __all__ = [
     "LOG_TARGETS", "EpochScalars", "RunLogger", "add_tracking_arguments", "epoch_scalars", "loggers_from_args",
@@ -21,6 +24,16 @@ __all__ = [
 ]
 
 LOG_TARGETS = ("tensorboard", "mlflow")
+
+# The loggers are trainer callbacks (torch); loaded on first use so that the CLI's flags (add_tracking_arguments)
+# cost no torch import for the torch-free commands.
+_LAZY = ("EpochScalars", "RunLogger", "epoch_scalars")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module("ssprop_energy.tracking.base"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_loggers(
@@ -63,8 +76,9 @@ def add_tracking_arguments(parser: Any) -> None:
     """Add ``--log-to``, ``--tensorboard-dir``, ``--mlflow-uri`` and ``--mlflow-experiment`` to an argparse
     parser (``compare`` and ``sweep``)."""
     parser.add_argument(
-        "--log-to", default="", metavar="TARGETS",
-        help="also log to: tensorboard, mlflow or both, comma-separated (pip install 'ssprop-energy[tracking]')",
+        "--log-to", action="append", default=None, metavar="TARGETS",
+        help="also log each epoch to tensorboard and/or mlflow: comma-separated or the flag repeated "
+        "(pip install 'ssprop-energy[tracking]')",
     )
     parser.add_argument("--tensorboard-dir", default=None, help="TensorBoard log dir (default RUN_DIR/tensorboard)")
     parser.add_argument("--mlflow-uri", default=None,
@@ -72,9 +86,11 @@ def add_tracking_arguments(parser: Any) -> None:
     parser.add_argument("--mlflow-experiment", default="ssprop-energy", help="MLflow experiment name")
 
 
-def parse_targets(text: str | None) -> list[str]:
-    """``"tensorboard,mlflow"`` -> ``["tensorboard", "mlflow"]``; unknown names are a :class:`ConfigError`."""
-    targets = [t.strip().lower() for t in (text or "").split(",") if t.strip()]
+def parse_targets(text: str | Sequence[str] | None) -> list[str]:
+    """``"tensorboard,mlflow"`` (or ``["tensorboard", "mlflow"]``, a repeated ``--log-to``) -> ``["tensorboard",
+    "mlflow"]``, each once; unknown names are a :class:`ConfigError`."""
+    parts = [text] if isinstance(text, str) else list(text or [])
+    targets = [t.strip().lower() for part in parts for t in part.split(",") if t.strip()]
     unknown = [t for t in targets if t not in LOG_TARGETS]
     if unknown:
         raise ConfigError(f"unknown --log-to target(s) {', '.join(unknown)}; choose from {', '.join(LOG_TARGETS)}")
@@ -86,7 +102,7 @@ def loggers_from_args(args: Any, run_dir: str | Path, carbon_g_per_kwh: float | 
     """Open the loggers the ``add_tracking_arguments`` flags ask for (none when ``--log-to`` is empty).
     Call it after the run directory is prepared (the TensorBoard folder lives inside it)."""
     return open_loggers(
-        parse_targets(getattr(args, "log_to", "")), run_dir, tensorboard_dir=getattr(args, "tensorboard_dir", None),
+        parse_targets(getattr(args, "log_to", None)), run_dir, tensorboard_dir=getattr(args, "tensorboard_dir", None),
         mlflow_uri=getattr(args, "mlflow_uri", None),
         mlflow_experiment=getattr(args, "mlflow_experiment", "ssprop-energy"),
         carbon_g_per_kwh=carbon_g_per_kwh, pue=pue,

@@ -123,8 +123,9 @@ class RunLogger:
     def on_run_end(self, run_dir: str | Path) -> None:
         """Attach the finished run directory's ``summary.json`` and ``report.html`` (those present)."""
 
-    def close(self) -> None:
-        """Flush and release files; idempotent."""
+    def close(self, status: str = "complete") -> None:
+        """Flush and release files; idempotent. ``status`` is the run's (``complete``, ``interrupted`` or
+        ``failed``; ``records.RUN_STATUSES``), for trackers that keep a run state."""
 
 
 def artifacts(run_dir: str | Path) -> list[Path]:

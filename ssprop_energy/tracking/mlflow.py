@@ -22,6 +22,8 @@ TRACKING_EXTRA_HINT = "pip install 'ssprop-energy[tracking]'"
 DEFAULT_EXPERIMENT = "ssprop-energy"
 # MLflow caps a parameter value's length (6000 characters in MLflow 2-3); longer values are cut, and say so.
 _MAX_PARAM_CHARS = 6000
+# The run's status (records.RUN_STATUSES) -> MLflow's run state; an interrupted run can be resumed, so KILLED.
+_MLFLOW_STATUS = {"complete": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
 
 
 def _client(tracking_uri: str | None) -> Any:
@@ -61,6 +63,7 @@ class _EpochLogger(Callback):
     def on_train_end(self, trainer: Trainer) -> None:
         if self.run_id is not None:
             self.owner.client.set_terminated(self.run_id, "FINISHED")
+            self.owner.open_children.discard(self.run_id)
 
 
 class MlflowLogger(RunLogger):
@@ -98,6 +101,7 @@ class MlflowLogger(RunLogger):
             raise ConfigError(f"MLflow: cannot open experiment {experiment!r} at {tracking_uri or 'the default URI'}: "
                               f"{type(exc).__name__}: {exc}") from None
         self._closed = False
+        self.open_children: set[str] = set()  # arm-runs whose training has not finished
 
     def child_run(self, arm: str, seed: int, repeat: int) -> str:
         """Create the nested run of one arm-run; returns its id."""
@@ -107,6 +111,7 @@ class MlflowLogger(RunLogger):
         )
         for key, value in (("arm", arm), ("seed", seed), ("repeat", repeat)):
             self.client.log_param(run.info.run_id, key, value)
+        self.open_children.add(run.info.run_id)
         return run.info.run_id
 
     def log_config(self, config: Mapping[str, Any]) -> None:
@@ -135,7 +140,12 @@ class MlflowLogger(RunLogger):
                 self.client.log_metric(self.run_id, f"{name}.co2_g_{arm.energy_source}", arm.co2_g)
                 self.client.log_metric(self.run_id, f"{name}.flops_backward_counted", arm.flops_backward)
 
-    def close(self) -> None:
+    def close(self, status: str = "complete") -> None:
+        """End the parent run, and any arm-run still open (an interrupted or failed run), with ``status``."""
         if not self._closed:
-            self.client.set_terminated(self.run_id, "FINISHED")
+            state = _MLFLOW_STATUS.get(status, "FAILED")
+            for run_id in sorted(self.open_children):
+                self.client.set_terminated(run_id, state)
+            self.open_children.clear()
+            self.client.set_terminated(self.run_id, state)
             self._closed = True

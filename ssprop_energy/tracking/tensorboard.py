@@ -108,7 +108,7 @@ class TensorBoardLogger(RunLogger):
         root.add_text("artifacts", "\n".join(str(p.resolve()) for p in files) or "none")
         root.flush()
 
-    def close(self) -> None:
+    def close(self, status: str = "complete") -> None:
         for w in self._writers.values():
             w.close()
         self._writers.clear()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,9 @@ class Trainer:
         stop_requested: polled after each batch; when true, the run stops with :class:`RunInterrupted`.
         task: the loss and metrics (classification by default).
         scope: prefix of this run's meter windows (the arm-run's name), so several arms can share a meter.
+        shard: ``(rank, world_size)``: serve this rank's part of every global batch of ``config.batch_size``.
+        reduce_sums: in a distributed run, the sum over ranks of a float64 tensor (the epoch's training
+            loss sum, metric sum and sample count), so every rank reports the whole batch's figures.
     """
 
     def __init__(
@@ -122,6 +126,8 @@ class Trainer:
         stop_requested: Callable[[], bool] = lambda: False,
         task: Task | None = None,
         scope: str = "run",
+        reduce_sums: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         from ssprop_energy.data import BatchLoader
 
@@ -137,10 +143,12 @@ class Trainer:
         self.stop_requested = stop_requested
         self.task: Task = task or ClassificationTask(self._autocast)
         self.scope = scope
+        self.reduce_sums = reduce_sums
         self.optimizer = make_optimizer(config.optimizer, model.parameters(), config.lr, config.weight_decay)
         self.lr_schedule = make_lr_schedule(config.lr_schedule, self.optimizer, config.epochs)
         self.train_loader = BatchLoader(
-            data.train, config.batch_size, shuffle=True, seed=config.seed, mean=data.mean, std=data.std, device=device
+            data.train, config.batch_size, shuffle=True, seed=config.seed, mean=data.mean, std=data.std, device=device,
+            rank=shard[0], world_size=shard[1],
         )
         self.sync: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self.drop_rate = 0.0
@@ -163,6 +171,11 @@ class Trainer:
         if self.config.amp and self.device.type == "cuda":
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def _as_accuracy(self, metric: float) -> float:
+        """The task's metric for an ``*_accuracy`` field: itself for classification, NaN for a task whose
+        metric is not an accuracy (generation: the noise MSE, already the loss) - never mislabelled."""
+        return metric if self.task.metric == "accuracy" else math.nan
 
     def evaluate(self, split: Any, noise_std: float = 0.0) -> tuple[float, float]:
         """Mean loss and headline metric of the model on a split (see the task)."""
@@ -196,6 +209,9 @@ class Trainer:
         model.train()
         torch.manual_seed(epoch_seed(self.config.seed, epoch))
         self.train_loader.set_epoch(epoch)
+        set_epoch = getattr(self.task, "set_epoch", None)
+        if set_epoch is not None:  # a task with its own draws (diffusion timesteps, noise) reseeds them per epoch
+            set_epoch(epoch)
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         metric_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         n = 0
@@ -228,6 +244,10 @@ class Trainer:
             batch_idx += 1
             if self.stop_requested():
                 raise RunInterrupted(f"stopped during epoch {epoch + 1}")
+        if self.reduce_sums is not None:
+            sums = self.reduce_sums(torch.stack([loss_sum, metric_sum, loss_sum.new_tensor(float(n)),
+                                                 loss_sum.new_tensor(drop_sum)]))
+            loss_sum, metric_sum, n, drop_sum = sums[0], sums[1], int(round(float(sums[2]))), float(sums[3])
         return float(loss_sum) / max(n, 1), float(metric_sum) / max(n, 1), drop_sum / max(n, 1)
 
     @property
@@ -266,8 +286,9 @@ class Trainer:
         energy = self._collect_energy(self._window_scope)
         flops = self.epoch_flops[epoch] if self.epoch_flops is not None else None
         record = EpochRecord(
-            epoch=epoch, drop_rate=mean_drop, train_loss=loss, train_accuracy=acc, val_loss=val_loss,
-            val_accuracy=val_acc, flops_forward=flops.flops_forward if flops else 0.0,
+            epoch=epoch, drop_rate=mean_drop, train_loss=loss, train_accuracy=self._as_accuracy(acc),
+            val_loss=val_loss, val_accuracy=self._as_accuracy(val_acc),
+            flops_forward=flops.flops_forward if flops else 0.0,
             flops_backward=flops.flops_backward if flops else 0.0, energy_j=float(sum(energy.values())),
             wall_s=train_s, lr=float(self.optimizer.param_groups[0]["lr"]),
         )
@@ -312,10 +333,10 @@ class Trainer:
         ]
         return TrainResult(
             epochs=epochs,
-            test_accuracy=test_acc,
+            test_accuracy=self._as_accuracy(test_acc),
             test_loss=test_loss,
             best_epoch=state["best_epoch"],
-            best_val_accuracy=state["best_val_accuracy"],
+            best_val_accuracy=self._as_accuracy(state["best_val_accuracy"]),
             noise_accuracy=noise_acc,
             train_wall_s=sum(e.wall_s for e in epochs),
             eval_wall_s=state["eval_wall_s"],
