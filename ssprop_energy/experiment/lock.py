@@ -38,6 +38,7 @@ class RunLock:
         except ImportError:  # pragma: no cover - not a POSIX system: no lock, as before
             return self
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # Experiment.run() makes its directory
             fh = open(self.path, "a+", encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"{self.path}: cannot open the run lock ({exc.strerror or exc})") from None
