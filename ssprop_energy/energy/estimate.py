@@ -17,8 +17,9 @@ integrates it over its own timestamps like any power reading.
 
 Convention (issue 18): this is ``compare``'s estimate, and it is CodeCarbon's ``process`` tracking mode with
 the same inputs: a lab running ``OfflineEmissionsTracker(tracking_mode="process", force_cpu_power=TDP,
-force_ram_power=RAM_W)`` around the same work gets the same CPU and RAM joules
-(``tests/test_hardening_energy_convention.py`` checks it against CodeCarbon itself). CodeCarbon's
+force_mode_cpu_load=True)`` around the same (long) work gets the same CPU and RAM joules, up to its first
+sampling interval, which it reads as zero load (``tests/test_hardening_energy_convention.py`` checks the
+formula against CodeCarbon's own CPU and RAM models). CodeCarbon's
 ``machine`` mode (machine-wide load with a 10%-of-TDP floor) is a different, larger figure. ``audit run
 --meter estimate`` charges this same figure (``ledger.attribution`` scales only machine-wide counters such
 as RAPL by the command's CPU-time share; this estimate is already the process tree's).
