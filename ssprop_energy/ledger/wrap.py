@@ -184,6 +184,7 @@ def run_wrapped(
     meter: Any = None,
     meter_kind: str = "auto",
     sample_period_s: float = 0.5,
+    estimate_options: dict[str, Any] | None = None,
     project: str | None = None,
     tags: Sequence[str] = (),
     redact: bool = False,
@@ -206,6 +207,8 @@ def run_wrapped(
             default ``open_meter(meter_kind, sample_period_s)``.
         meter_kind: ``auto`` picks the best available source.
         sample_period_s: power sampling period of the default meter, seconds.
+        estimate_options: keyword arguments of the default meter's CPU/RAM estimate (``cpu_tdp_w``,
+            ``ram_power_w``, ...); its CPU time is the command's tree unless ``cpu_seconds`` is given.
         project, tags, redact: as for :func:`entries.start_entry`.
         whole_machine: charge machine-wide components whole instead of by CPU-time share.
         intensity: a resolved carbon intensity (``g_per_kwh``, ``source`` attributes); default
@@ -241,7 +244,8 @@ def run_wrapped(
 
         # the estimate (if chosen) counts the command's tree, not this wrapper's own sampling
         meter = open_meter(meter_kind, sample_period_s=sample_period_s,
-                           estimate_options={"cpu_seconds": ProcessTreeCpu(include_self=False)})
+                           estimate_options={"cpu_seconds": ProcessTreeCpu(include_self=False),
+                                             **(estimate_options or {})})
     process_scoped = process_scoped_components(meter)
 
     if gpu_sampler is None and not whole_machine:
