@@ -12,9 +12,10 @@ Each component declares its scope (:attr:`~ssprop_energy.energy.base.ComponentSp
 - **process tree** (the estimate's ``cpu`` and ``ram``): the figure is already the command's: TDP x the
   tree's CPU seconds / logical CPUs, and codecarbon's per-process RAM model x wall time. It is charged as
   is; scaling it by the share again would count the command's CPU fraction twice (issue 18: 53 J charged
-  where the estimate said 116 J). With the estimate meter the charged figure is exactly CodeCarbon's
-  ``OfflineEmissionsTracker(tracking_mode="process")`` CPU + RAM energy for the same TDP and RAM power, the
-  convention ``compare`` uses; :func:`codecarbon_process_j` names it.
+  where the estimate said 116 J). With the estimate meter the charged figure follows CodeCarbon's
+  ``OfflineEmissionsTracker(tracking_mode="process")`` CPU + RAM formula with the same TDP and RAM power
+  (CodeCarbon's own figure differs by a few percent: it samples live processes, and counts the tracking
+  process itself), the convention ``compare`` uses; :func:`codecarbon_process_j` names it.
 
 GPU components are per device and are kept whole here: a process's share of a GPU cannot be read from CPU
 time (see :mod:`.gpushare`).
