@@ -223,6 +223,9 @@ def run_command(args: argparse.Namespace) -> int:
         if res.attribution is not None:
             energy += (f"; CPU-side energy attributed by CPU time, share {100 * res.attribution.share:.1f}% of "
                        f"{_fmt_energy(res.machine_energy_j or 0.0)} machine-wide")
+        if res.codecarbon_process_j is not None:
+            energy += (f"; CPU + RAM {_fmt_energy(res.codecarbon_process_j)} for the command's process tree, "
+                       "as CodeCarbon's process mode")
         if res.gpu_attribution is not None:
             energy += (f"; shared GPU charged {100 * res.gpu_attribution.share:.1f}% by "
                        f"{res.gpu_attribution.method}")

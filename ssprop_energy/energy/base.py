@@ -19,6 +19,12 @@ from typing import Any
 from ssprop_energy.records import EnergyComponent
 
 
+#: the figure covers the whole machine or device (every process on it)
+SCOPE_MACHINE = "machine"
+#: the figure covers only the measuring process and its descendants
+SCOPE_PROCESS_TREE = "process tree"
+
+
 @dataclass(frozen=True)
 class ComponentSpec:
     """What a source offers for one component.
@@ -29,6 +35,10 @@ class ComponentSpec:
         device: human-readable hardware name.
         counter: the source has a cumulative energy reading (J) for it.
         power: the source has an instantaneous power reading (W) for it.
+        scope: what the figure covers: :data:`SCOPE_MACHINE` (the whole device or machine, every process on
+            it: RAPL packages and DRAM, a GPU) or :data:`SCOPE_PROCESS_TREE` (already limited to the measuring
+            process and its descendants: the estimate's CPU time and its per-process RAM model). A consumer
+            that charges one process tree (``audit run``) attributes only machine-scoped figures.
     """
 
     component: str
@@ -36,6 +46,7 @@ class ComponentSpec:
     device: str
     counter: bool
     power: bool
+    scope: str = SCOPE_MACHINE
 
 
 @dataclass(frozen=True, slots=True)

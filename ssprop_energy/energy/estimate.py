@@ -6,6 +6,13 @@ energy rather than a power: the CPU time is cumulative, so the estimate can be r
 edges. It charges this process tree only: idle power and other processes on the machine are excluded,
 which is what a dense-versus-sparse comparison on a shared machine needs.
 
+Both components are therefore declared :data:`~.base.SCOPE_PROCESS_TREE`: the figure is already this
+process tree's, and ``audit run`` charges it as is rather than scaling it again by the command's share of
+the machine's CPU time (the double scaling of issue 18). The RAM model is per process in codecarbon's
+``process`` mode too (a constant power for the tree, not the machine's RAM split by use), so it is charged
+whole for the run's wall time. ``audit run`` counts the descendants only (``ProcessTreeCpu(include_self=
+False)``): the wrapper's own sampling is measurement overhead, not the command's work.
+
 TDP comes from codecarbon's CPU table (``data/hardware/cpu_power.csv``) through its own fuzzy matcher
 (``codecarbon.core.cpu.TDP``). When the model is not in the table we use codecarbon's fallback,
 ``DEFAULT_POWER_PER_CORE`` (4 W) per logical CPU; when no model can be read, its ``POWER_CONSTANT`` (85 W).
@@ -36,7 +43,7 @@ from typing import Any, Callable
 
 import psutil
 
-from ssprop_energy.energy.base import ComponentSpec, PowerSource
+from ssprop_energy.energy.base import SCOPE_PROCESS_TREE, ComponentSpec, PowerSource
 from ssprop_energy.errors import ConfigError, MeterUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -120,11 +127,17 @@ class ProcessTreeCpu:
     A descendant that ends and is reaped moves its time into its parent's children's times, so it is
     counted once either way; one re-parented away (orphaned) is lost, and the value is then held rather
     than allowed to fall.
+
+    Args:
+        clock: monotonic clock for the refresh period (s).
+        include_self: count this process's own CPU time; False counts its descendants only (``audit run``,
+            where this process is the wrapper and its own sampling thread is measurement overhead).
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, include_self: bool = True) -> None:
         self._proc = psutil.Process()
         self._clock = clock
+        self._include_self = include_self
         self._children: list[psutil.Process] = []
         self._refreshed = float("-inf")
         self._last = 0.0
@@ -143,7 +156,9 @@ class ProcessTreeCpu:
 
     def __call__(self) -> float:
         own = os.times()
-        total = time.process_time() + own.children_user + own.children_system
+        total = own.children_user + own.children_system
+        if self._include_self:
+            total += time.process_time()
         for child in self._children:
             try:
                 t = child.cpu_times()
@@ -205,8 +220,8 @@ class EstimateSource(PowerSource):
         # RAM is a constant power, integrated on the meter's own timestamps (exact for a constant); the CPU
         # is cumulative CPU time, read like a counter at window edges.
         return [
-            ComponentSpec("cpu", "estimated", self.cpu_model or "unknown CPU", True, False),
-            ComponentSpec("ram", "estimated", "RAM", False, True),
+            ComponentSpec("cpu", "estimated", self.cpu_model or "unknown CPU", True, False, SCOPE_PROCESS_TREE),
+            ComponentSpec("ram", "estimated", "RAM", False, True, SCOPE_PROCESS_TREE),
         ]
 
     def refresh(self) -> None:

@@ -1,14 +1,29 @@
 """Attributing machine-wide CPU energy to one process tree by its share of the CPU time.
 
-RAPL counters measure the whole machine: on a shared lab server they include every other user's work. ``audit run`` therefore charges the wrapped command with
+Each component declares its scope (:attr:`~ssprop_energy.energy.base.ComponentSpec.scope`):
 
-    share = (CPU seconds of the command's process tree) / (busy CPU seconds of the whole machine)
+- **machine-wide** (RAPL ``cpu:package-N`` and ``dram:package-N``): on a shared lab server the counters
+  include every other user's work. ``audit run`` charges the wrapped command with
 
-over the same interval, and multiplies each machine-wide component (CPU package, DRAM) by that share. The
-``estimated`` CPU/RAM is not machine-wide: the estimate source already counts the process tree's CPU seconds
-(CodeCarbon's ``process`` mode, as ``compare`` does), so it is charged whole. Idle power is thus split in proportion to the work done, the rule Scaphandre and similar
-per-process meters use. GPU components are per device and are kept whole: a process's share of a GPU cannot
-be read from CPU time.
+      share = (CPU seconds of the command's process tree) / (busy CPU seconds of the whole machine)
+
+  over the same interval, times the machine-wide energy. Idle power is thus split in proportion to the work
+  done, the rule Scaphandre and similar per-process meters use.
+- **process tree** (the estimate's ``cpu`` and ``ram``): the figure is already the command's: TDP x the
+  tree's CPU seconds / logical CPUs, and codecarbon's per-process RAM model x wall time. It is charged as
+  is; scaling it by the share again would count the command's CPU fraction twice (issue 18: 53 J charged
+  where the estimate said 116 J). With the estimate meter the charged figure follows CodeCarbon's
+  ``OfflineEmissionsTracker(tracking_mode="process")`` CPU + RAM formula with the same TDP and RAM power
+  (CodeCarbon's own figure differs by a few percent: it samples live processes, and counts the tracking
+  process itself), the convention ``compare`` uses; :func:`codecarbon_process_j` names it.
+
+GPU components are per device and are kept whole here: a process's share of a GPU cannot be read from CPU
+time (see :mod:`.gpushare`).
+
+CodeCarbon's process mode applies to its load x TDP estimate only: where it reads RAPL it reports the
+package counters whole in either mode, and models RAM separately. A RAPL row therefore has no
+CodeCarbon-process figure of its own; its machine-wide figure (kept beside the charged one) is what
+CodeCarbon would report for the CPU package.
 
 The tree's CPU seconds come from ``wait4`` on the child (its own time plus every descendant it waited
 for); the machine's from ``/proc/stat`` through :func:`psutil.cpu_times`. A descendant that outlives the
@@ -21,7 +36,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Collection, Sequence
 
 import psutil
 
@@ -102,29 +117,56 @@ def cpu_share(tree_cpu_s: float, machine_cpu_s: float, resolution_s: float = 0.0
     return min(1.0, tree_cpu_s / machine_cpu_s)
 
 
-def is_machine_wide(component: EnergyComponent) -> bool:
-    """True for components that measure the whole machine's CPU side (RAPL counters: everything but ``gpu:*``
-    and ``estimated`` components). The estimate source already charges the process tree only (CPU seconds of
-    the tree x TDP / CPUs, plus the process-mode RAM power: CodeCarbon's ``process`` mode, the convention of
-    ``compare`` too); multiplying it by the tree's CPU share again would scope it twice (issue 18)."""
-    return not component.component.startswith("gpu") and component.source != "estimated"
+def process_scoped_components(meter: object) -> frozenset[str]:
+    """Names of the meter's components whose figure already covers only the measuring process tree.
+
+    Read from the meter's ``specs`` (``{name: ComponentSpec}``); a meter without them (a test double, an
+    older meter) declares none, so all its CPU-side components count as machine-wide.
+    """
+    from ssprop_energy.energy.base import SCOPE_PROCESS_TREE
+
+    specs = getattr(meter, "specs", None) or {}
+    return frozenset(name for name, spec in specs.items()
+                     if getattr(spec, "scope", None) == SCOPE_PROCESS_TREE)
+
+
+def is_machine_wide(component: EnergyComponent, process_scoped: Collection[str] = ()) -> bool:
+    """True for components that measure the whole machine's CPU side: not ``gpu:*``, not process-scoped."""
+    return not component.component.startswith("gpu") and component.component not in process_scoped
+
+
+def codecarbon_process_j(components: Sequence[EnergyComponent], process_scoped: Collection[str]) -> float | None:
+    """CodeCarbon's ``tracking_mode="process"`` CPU + RAM energy for the run, joules, where it is defined.
+
+    Defined when the CPU side was measured by the process-tree estimate (every non-GPU component is
+    process-scoped): it is then the sum of those components, which are charged as is. None where a
+    machine-wide counter (RAPL) measured the CPU side: CodeCarbon reads those whole in either mode.
+    """
+    cpu_side = [c for c in components if not c.component.startswith("gpu")]
+    if not cpu_side or any(c.component not in process_scoped for c in cpu_side):
+        return None
+    return sum(c.energy_j for c in cpu_side)
 
 
 def attribute(
-    components: Sequence[EnergyComponent], attribution: CpuAttribution | None
+    components: Sequence[EnergyComponent],
+    attribution: CpuAttribution | None,
+    process_scoped: Collection[str] = (),
 ) -> list[AttributedComponent]:
     """Charge the run with its share of every machine-wide component.
 
     Args:
-        components: the meter's components over the run (machine-wide figures).
+        components: the meter's components over the run.
         attribution: the run's CPU-time share; None keeps every component whole (``--whole-machine``).
+        process_scoped: names of components already limited to the command's process tree (see
+            :func:`process_scoped_components`); they are charged as measured, never scaled by the share.
 
     Returns:
-        One :class:`AttributedComponent` per input, GPU components unchanged.
+        One :class:`AttributedComponent` per input; GPU and process-scoped components unchanged.
     """
     out: list[AttributedComponent] = []
     for comp in components:
-        if attribution is None or not is_machine_wide(comp):
+        if attribution is None or not is_machine_wide(comp, process_scoped):
             out.append(AttributedComponent(comp))
             continue
         charged = EnergyComponent(

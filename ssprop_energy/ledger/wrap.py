@@ -17,9 +17,12 @@ A terminal's Ctrl-C already reaches the whole foreground process group, command 
 again would interrupt the command's own clean-up, so SIGINT is forwarded only when the wrapper is not in
 the terminal's foreground group (``kill -INT`` from elsewhere). SIGTERM is always forwarded.
 
-Machine-wide energy (RAPL, the CPU estimate) is charged by the command's share of the machine's busy CPU
-time (see :mod:`.attribution`) unless ``whole_machine``; the wrapper's own sampling thread is measurement
-overhead and is not charged to the command. A GPU that other processes use at the same time is charged by
+Machine-wide energy (RAPL packages and DRAM) is charged by the command's share of the machine's busy CPU
+time (see :mod:`.attribution`) unless ``whole_machine``. The CPU/RAM estimate is already the command's own
+(TDP x the command tree's CPU seconds / logical CPUs, plus codecarbon's per-process RAM model): it is
+charged as is, and equals CodeCarbon's ``tracking_mode="process"`` figure for the same TDP and RAM power,
+which the row's note and :attr:`WrapResult.codecarbon_process_j` give. The wrapper's own sampling thread is
+measurement overhead and is not charged to the command (the estimate counts the wrapper's descendants only). A GPU that other processes use at the same time is charged by
 the command's share of it, from NVML's per-process samples (see :mod:`.gpushare`), also unless
 ``whole_machine``; the whole device's energy stays in the row beside the charged part.
 """
@@ -43,10 +46,12 @@ from ssprop_energy.errors import ConfigError, SSPropEnergyError
 from ssprop_energy.ledger.attribution import (
     CpuAttribution,
     attribute,
+    codecarbon_process_j,
     cpu_share,
     is_machine_wide,
     machine_busy_cpu_s,
     machine_cpu_resolution_s,
+    process_scoped_components,
 )
 from ssprop_energy.ledger.entries import LedgerEntry, start_entry
 from ssprop_energy.ledger.gpushare import GpuAttribution, GpuShareSampler, attribute_gpus
@@ -78,6 +83,9 @@ class WrapResult:
         machine_energy_j: the machine-wide energy before attribution (all components), joules.
         gpu_attribution: the shares of shared GPUs, None when every GPU was charged whole.
         start_error: why the command could not be started (``exit 127``/``126``), else None.
+        codecarbon_process_j: CodeCarbon's ``tracking_mode="process"`` CPU + RAM energy for the command,
+            joules (estimated; see :func:`.attribution.codecarbon_process_j`); None where RAPL measured the
+            CPU side or nothing was measured.
     """
 
     exit_code: int
@@ -90,6 +98,7 @@ class WrapResult:
     machine_energy_j: float | None
     gpu_attribution: GpuAttribution | None = None
     start_error: str | None = None
+    codecarbon_process_j: float | None = None
 
 
 def _in_foreground_group() -> bool:
@@ -175,6 +184,7 @@ def run_wrapped(
     meter: Any = None,
     meter_kind: str = "auto",
     sample_period_s: float = 0.5,
+    estimate_options: dict[str, Any] | None = None,
     project: str | None = None,
     tags: Sequence[str] = (),
     redact: bool = False,
@@ -197,6 +207,8 @@ def run_wrapped(
             default ``open_meter(meter_kind, sample_period_s)``.
         meter_kind: ``auto`` picks the best available source.
         sample_period_s: power sampling period of the default meter, seconds.
+        estimate_options: keyword arguments of the default meter's CPU/RAM estimate (``cpu_tdp_w``,
+            ``ram_power_w``, ...); its CPU time is the command's tree unless ``cpu_seconds`` is given.
         project, tags, redact: as for :func:`entries.start_entry`.
         whole_machine: charge machine-wide components whole instead of by CPU-time share.
         intensity: a resolved carbon intensity (``g_per_kwh``, ``source`` attributes); default
@@ -228,8 +240,13 @@ def run_wrapped(
         intensity = resolve_intensity(country=country, override_g_per_kwh=intensity_g_per_kwh)
     if meter is None:
         from ssprop_energy.energy import open_meter
+        from ssprop_energy.energy.estimate import ProcessTreeCpu
 
-        meter = open_meter(meter_kind, sample_period_s=sample_period_s)
+        # the estimate (if chosen) counts the command's tree, not this wrapper's own sampling
+        meter = open_meter(meter_kind, sample_period_s=sample_period_s,
+                           estimate_options={"cpu_seconds": ProcessTreeCpu(include_self=False),
+                                             **(estimate_options or {})})
+    process_scoped = process_scoped_components(meter)
 
     if gpu_sampler is None and not whole_machine:
         gpu_sampler = GpuShareSampler(period_s=sample_period_s)
@@ -291,11 +308,11 @@ def run_wrapped(
                     comps = [EnergyComponent(c, j, specs[c].source, specs[c].device)
                              for c, j in meter.snapshot().items() if c in specs]
                     att = None
-                    if not whole_machine and any(is_machine_wide(c) for c in comps):
+                    if not whole_machine and any(is_machine_wide(c, process_scoped) for c in comps):
                         tree, machine = tree_cpu_s_so_far(root_pid), max(0.0, cpu_clock() - cpu0)
                         att = CpuAttribution(tree, machine,
                                              cpu_share(tree, machine, resolution_s=machine_cpu_resolution_s()))
-                    charged, _ = attribute_gpus(attribute(comps, att),
+                    charged, _ = attribute_gpus(attribute(comps, att, process_scoped),
                                                 gpu_sampler.current() if gpu_sampler is not None else None)
                     entry.heartbeat(charged, intensity.g_per_kwh, pue, intensity.source, attribution=att)
 
@@ -336,7 +353,7 @@ def run_wrapped(
         status = "complete" if child_code == 0 else "failed"
 
     attribution = None
-    if not whole_machine and any(is_machine_wide(c) for c in components):
+    if not whole_machine and any(is_machine_wide(c, process_scoped) for c in components):
         resolution_s = machine_cpu_resolution_s()
         attribution = CpuAttribution(tree_cpu_s, machine_cpu_s,
                                      cpu_share(tree_cpu_s, machine_cpu_s, resolution_s=resolution_s))
@@ -344,7 +361,12 @@ def run_wrapped(
             notes.append(f"the machine's busy CPU time over the run ({machine_cpu_s:.3f} s) is below the "
                          f"resolution of /proc/stat ({resolution_s:.3f} s); the share is taken against that "
                          "resolution, an upper bound for a command this idle")
-    charged, gpu_attribution = attribute_gpus(attribute(components, attribution), gpu_shares)
+    charged, gpu_attribution = attribute_gpus(attribute(components, attribution, process_scoped), gpu_shares)
+    cc_process_j = codecarbon_process_j(components, process_scoped)
+    if cc_process_j is not None:
+        # for a lab that also runs CodeCarbon: the figure its process mode gives for the same TDP and RAM power
+        notes.append(f"CPU and RAM estimated for the command's process tree and charged as is (CodeCarbon "
+                     f"tracking_mode='process' convention): {cc_process_j:.6g} J")
     entry.finish(
         status,
         charged,
@@ -369,4 +391,5 @@ def run_wrapped(
         machine_energy_j=machine_energy_j,
         gpu_attribution=gpu_attribution,
         start_error=start_error,
+        codecarbon_process_j=cc_process_j,
     )
