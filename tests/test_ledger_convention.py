@@ -225,13 +225,15 @@ def test_audit_run_estimate_matches_codecarbon_process_mode(tmp_path):
     assert comps["cpu"]["share"] is None and comps["ram"]["share"] is None
     assert res.codecarbon_process_j == pytest.approx(comps["cpu"]["energy_j"] + comps["ram"]["energy_j"])
     # CodeCarbon from the same inputs. Its figure also holds this test process's own threads (the meter's
-    # sampler, its own monitor: a few percent of one core) and misses the child's start-up before its first
-    # sample, hence the tolerance (the exact regression test for the double scaling is above).
+    # sampler, its own monitor) and samples live processes every period, so on a loaded 2-core CI machine it
+    # wanders by tens of percent (3-10% here when quiet; a 10% bound failed once under load). The bound below
+    # still catches a wrong convention: the double scaling of issue 18 charged 0.25-0.5x, CodeCarbon's machine
+    # mode 2x and more. The exact arithmetic is asserted above and in the double-scaling regression test.
     theirs_cpu_j = data.cpu_energy * J_PER_KWH
     theirs_ram_j = data.ram_energy * J_PER_KWH
-    assert comps["cpu"]["energy_j"] == pytest.approx(theirs_cpu_j, rel=0.1)
-    assert comps["ram"]["energy_j"] == pytest.approx(theirs_ram_j, rel=0.05)
-    assert res.energy_j == pytest.approx(theirs_cpu_j + theirs_ram_j, rel=0.07)
+    assert comps["cpu"]["energy_j"] == pytest.approx(theirs_cpu_j, rel=0.3)
+    assert comps["ram"]["energy_j"] == pytest.approx(theirs_ram_j, rel=0.1)
+    assert res.energy_j == pytest.approx(theirs_cpu_j + theirs_ram_j, rel=0.2)
 
 
 def test_cli_audit_run_estimate_says_codecarbon_process_mode(capsys):
