@@ -209,7 +209,7 @@ def test_sigterm_saves_interrupted_and_resume_under_the_launcher_ends_identical(
     proc.send_signal(signal.SIGTERM)  # to the launcher, which passes it to both workers
     _, err = proc.communicate(timeout=TIMEOUT_S)
     assert proc.returncode == 130, err[-3000:]
-    assert err.count("Continue with --resume") == 1 and "Traceback" not in err
+    assert err.count("Continue with `ssprop-energy compare --resume") == 1 and "Traceback" not in err
     summary = load_summary(out)
     assert summary.status == "interrupted" and summary.world_size == 2
     assert not (out / "runs" / "dense__s0__r0.json").exists()  # interrupted mid-group: nothing finished
