@@ -318,18 +318,9 @@ def interference_warnings(summary: Any) -> list[str]:
 
 def diverged_warnings(summary: Any) -> list[str]:
     """One line per arm with arm-runs whose loss became NaN/inf (they are left out of means and pairs)."""
-    lines = []
-    for name, arm in summary.arms.items():
-        if not arm.diverged_runs:
-            continue
-        runs = ", ".join(arm.diverged_runs)
-        if arm.status == "diverged":
-            lines.append(f"warning: {name}: every run diverged (loss NaN/inf; {runs}, s<seed>r<repeat>e<epoch>): "
-                         "no accuracy and no comparison; its time, FLOPs and energy are what it spent")
-        else:
-            lines.append(f"warning: {name}: diverged run(s) {runs} (loss NaN/inf) left out of the means, pairs "
-                         "and intervals")
-    return lines
+    from ssprop_energy.report.text import diverged_parts
+
+    return [f"warning: {part} (loss NaN/inf; s<seed>r<repeat>e<epoch>)" for part in diverged_parts(summary.arms)]
 
 
 def generation_lines(summary: Any) -> list[str]:

@@ -159,10 +159,11 @@ def status_banner(run: Run) -> str | None:
     return f"Run still in progress ({progress} so far): numbers are provisional."
 
 
-def diverged_warning(run: Run) -> str | None:
-    """A sentence naming the arm-runs whose loss became NaN/inf (left out of means and pairs), or None."""
+def diverged_parts(arms: Mapping[str, Any]) -> list[str]:
+    """One clause per arm with arm-runs whose loss became NaN/inf (left out of means and pairs); the CLI and
+    the reports word the same fact with it."""
     parts = []
-    for name, arm in run.arms.items():
+    for name, arm in arms.items():
         if not arm.diverged_runs:
             continue
         runs = ", ".join(arm.diverged_runs)
@@ -171,6 +172,12 @@ def diverged_warning(run: Run) -> str | None:
                          "FLOPs and energy are what the diverged runs spent, and it is compared with nothing")
         else:
             parts.append(f"{name}: diverged run(s) {runs} left out of the means, pairs and intervals")
+    return parts
+
+
+def diverged_warning(run: Run) -> str | None:
+    """A sentence naming the arm-runs whose loss became NaN/inf (left out of means and pairs), or None."""
+    parts = diverged_parts(run.arms)
     if not parts:
         return None
     return ("Diverged training (loss NaN or infinite; label s<seed>r<repeat>e<first diverged epoch>): "
