@@ -496,10 +496,6 @@ def _provenance(run: Run) -> str:
     )
 
 
-def _cap(text: str) -> str:
-    return text[:1].upper() + text[1:]
-
-
 def _coverage(run: Run) -> str:
     """The layers ssProp replaced and their share of the backward FLOPs, with the share as a data attribute."""
     text = T.layer_coverage_text(run)
@@ -519,21 +515,7 @@ def _run_article(run: Run, idx: int, multi: bool) -> str:
     status = T.status_banner(run)
     if status:
         banners.append(f'<div class="banner status" data-status="{_e(s.status)}">{_e(status)}</div>')
-    fake = T.synthetic_warning(run)
-    if fake:
-        banners.append(f'<div class="banner" data-warning="synthetic">{_e(fake)}</div>')
-    busy = T.interference_text(run, list(run.arms))
-    if busy:
-        banners.append(f'<div class="banner" data-warning="interference">{_e(_cap(busy))}</div>')
-    diverged = T.diverged_warning(run)
-    if diverged:
-        banners.append(f'<div class="banner" data-warning="diverged">{_e(diverged)}</div>')
-    warn = T.estimate_warning(run)
-    if warn:
-        banners.append(f'<div class="banner" data-warning="estimated">{_e(warn)}</div>')
-    low = T.layer_coverage_warning(run)
-    if low:
-        banners.append(f'<div class="banner" data-warning="coverage">{_e(low)}</div>')
+    banners += [f'<div class="banner" data-warning="{kind}">{_e(text)}</div>' for kind, text in T.run_warnings(run)]
     reps = max((repeat_count(a) for a in run.arms.values()), default=1)
     seeds = len(s.config.get("seeds") or [0])
     runs_per_arm = f"{reps} run{'s' if reps != 1 else ''} per arm" + (f" ({seeds} seeds)" if seeds > 1 else "")

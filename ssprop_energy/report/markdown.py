@@ -195,21 +195,8 @@ def _run_md(run: Run, multi: bool) -> str:
     status = T.status_banner(run)
     if status:
         parts.append(f"> **{status}**")
-    fake = T.synthetic_warning(run)
-    if fake:
-        parts.append(f"> **Warning:** {fake}")
-    busy = T.interference_text(run, list(run.arms))
-    if busy:
-        parts.append(f"> **Warning:** {busy[:1].upper() + busy[1:]}.")
-    diverged = T.diverged_warning(run)
-    if diverged:
-        parts.append(f"> **Warning:** {diverged}")
-    warn = T.estimate_warning(run)
-    if warn:
-        parts.append(f"> **Warning:** {warn}")
-    low = T.layer_coverage_warning(run)
-    if low:
-        parts.append(f"> **Warning:** {low}")
+    for kind, text in T.run_warnings(run):
+        parts.append(f"> **Warning:** {text}" + ("." if kind == "interference" else ""))
     parts += [f"{h2} Headline", *_headline(run, comps), T.provenance_line(run)]
     coverage = T.layer_coverage_text(run)
     if coverage:

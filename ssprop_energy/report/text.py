@@ -184,6 +184,20 @@ def diverged_warning(run: Run) -> str | None:
             + "; ".join(parts) + ".")
 
 
+def run_warnings(run: Run) -> list[tuple[str, str]]:
+    """The run's warnings, in the order the reports show them: ``(kind, sentence)`` with kind one of
+    ``synthetic``, ``interference``, ``diverged``, ``estimated``, ``coverage`` (the status banner is apart)."""
+    busy = interference_text(run, list(run.arms))
+    found = [
+        ("synthetic", synthetic_warning(run)),
+        ("interference", _cap(busy) if busy else None),
+        ("diverged", diverged_warning(run)),
+        ("estimated", estimate_warning(run)),
+        ("coverage", layer_coverage_warning(run)),
+    ]
+    return [(kind, text) for kind, text in found if text]
+
+
 def estimate_warning(run: Run) -> str | None:
     """A warning when estimated energy dominates the run's energy figures, or None."""
     frac = estimated_fraction(run.arms)
