@@ -9,6 +9,9 @@ A run directory holds:
 - ``power_trace.csv``   one row per power sample: ``arm, repeat, t_s, component, power_w, source, phase``
                         (``t_s`` since that arm-run's meter start; ``phase`` ``train dense``, ``train drop D``,
                         ``eval`` or ``other``);
+- ``slices.csv``        one row per slice of training (``--interleave slice``: a fixed number of batches of one
+                        arm-run, the arms taking turns; otherwise one slice per epoch): the columns of
+                        :class:`SliceRecord` plus ``arm`` and ``repeat``;
 - ``layers.csv``        per-layer FLOPs per arm (``arm, layer, type, flops_forward, flops_backward``): FLOPs per
                         sample of one training step at the arm's nominal drop rate (not the schedule average).
 
@@ -26,6 +29,10 @@ energy counter: RAPL, NVML total energy), ``sampled`` (power samples integrated 
 (a model such as TDP x utilisation), ``fake`` (a synthetic trace from the fake meter: no hardware was
 read), ``mixed`` (a total over components of different measured/estimated sources; never used for a single
 component, never for a total that holds a ``fake`` component, which is ``fake``).
+
+Version 2 records may also hold, added later without a version change (absent in older files; readers take
+defaults): ``measurement`` (warm-up and slice length), per-arm ``headline`` (the clean-pair estimate of the
+time and energy change, :class:`Headline`) and per-arm-run ``slices``.
 
 Schema version 2 (this one) adds ``interleave``, per-arm ``interference`` and ``epoch_intervals``, types
 ``carbon`` and ``paired``, and drops version 1's write-only ``flops_per_sample`` / ``meter_components`` and
@@ -62,6 +69,7 @@ CONFIG_FILE = "config.json"
 EPOCHS_FILE = "epochs.csv"
 TRACE_FILE = "power_trace.csv"
 LAYERS_FILE = "layers.csv"
+SLICES_FILE = "slices.csv"
 
 
 # --------------------------------------------------------------------------------------------- atomic IO
@@ -408,6 +416,140 @@ class RepeatFigures:
     diverged_epoch: int | None = None
 
 
+@dataclass(frozen=True)
+class SliceRecord:
+    """One slice of an arm-run's training: consecutive batches run without another arm in between.
+
+    Times are seconds (``t_start_s`` since the group's meter started), energy joules over the slice's
+    ``train`` window (counters read at its edges; a sampled trace integrated over it; the estimate as
+    elsewhere) with its provenance in ``energy_source``. The machine readings come from the interference
+    monitor over the slice (None where it did not run: other ranks, ``--no-monitor``): ``cpu_s`` is this
+    process tree's CPU time, ``foreign_cpu_cores_*`` the busy cores outside it, ``steal_cpu_cores_mean`` the
+    hypervisor's share, ``cpu_freq_mhz_mean`` the mean clock where readable, and the ``gpu_*`` fields as in
+    :class:`~ssprop_energy.energy.interference.InterferenceReading`. Slice ``index`` counts within the epoch:
+    slice ``index`` of two arms of a pair ran next to each other in time (``order`` counts turns in the group).
+    """
+
+    seed: int
+    repeat: int
+    epoch: int
+    index: int
+    order: int
+    first_batch: int
+    batches: int
+    samples: int
+    drop_rate: float
+    t_start_s: float
+    wall_s: float
+    energy_j: float
+    energy_source: str
+    cpu_s: float | None = None
+    foreign_cpu_cores_mean: float | None = None
+    foreign_cpu_cores_max: float | None = None
+    steal_cpu_cores_mean: float | None = None
+    cpu_freq_mhz_mean: float | None = None
+    gpu_foreign_processes_max: int | None = None
+    gpu_throttle_reasons: str = ""
+    gpu_temperature_c_max: float | None = None
+
+    @classmethod
+    def from_reading(cls, reading: Any = None, **values: Any) -> SliceRecord:
+        """A slice from its own figures and the monitor's reading over it (or None)."""
+        if reading is not None:
+            values.update(
+                cpu_s=reading.own_cpu_cores_mean * reading.wall_s,
+                foreign_cpu_cores_mean=reading.foreign_cpu_cores_mean,
+                foreign_cpu_cores_max=reading.foreign_cpu_cores_max,
+                steal_cpu_cores_mean=reading.steal_cpu_cores_mean, cpu_freq_mhz_mean=reading.cpu_freq_mhz_mean,
+                gpu_foreign_processes_max=reading.gpu_foreign_processes_max,
+                gpu_throttle_reasons=" ".join(reading.gpu_throttle_reasons),
+                gpu_temperature_c_max=reading.gpu_temperature_c_max)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SliceRecord:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if values.get("energy_j") is None:
+            values["energy_j"] = math.nan
+        return cls(**values)
+
+
+SLICE_COLUMNS = ["arm", "repeat", *[f.name for f in fields(SliceRecord)]]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """How a run's arms were measured: the interleaving, the warm-up and the slice length.
+
+    Attributes:
+        interleave: ``slice``, ``epoch`` or ``none``.
+        warmup_rounds: warm-up rounds run before the first measured batch (each: every arm-run's drop rates,
+            the short last batch and an evaluation batch, on copies of the models).
+        warmup_stable: whether the round times were steady when the warm-up ended (False: it hit its bound).
+        warmup_wall_s: the warm-up's wall time (s; not charged to any arm, metered by no arm window).
+        step_s: the steady full-batch training step time measured at the warm-up's end (s).
+        slice_batches: batches per slice (``slice`` only), chosen once from ``step_s``; the same on every rank.
+        slice_target_s: the slice length aimed at (s).
+    """
+
+    interleave: str
+    warmup_rounds: int = 0
+    warmup_stable: bool = False
+    warmup_wall_s: float = 0.0
+    step_s: float = math.nan
+    slice_batches: int | None = None
+    slice_target_s: float | None = None
+
+
+HEADLINE_METRICS = ("wall_s", "energy_j")
+VERDICTS = ("measured", "inconclusive")
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The time or energy change of an arm against the baseline, estimated from clean adjacent slice pairs.
+
+    Field names are a stable contract (``summary.json`` ``arms.<arm>.headline.<metric>``; other tools read
+    them). ``change`` is a fraction (negative: the arm spent less), ``ci`` its ``[low, high]`` block-bootstrap
+    interval over pairs (None when it cannot be formed), ``clean_share`` the fraction of the run's slice pairs
+    that saw no foreign load and were used, ``pairs`` how many were used (of ``pairs_total``), ``method`` how
+    it was estimated, and ``verdict`` ``measured`` or ``inconclusive`` (``reason`` says why).
+    """
+
+    change: float
+    ci: tuple[float, float] | None
+    clean_share: float
+    pairs: int
+    method: str
+    verdict: str
+    pairs_total: int = 0
+    confidence: float = 0.95
+    reason: str = ""
+    phases: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "headline") -> Headline:
+        if not isinstance(data, Mapping):
+            raise RecordError(f"{where}: must be an object")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        try:
+            values["change"] = math.nan if values.get("change") is None else float(values["change"])
+            values["ci"] = _interval(values.get("ci"), f"{where}.ci")
+            if values.get("verdict") not in VERDICTS:
+                raise RecordError(f"{where}: unknown verdict {values.get('verdict')!r}")
+            return cls(**values)
+        except TypeError as exc:
+            raise RecordError(f"{where}: malformed ({exc})") from None
+
+
 @dataclass
 class ArmRun:
     """One arm trained once (one seed, one repeat): what ``runs/<arm>__s<seed>__r<repeat>.json`` holds.
@@ -468,6 +610,7 @@ class ArmRun:
     sample_energy_components: list[EnergyComponent] = field(default_factory=list)
     sampling: dict[str, Any] = field(default_factory=dict)
     diverged_epoch: int | None = None
+    slices: list[SliceRecord] = field(default_factory=list)
 
     @property
     def energy_j(self) -> float:
@@ -499,6 +642,7 @@ class ArmRun:
             kwargs["sample_energy_components"] = [EnergyComponent(**c) for c in data.get("sample_energy_components", [])]
             kwargs["epochs"] = [epoch_from_dict(e) for e in data.get("epochs", [])]
             kwargs["layer_coverage"] = layer_coverage_from_dict(data.get("layer_coverage"), where)
+            kwargs["slices"] = [SliceRecord.from_dict(x) for x in data.get("slices", [])]
             run = cls(**kwargs)
         except (TypeError, AttributeError) as exc:
             raise RecordError(f"{where}: malformed arm-run record ({exc})") from None
@@ -595,6 +739,7 @@ class ArmRecord:
     sample_energy_source: str | None = None
     sample_energy_components: list[EnergyComponent] = field(default_factory=list)
     sampling: dict[str, Any] = field(default_factory=dict)
+    headline: dict[str, Headline] = field(default_factory=dict)
 
     @property
     def quality_metric(self) -> str | None:
@@ -649,6 +794,7 @@ class RunSummary:
     nodes: int = 1
     task: str = "classification"
     generation: dict[str, Any] | None = None  # generation runs: the diffusion, sampling and extractor settings
+    measurement: Measurement | None = None  # warm-up and slice length (absent in older records)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(self, default=_json_default))
@@ -771,6 +917,8 @@ def _arm_from_dict(name: str, data: Mapping[str, Any], where: str, version: int)
         m: _epoch_interval_from_dict(v, f"{where}: arms.{name}.epoch_intervals.{m}")
         for m, v in (data.get("epoch_intervals") or {}).items()
     }
+    record.headline = {m: Headline.from_dict(v, f"{where}: arms.{name}.headline.{m}")
+                       for m, v in (data.get("headline") or {}).items()}
     if version == 1 and "eval" not in record.phases and data.get("eval_energy_j"):
         # version 1 kept evaluation energy twice; when its phases lack it, keep the duplicate's figure
         record.phases["eval"] = {"energy_j": float(data["eval_energy_j"]), "wall_s": math.nan, "count": math.nan}
@@ -779,7 +927,7 @@ def _arm_from_dict(name: str, data: Mapping[str, Any], where: str, version: int)
 
 _ARM_FIELDS = {f.name for f in fields(ArmRecord)}
 _ARM_NESTED = {"energy_components", "epochs", "repeats", "paired", "epoch_intervals", "interference",
-               "sample_energy_components", "layer_coverage"}
+               "sample_energy_components", "layer_coverage", "headline"}
 _FLOAT_FIELDS = {f.name for f in fields(ArmRecord) if f.type in ("float", float)}
 
 
@@ -821,8 +969,17 @@ def summary_from_dict(data: Any, where: str = "summary.json") -> RunSummary:
         raise RecordError(f"{where}: 'arms' must be an object")
     arms = {name: _arm_from_dict(name, arm, where, version) for name, arm in data["arms"].items()}
     known = {f.name for f in fields(RunSummary)}
-    rest = {k: v for k, v in data.items() if k in known and k not in ("arms", "carbon", "paired", "schema_version")}
+    rest = {k: v for k, v in data.items()
+            if k in known and k not in ("arms", "carbon", "paired", "schema_version", "measurement")}
+    measurement = None
+    if isinstance(data.get("measurement"), Mapping):
+        mfields = {f.name for f in fields(Measurement)}
+        try:
+            measurement = Measurement(**{k: v for k, v in data["measurement"].items() if k in mfields})
+        except TypeError as exc:
+            raise RecordError(f"{where}: measurement is malformed ({exc})") from None
     return RunSummary(
+        measurement=measurement,
         arms=arms, carbon=_carbon_from_dict(data["carbon"], where),
         paired=_paired_from_dict(data.get("paired") or {}, f"{where}: paired"), schema_version=version,
         **rest,

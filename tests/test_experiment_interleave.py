@@ -54,20 +54,27 @@ def test_epoch_interleave_is_one_group_per_pair_in_abba_order(tmp_path: Path) ->
 def test_unknown_interleave_is_refused_in_domain_words(tmp_path: Path) -> None:
     from ssprop_energy.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="unknown interleave 'abab'; choose from epoch, none"):
+    with pytest.raises(ConfigError, match="unknown interleave 'abab'; choose from slice, epoch, none"):
         tiny(tmp_path, interleave="abab")
 
 
 # ------------------------------------------------------------------------------------------ bit identity
 
 
-def test_interleaved_arms_are_bit_identical_to_sequential(tmp_path: Path) -> None:
-    """Each arm keeps its own model, optimizer, RNG stream and data order: alternating the arms' epochs in
-    time changes nothing they compute (==, not approx)."""
+@pytest.mark.parametrize("interleave", ["slice", "epoch"])
+def test_interleaved_arms_are_bit_identical_to_sequential(tmp_path: Path, interleave: str) -> None:
+    """Each arm keeps its own model, optimizer, RNG streams and data order: alternating the arms' slices or
+    epochs in time changes nothing they compute (==, not approx)."""
     kw = dict(epochs=3, drop_rates=[0.8], schedules=["bar"], selection="random", dropouts=[0.2])
-    inter = run(tiny(tmp_path / "inter", **kw))
+    inter = run(tiny(tmp_path / "inter", interleave=interleave, slice_batches=1, **kw))
     seq = run(tiny(tmp_path / "seq", interleave="none", **kw))
-    assert inter.interleave == "epoch" and seq.interleave == "none"
+    assert inter.interleave == interleave and seq.interleave == "none"
+    if interleave == "slice":  # one batch per slice: the arms really took turns inside every epoch
+        runs = json.loads((tmp_path / "inter" / "runs" / "ssprop__s0__r0.json").read_text())
+        first = [s for s in runs["slices"] if s["epoch"] == 0]
+        assert len(first) > 1 and all(s["batches"] == 1 for s in first)
+        assert [s["index"] for s in first] == list(range(len(first)))
+        assert inter.measurement.slice_batches == 1
     fields = ("drop_rate", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "flops_forward",
               "flops_backward", "lr")
     for name in ("dense", "ssprop"):

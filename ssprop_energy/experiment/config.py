@@ -17,13 +17,15 @@ from ssprop_energy.sparse.vocab import SELECTIONS
 
 # Each vocabulary has one owner (the schedules, selections, layer kinds and meters are the sparse and energy
 # packages' own); the names are re-exported here for the CLI's choices.
-__all__ = ["INTERLEAVES", "LAYER_KINDS", "METERS", "PRESETS", "SCHEDULES", "SELECTIONS", "ArmSpec",
+__all__ = ["AA_ARM", "INTERLEAVES", "LAYER_KINDS", "METERS", "PRESETS", "SCHEDULES", "SELECTIONS", "ArmSpec",
            "ExperimentConfig"]
 
-# How arms share the machine in time: ``epoch`` runs epoch e of every arm back to back (ABBA order epoch by
-# epoch), so slow changes of the machine hit every arm alike; ``none`` runs each arm-run to the end before
-# the next (needs one model in memory at a time).
-INTERLEAVES = ("epoch", "none")
+# How arms share the machine in time: ``slice`` (default) lets the arms take turns every few batches (about
+# 0.75 s of work, ABBA order slice by slice), so a load edge touches one pair of slices and slow changes of
+# the machine hit every arm alike; ``epoch`` runs epoch e of every arm back to back (ABBA epoch by epoch);
+# ``none`` runs each arm-run to the end before the next (needs one model in memory at a time).
+INTERLEAVES = ("slice", "epoch", "none")
+AA_ARM = "dense-aa"  # the second baseline arm of an A/A run (--aa): the same layers and seed as ``dense``
 
 PRESETS = ("paper",)
 
@@ -108,7 +110,9 @@ class ExperimentConfig:
     country: str | None = None
     pue: float = 1.0
     eval_noise: list[float] = field(default_factory=list)
-    interleave: str = "epoch"
+    interleave: str = "slice"
+    slice_batches: int | None = None  # --interleave slice: batches per slice (None: chosen in the warm-up)
+    aa: bool = False  # A/A: the baseline arm twice (the machine's noise floor), no ssProp arm
     project: str | None = None
     out: str | None = None
     # generation task only (None: the task's default; ignored by classification models)
@@ -134,6 +138,10 @@ class ExperimentConfig:
                               "use a UTF-8 name") from None
         if self.kind not in ("compare", "sweep"):
             raise bad("kind", f"unknown experiment kind {self.kind!r}")
+        if self.aa not in (True, False):
+            raise bad("aa", f"aa must be true or false, got {self.aa!r}")
+        if self.aa and self.kind != "compare":
+            raise bad("aa", "an A/A run (--aa) is a compare of the baseline with itself; a sweep has no A/A")
         for d in self.drop_rates:
             if not (isinstance(d, (int, float)) and math.isfinite(d) and 0.0 <= d < 1.0):
                 raise bad("drop_rates", f"drop rate must be in [0, 1), got {d!r}")
@@ -198,6 +206,9 @@ class ExperimentConfig:
         if self.timesteps is not None and (isinstance(self.timesteps, bool) or not isinstance(self.timesteps, int)
                                            or self.timesteps < 1):
             raise bad("timesteps", f"diffusion timesteps must be a positive integer, got {self.timesteps!r}")
+        if self.slice_batches is not None and (isinstance(self.slice_batches, bool)
+                                               or not isinstance(self.slice_batches, int) or self.slice_batches < 1):
+            raise bad("slice_batches", f"batches per slice must be a positive integer, got {self.slice_batches!r}")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise bad("threads", f"threads must be a positive integer, got {self.threads!r}")
@@ -222,11 +233,14 @@ class ExperimentConfig:
     def arms(self) -> list[ArmSpec]:
         """The dense baseline first, then one ssProp arm per (schedule, drop rate, dropout) in the grid.
 
-        A compare has exactly one ssProp arm, named ``ssprop``; sweep arms are named by their setting, e.g.
+        A compare has exactly one ssProp arm, named ``ssprop`` (an A/A compare, ``aa``, has a second dense
+        arm, ``dense-aa``, instead); sweep arms are named by their setting, e.g.
         ``bar-d0.8`` or ``bar-d0.8-p0.2`` with dropout. The dense baseline is shared and has no dropout
         (the paper's dropout experiments compare ssProp + dropout against the plain baseline).
         """
         dense = ArmSpec(name="dense", sparse=False, dropout=self.dropouts[0] if self.kind == "compare" else 0.0)
+        if self.aa:  # the same arm twice: what the estimator reports is the machine's noise floor
+            return [dense, ArmSpec(name=AA_ARM, sparse=False, dropout=dense.dropout)]
         grid = [(s, d, p) for s in self.schedules for d in self.drop_rates for p in self.dropouts]
         if self.kind == "compare":
             s, d, p = grid[0]

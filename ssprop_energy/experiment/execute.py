@@ -26,8 +26,10 @@ import copy
 import logging
 import math
 import os
+import statistics
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -38,22 +40,24 @@ from ssprop_energy.data import BatchLoader, DatasetSplits
 from ssprop_energy.distributed.context import SINGLE, DistContext
 from ssprop_energy.distributed.sharding import local_batch_sizes
 from ssprop_energy.energy import open_meter
+from ssprop_energy.energy.interference import InterferenceReading
 from ssprop_energy.energy.select import MeterChoice
 from ssprop_energy.errors import ConfigError
 from ssprop_energy.experiment.config import ArmSpec, ExperimentConfig
 from ssprop_energy.experiment.plan import ArmRunKey, Group, epoch_order
 from ssprop_energy.flops import FlopMeter
+from ssprop_energy.flops.integrate import RunFlops
 from ssprop_energy.errors import RecordError
 from ssprop_energy.layer_coverage import LayerCoverage, layer_coverage
 from ssprop_energy.models import get_model, resolve_layers
 from ssprop_energy.records import (
-    SAMPLES_FILE, ArmRun, EnergyComponent, EpochRecord, diverged_epoch, read_json, write_bytes_atomic,
-    write_json_atomic,
+    SAMPLES_FILE, ArmRun, EnergyComponent, EpochRecord, Measurement, SliceRecord, diverged_epoch, read_json,
+    total_energy, write_bytes_atomic, write_json_atomic,
 )
 from ssprop_energy.sparse import set_drop_rate, sparsify
 from ssprop_energy.sparse.schedules import DropSchedule
 from ssprop_energy.train import Callback, TrainConfig, Trainer
-from ssprop_energy.train.loop import TrainResult
+from ssprop_energy.train.loop import RngState, TrainResult
 from ssprop_energy.train.optim import make_optimizer
 
 if TYPE_CHECKING:
@@ -89,6 +93,105 @@ class _Dense:
 
     def rate(self, epoch: int, iteration: int) -> float:
         return 0.0
+
+
+@dataclass
+class PreparedRun:
+    """One arm-run of a group: built, FLOP-counted and warmed up before the meter starts, then trained.
+
+    Attributes:
+        key: the arm-run.
+        model: its model (ssProp layers at drop 0 for an ssProp arm; the schedule sets the rate).
+        schedule: its drop-rate schedule (None for a dense arm).
+        train_cfg: its trainer settings.
+        run_flops: counted FLOPs of every epoch.
+        layers: per-layer FLOPs per sample at the arm's nominal drop rate (``layers.csv``).
+        coverage: sparsified layers and their backward share (ssProp arms), else None.
+        task: its generation task (None: classification).
+        interference: one reading per finished epoch (kept beside the checkpoint for a resume).
+        slices: one :class:`~ssprop_energy.records.SliceRecord` per finished slice, likewise.
+        trainer: its trainer, once the group starts.
+        ddp: its DDP gradient hook (distributed runs), else None.
+        comm_s: all-reduce seconds so far (distributed runs).
+        generated: the record's generation fields, after sampling.
+    """
+
+    key: ArmRunKey
+    model: torch.nn.Module
+    schedule: DropSchedule | None
+    train_cfg: TrainConfig
+    run_flops: RunFlops
+    layers: list[dict[str, Any]]
+    coverage: LayerCoverage | None
+    task: GenerationTask | None
+    interference: list[dict[str, Any]] = field(default_factory=list)
+    slices: list[SliceRecord] = field(default_factory=list)
+    trainer: Trainer | None = None
+    ddp: Any = None
+    comm_s: float = 0.0
+    generated: dict[str, Any] = field(default_factory=dict)
+    # this epoch's slice readings, combined into the epoch's interference reading at its end
+    epoch_readings: list[InterferenceReading] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.key.name
+
+    @property
+    def active(self) -> Trainer:
+        assert self.trainer is not None, "the group has not started"
+        return self.trainer
+
+
+# Warm-up to steady state: rounds of steps on copies of the models until every arm-run's round time is steady.
+WARMUP_STABLE_ROUNDS = 3  # the last this many round times ...
+WARMUP_TOLERANCE = 0.10  # ... within 10% of each other (max / min - 1)
+WARMUP_MAX_ROUNDS = 25
+WARMUP_MAX_S = 30.0
+# A slice is long enough to hold many energy updates and to make its switch cost negligible (BENCHMARKS.md:
+# the switch, RNG streams saved and restored plus the readings, costs well under 1% of a slice), and short
+# enough that a load edge inside it touches one pair of slices, not a whole epoch of one arm.
+SLICE_TARGET_S = 0.75
+SLICE_MIN_UPDATES = 10
+
+
+@dataclass(frozen=True)
+class WarmUp:
+    """What the warm-up did: rounds run, whether step times were steady at its end, the steady full-batch
+    step time (s, mean over the group's arm-runs and drop rates) and its wall time (s)."""
+
+    rounds: int
+    stable: bool
+    step_s: float
+    wall_s: float
+
+
+def _steady(times: Sequence[float]) -> bool:
+    return min(times) > 0 and max(times) / min(times) - 1.0 <= WARMUP_TOLERANCE
+
+
+def meter_update_period_s(meter: Any) -> float:
+    """The slowest update period (s) among the meter's energy readings: the sampling period for a
+    component read as power only, a source's declared counter update period for a counter, else 0."""
+    periods = [0.0]
+    for spec in meter.component_info().values():
+        if not spec.counter:
+            periods.append(meter.sample_period_s)
+        periods.append(float(getattr(spec, "update_period_s", 0.0) or 0.0))
+    return max(periods)
+
+
+def _train_components(meter: Any, scope: str) -> dict[str, float]:
+    """Energy (J per component) of the ``train`` windows closed so far in ``scope``."""
+    window = meter.scope_energy(scope).get("train")
+    return dict(window.components_j) if window is not None else {}
+
+
+def _order(group: Group, turn: int, runs: Sequence[PreparedRun]) -> list[PreparedRun]:
+    """``runs`` in the group's order, reversed every other turn and every other group (ABBA)."""
+    keys = epoch_order(group, turn)
+    rank = {key.name: i for i, key in enumerate(keys)}
+    return sorted(runs, key=lambda run: rank[run.name])
 
 
 class Executor:
@@ -129,6 +232,10 @@ class Executor:
         self.generation = generation
         # the feature extractor of the quality figure, built once by the experiment before any arm starts
         self.extractor: FeatureExtractor | None = None
+        # how the last group was measured (warm-up, slice length): the same for every group of a run
+        self.measurement: Measurement | None = None
+        self._round = 0  # slices (or whole epochs) run so far: the ABBA order's counter
+        self._t0 = 0.0  # perf_counter when the group's meter started: slices' start times count from it
 
     def make_task(self, seed: int) -> GenerationTask | None:
         """A fresh generation task for one arm-run (None for classification: the trainer's default task)."""
@@ -181,26 +288,92 @@ class Executor:
             return None
         return self.cfg.drop_schedule(arm.schedule, arm.drop_rate)
 
-    def _warm_up(self, model: torch.nn.Module, sparse_rates: Sequence[float],
-                 task: GenerationTask | None = None) -> None:
-        """One forward+backward per configuration on a copy of the model (the model itself is untouched), so
-        that one-off costs (thread pools, allocator growth, kernel selection) fall outside the measurement."""
-        twin = copy.deepcopy(model).to(self.device).train()
-        loader = BatchLoader(self.data.train, self.cfg.batch_size, shuffle=False, mean=self.data.mean,
+    def _warm_up(self, runs: Sequence[PreparedRun]) -> WarmUp:
+        """Train copies of the group's models (the models themselves are untouched) until their step times
+        are steady, so that one-off costs (thread pools, allocator growth, kernel selection, a cold cache
+        after install) fall on no measured batch, and on neither arm more than the other.
+
+        Each round runs, for every arm-run in turn, one step at each drop rate its schedule uses, one step on
+        the epoch's short last batch (when the split leaves one) and one evaluation batch; the warm-up stops
+        when the last :data:`WARMUP_STABLE_ROUNDS` round times of every arm-run are within
+        :data:`WARMUP_TOLERANCE` of each other, after at most :data:`WARMUP_MAX_ROUNDS` rounds or
+        :data:`WARMUP_MAX_S` seconds. Returns the count and the steady full-batch step time (s), from which
+        the slice length is chosen.
+        """
+        cfg = self.cfg
+        twins = []
+        for run in runs:
+            twin = copy.deepcopy(run.model).to(self.device).train()
+            optimizer = make_optimizer(cfg.optimizer, twin.parameters(), cfg.lr, cfg.weight_decay)
+            twins.append((run, twin, optimizer))
+        loader = BatchLoader(self.data.train, cfg.batch_size, shuffle=False, mean=self.data.mean,
                              std=self.data.std, device=self.device)
-        optimizer = make_optimizer(self.cfg.optimizer, twin.parameters(), self.cfg.lr, self.cfg.weight_decay)
         x, y = next(iter(loader))
-        for rate in sparse_rates or [None]:
+        tail = len(self.data.train) % cfg.batch_size
+        shapes = [(x, y)] + ([(x[:tail], y[:tail])] if tail and tail < len(y) else [])
+        n_batches = math.ceil(len(self.data.train) / cfg.batch_size)
+        rates = {run.name: (sorted({run.schedule.rate(e, i) for e in range(cfg.epochs) for i in range(n_batches)})
+                            if run.schedule is not None else [None]) for run in runs}
+        sync = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
+        generator = torch.Generator().manual_seed(0)  # the task's own training draws are left untouched
+
+        def step(run: PreparedRun, twin: torch.nn.Module, optimizer: Any, rate: float | None, xb: Any, yb: Any
+                 ) -> None:
             if rate is not None:
                 set_drop_rate(twin, rate)
             optimizer.zero_grad(set_to_none=True)
-            if task is not None:  # its own generator: the task's training draws are left untouched
-                task.batch_loss(twin, x, y, generator=torch.Generator().manual_seed(0))[0].backward()
+            if run.task is not None:
+                run.task.batch_loss(twin, xb, yb, generator=generator)[0].backward()
             else:
-                F.cross_entropy(twin(x), y).backward()
+                F.cross_entropy(twin(xb), yb).backward()
             optimizer.step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+
+        round_s: dict[str, list[float]] = {run.name: [] for run in runs}
+        full_step_s: dict[str, list[float]] = {run.name: [] for run in runs}
+        started = time.perf_counter()
+        rounds = 0
+        rng = RngState.capture(self.device)  # warm-up draws (dropout) must not move the run's streams
+        while True:
+            order = twins if rounds % 2 == 0 else twins[::-1]
+            for run, twin, optimizer in order:
+                t0 = time.perf_counter()
+                full = 0.0
+                for rate in rates[run.name]:
+                    for i, (xb, yb) in enumerate(shapes):
+                        t_step = time.perf_counter()
+                        step(run, twin, optimizer, rate, xb, yb)
+                        sync()
+                        if i == 0:
+                            full += time.perf_counter() - t_step
+                twin.eval()
+                with torch.no_grad():
+                    if run.task is None:
+                        twin(x)
+                twin.train()
+                sync()
+                round_s[run.name].append(time.perf_counter() - t0)
+                full_step_s[run.name].append(full / len(rates[run.name]))
+            rounds += 1
+            if rounds >= WARMUP_MAX_ROUNDS or time.perf_counter() - started > WARMUP_MAX_S:
+                stable = False
+                break
+            if rounds >= WARMUP_STABLE_ROUNDS and all(_steady(t[-WARMUP_STABLE_ROUNDS:]) for t in round_s.values()):
+                stable = True
+                break
+        rng.restore(self.device)
+        step_s = statistics.mean(statistics.median(v[-WARMUP_STABLE_ROUNDS:]) for v in full_step_s.values())
+        return WarmUp(rounds=rounds, stable=stable, step_s=step_s, wall_s=time.perf_counter() - started)
+
+    def slice_batches(self, warm: WarmUp, meter: Any) -> int:
+        """Batches per slice: about :data:`SLICE_TARGET_S` of training and at least
+        :data:`SLICE_MIN_UPDATES` updates of the slowest energy reading (a counter's update period, or the
+        sampling period of a power-only source), capped at one epoch. The same on every rank (rank 0's)."""
+        n_batches = math.ceil(len(self.data.train) / self.cfg.batch_size)
+        target_s = max(SLICE_TARGET_S, SLICE_MIN_UPDATES * meter_update_period_s(meter))
+        batches = max(1, min(n_batches, math.ceil(target_s / max(warm.step_s, 1e-6))))
+        if self.cfg.slice_batches is not None:  # the user's choice (--slice-batches) wins
+            batches = min(n_batches, self.cfg.slice_batches)
+        return int(self.dist.broadcast(batches)) if self.dist.distributed else batches
 
     def checkpoint_path(self, key: ArmRunKey) -> Path:
         return self.checkpoint_dir / f"{key.name}.pt"
@@ -208,12 +381,14 @@ class Executor:
     def _interference_path(self, key: ArmRunKey) -> Path:
         return self.checkpoint_dir / f"{key.name}.interference.json"
 
-    def _prepare(self, key: ArmRunKey) -> dict[str, Any]:
-        """Build, FLOP-count and warm up one arm-run, before any meter starts (neither is charged to it)."""
+    def _slices_path(self, key: ArmRunKey) -> Path:
+        return self.checkpoint_dir / f"{key.name}.slices.json"
+
+    def _prepare(self, key: ArmRunKey) -> PreparedRun:
+        """Build and FLOP-count one arm-run, before any meter starts (neither is charged to it)."""
         cfg = self.cfg
         model = self.build_model(key.arm, key.seed)
         schedule = self.schedule(key.arm)
-        task = self.make_task(key.seed)
         flop_meter = self._flop_meter(model)
         d = self.dist
         # a rank counts the FLOPs of its own parts of the batches; rank 0 sums them over ranks
@@ -221,117 +396,177 @@ class Executor:
                  if d.distributed else None)
         run_flops = flop_meter.for_schedule(schedule or _Dense(), cfg.epochs, len(self.data.train), cfg.batch_size,
                                             batch_sizes=sizes)
-        n_batches = math.ceil(len(self.data.train) / cfg.batch_size)
-        rates = sorted({schedule.rate(e, i) for e in range(cfg.epochs) for i in range(n_batches)}) if schedule else []
-        self._warm_up(model, rates, task)
         layer_step = flop_meter.per_sample(key.arm.drop_rate if key.arm.sparse else 0.0)
-        coverage = self.coverage(model) if key.arm.sparse else None
         train_cfg = TrainConfig(
             epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer,
             weight_decay=cfg.weight_decay, lr_schedule=cfg.lr_schedule, seed=key.seed, amp=cfg.amp,
             eval_noise=tuple(cfg.eval_noise),
         )
-        interference = []
-        if self._interference_path(key).exists() and self.checkpoint_path(key).exists():
-            interference = list(read_json(self._interference_path(key)))
-        return {
-            "model": model, "schedule": schedule, "train_cfg": train_cfg, "run_flops": run_flops,
-            "layers": [{"layer": layer.name, "type": layer.type, "flops_forward": layer.forward,
-                        "flops_backward": layer.backward} for layer in layer_step.layers],
-            "interference": interference, "coverage": coverage, "task": task,
-        }
+        run = PreparedRun(
+            key=key, model=model, schedule=schedule, train_cfg=train_cfg, run_flops=run_flops,
+            layers=[{"layer": layer.name, "type": layer.type, "flops_forward": layer.forward,
+                     "flops_backward": layer.backward} for layer in layer_step.layers],
+            coverage=self.coverage(model) if key.arm.sparse else None, task=self.make_task(key.seed),
+        )
+        if self.checkpoint_path(key).exists():  # a resume: the finished epochs' readings were kept beside it
+            if self._interference_path(key).exists():
+                run.interference = list(read_json(self._interference_path(key)))
+            if self._slices_path(key).exists():
+                run.slices = [SliceRecord.from_dict(s) for s in read_json(self._slices_path(key))]
+        return run
 
     # ------------------------------------------------------------------------------------------ running
 
     def run_group(self, group: Group, pending: Sequence[ArmRunKey],
                   on_finished: Callable[[ArmRun], None]) -> None:
-        """Train the group's ``pending`` arm-runs, interleaved epoch by epoch in ABBA order; ``on_finished``
-        receives each arm-run's record (on rank 0 only, in a distributed run) as soon as all of the group's
-        epochs are done."""
-        cfg = self.cfg
+        """Train the group's ``pending`` arm-runs, interleaved as ``cfg.interleave`` says (slices of batches
+        or whole epochs in ABBA order); ``on_finished`` receives each arm-run's record (on rank 0 only, in a
+        distributed run) as soon as all of the group's epochs are done."""
         d = self.dist
         if d.is_main:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        prepared = {key.name: self._prepare(key) for key in pending}
+        runs = [self._prepare(key) for key in pending]
+        warm = self._warm_up(runs)
         meter = self._open_meter()
-        trainers: dict[str, Trainer] = {}
-        ddp: dict[str, Any] = {}
-        comm_s = {key.name: 0.0 for key in pending}
-        stop = (lambda: d.any(self.stop_requested())) if d.distributed else self.stop_requested
+        sliced = self.cfg.interleave == "slice"
+        self.measurement = Measurement(
+            interleave=self.cfg.interleave, warmup_rounds=warm.rounds, warmup_stable=warm.stable,
+            warmup_wall_s=warm.wall_s, step_s=warm.step_s,
+            slice_batches=self.slice_batches(warm, meter) if sliced else None,
+            slice_target_s=SLICE_TARGET_S if sliced else None)
         report: EnergyReport | None = None
         meter.start()
+        self._t0 = time.perf_counter()
         try:
-            for key in pending:
-                p = prepared[key.name]
-                model = p["model"]
-                if d.distributed:
-                    from ssprop_energy.distributed.ddp import wrap
-
-                    model, ddp[key.name] = wrap(model.to(self.device), self.device, d)
-                checkpoint, local_copy = self._checkpoint_for(key)
-                trainers[key.name] = trainer = Trainer(
-                    model, self.data, p["train_cfg"], self.device, schedule=p["schedule"], meter=meter,
-                    epoch_flops=p["run_flops"].epochs, callbacks=self.callbacks(key.arm, key.seed, key.repeat),
-                    checkpoint_path=checkpoint, stop_requested=stop, scope=key.name,
-                    reduce_sums=d.all_sum if d.distributed else None, shard=(d.rank, d.world_size),
-                    task=p["task"],
-                )
-                if d.distributed:
-                    from ssprop_energy.distributed.ddp import ShardedTask
-
-                    loader = trainer.train_loader
-                    ddp[key.name].fraction = lambda loader=loader: loader.last_batch_samples
-                    trainer.task = ShardedTask(trainer.task, d)
-                trainer.begin()
-                if d.distributed:
-                    comm_s[key.name] = self._restore_rank_state(key, trainer)
-                if local_copy is not None:  # another rank's copy of rank 0's checkpoint: read once, never written
-                    trainer.checkpoint_path = None
-                    local_copy.unlink(missing_ok=True)
-                elif not d.is_main:
-                    trainer.checkpoint_path = None
-            pending_set = {key.name for key in pending}
-            for epoch in range(cfg.epochs):
-                for key in epoch_order(group, epoch):
-                    if key.name not in pending_set:
-                        continue
-                    trainer = trainers[key.name]
-                    if trainer.next_epoch > epoch:
-                        continue  # resumed past this epoch
-                    token = self.monitor.begin() if self.monitor is not None else None
-                    trainer.run_epoch()
-                    if key.name in ddp:
-                        comm_s[key.name] += ddp[key.name].take()
-                        self._save_rank_states(key, trainer, comm_s[key.name])
-                    if self.monitor is not None:
-                        reading = self.monitor.end(token)
-                        prepared[key.name]["interference"].append(
-                            {"seed": key.seed, "repeat": key.repeat, "epoch": epoch, **reading.to_dict()})
-                        write_json_atomic(self._interference_path(key), prepared[key.name]["interference"])
-            results = {key.name: trainers[key.name].finish() for key in pending}
+            for run in runs:
+                self._start_trainer(run, meter)
+            for epoch in range(self.cfg.epochs):
+                due = [run for run in runs if run.active.next_epoch <= epoch]  # a resumed run may be ahead
+                if sliced:
+                    self._epoch_in_slices(group, epoch, due, meter)
+                else:
+                    for run in _order(group, epoch, due):
+                        self._epoch_whole(run, meter)
+            results = {run.name: run.active.finish() for run in runs}
             if self.generation is not None:
                 # after every arm's training, in the group's next ABBA order; finish() left the best epoch's weights
-                for key in epoch_order(group, cfg.epochs):
-                    if key.name in pending_set:
-                        prepared[key.name]["generated"] = self._generate(key, trainers[key.name], prepared[key.name],
-                                                                         meter)
+                for run in _order(group, self.cfg.epochs, runs):
+                    run.generated = self._generate(run.key, run.active, run.task, meter)
         finally:
             if meter.running:
                 report = meter.stop()
                 self.metered.append(self._label(list(report.components)))
         assert report is not None
         traces = self._split_trace(report, meter.intervals(), pending, results)
-        for key in pending:
-            run = self._arm_run(key, trainers[key.name], results[key.name], prepared[key.name], traces[key.name])
+        for run in runs:
+            record = self._arm_run(run, results[run.name], traces[run.name])
             if d.distributed:
-                merged = self._merge(run, comm_s[key.name])
+                merged = self._merge(record, run.comm_s)
                 if merged is None:
                     continue  # not rank 0
-                run = merged
-            on_finished(run)
-            self.checkpoint_path(key).unlink(missing_ok=True)  # the record is saved; the checkpoint served resume
-            self._interference_path(key).unlink(missing_ok=True)
-            self._ranks_path(key).unlink(missing_ok=True)
+                record = merged
+            on_finished(record)
+            key = run.key
+            for path in (self.checkpoint_path(key), self._interference_path(key), self._slices_path(key),
+                         self._ranks_path(key)):
+                path.unlink(missing_ok=True)  # the record is saved; these served a resume
+
+    def _start_trainer(self, run: PreparedRun, meter: EnergyMeter) -> None:
+        """Build the arm-run's trainer (wrapped in DDP when distributed) and load its checkpoint."""
+        d = self.dist
+        key = run.key
+        model = run.model
+        if d.distributed:
+            from ssprop_energy.distributed.ddp import wrap
+
+            model, run.ddp = wrap(model.to(self.device), self.device, d)
+        stop = (lambda: d.any(self.stop_requested())) if d.distributed else self.stop_requested
+        checkpoint, local_copy = self._checkpoint_for(key)
+        run.trainer = trainer = Trainer(
+            model, self.data, run.train_cfg, self.device, schedule=run.schedule, meter=meter,
+            epoch_flops=run.run_flops.epochs, callbacks=self.callbacks(key.arm, key.seed, key.repeat),
+            checkpoint_path=checkpoint, stop_requested=stop, scope=key.name,
+            reduce_sums=d.all_sum if d.distributed else None, shard=(d.rank, d.world_size), task=run.task,
+        )
+        if d.distributed:
+            from ssprop_energy.distributed.ddp import ShardedTask
+
+            loader = trainer.train_loader
+            run.ddp.fraction = lambda loader=loader: loader.last_batch_samples
+            trainer.task = ShardedTask(trainer.task, d)
+        trainer.begin()
+        if d.distributed:
+            run.comm_s = self._restore_rank_state(key, trainer)
+        if local_copy is not None:  # another rank's copy of rank 0's checkpoint: read once, never written
+            trainer.checkpoint_path = None
+            local_copy.unlink(missing_ok=True)
+        elif not d.is_main:
+            trainer.checkpoint_path = None
+        done = trainer.next_epoch
+        run.interference = [r for r in run.interference if int(r["epoch"]) < done]
+        run.slices = [s for s in run.slices if s.epoch < done]
+
+    def _epoch_whole(self, run: PreparedRun, meter: EnergyMeter) -> None:
+        """One epoch of one arm-run in one go (``--interleave epoch`` / ``none``): one slice, one reading."""
+        epoch = run.active.start_epoch()
+        self._slice(run, meter, epoch, 0, None)
+        self._round += 1
+        self._end_epoch(run)
+
+    def _epoch_in_slices(self, group: Group, epoch: int, due: Sequence[PreparedRun], meter: EnergyMeter) -> None:
+        """Epoch ``epoch`` of every due arm-run in slices of ``slice_batches`` batches, the arms taking turns
+        in ABBA order slice by slice; each arm-run validates at its own epoch end, in its own window."""
+        for run in due:
+            run.active.start_epoch()
+        index = 0
+        while any(run.active.in_epoch for run in due):
+            for run in _order(group, self._round, due):
+                if not run.active.in_epoch:
+                    continue
+                self._slice(run, meter, epoch, index, self.measurement.slice_batches)
+                if run.active.epoch_exhausted:
+                    self._end_epoch(run)
+            self._round += 1
+            index += 1
+
+    def _slice(self, run: PreparedRun, meter: EnergyMeter, epoch: int, index: int, batches: int | None) -> None:
+        """Train one slice and record its readings: wall and CPU time, energy (the ``train`` window's growth
+        over the slice: counters read at its edges, a sampled trace integrated over it), foreign load."""
+        scope = f"{run.name}/e{epoch}"
+        before = _train_components(meter, scope)
+        monitor = self.monitor
+        token = monitor.begin() if monitor is not None else None
+        t_start_s = time.perf_counter() - self._t0
+        result = run.active.train_slice(batches)
+        reading = monitor.end(token) if monitor is not None else None
+        after = _train_components(meter, scope)
+        specs = meter.component_info()
+        components = [EnergyComponent(component=c, energy_j=max(0.0, e - before.get(c, 0.0)), source=specs[c].source,
+                                      device=specs[c].device) for c, e in sorted(after.items())]
+        energy_j, source = total_energy(components) if components else (math.nan, "")
+        if reading is not None:
+            run.epoch_readings.append(reading)
+        run.slices.append(SliceRecord.from_reading(
+            seed=run.key.seed, repeat=run.key.repeat, epoch=epoch, index=index, order=self._round,
+            first_batch=result.first_batch, batches=result.batches, samples=result.samples,
+            drop_rate=result.drop_rate, t_start_s=t_start_s, wall_s=result.wall_s, energy_j=energy_j,
+            energy_source=source, reading=reading))
+
+    def _end_epoch(self, run: PreparedRun) -> None:
+        """Validate and checkpoint the arm-run's epoch; keep its readings beside the checkpoint."""
+        trainer = run.active
+        epoch = trainer.finish_epoch().epoch
+        if run.ddp is not None:
+            run.comm_s += run.ddp.take()
+            self._save_rank_states(run.key, trainer, run.comm_s)
+        if run.epoch_readings:
+            reading = InterferenceReading.combine(run.epoch_readings)
+            run.interference.append({"seed": run.key.seed, "repeat": run.key.repeat, "epoch": epoch,
+                                     **reading.to_dict()})
+        run.epoch_readings = []
+        if self.dist.is_main:
+            write_json_atomic(self._interference_path(run.key), run.interference)
+            write_json_atomic(self._slices_path(run.key), [s.to_dict() for s in run.slices])
 
     # ------------------------------------------------------------------------------------------ distributed
 
@@ -440,13 +675,13 @@ class Executor:
         if gathered is not None:
             self.metered = [[EnergyComponent(**c) for c in group] for rank in gathered for group in rank]
 
-    def _generate(self, key: ArmRunKey, trainer: Trainer, prepared: dict[str, Any], meter: EnergyMeter
+    def _generate(self, key: ArmRunKey, trainer: Trainer, task: GenerationTask | None, meter: EnergyMeter
                   ) -> dict[str, Any]:
         """Sample (own meter window), score (own window) and write the grid of one generation arm-run.
 
         Returns the arm-run record's generation fields.
         """
-        task: GenerationTask = prepared["task"]
+        assert task is not None, "a generation arm-run has a generation task"
         sync = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
         scope = f"{key.name}/sample"
         token = self.monitor.begin() if self.monitor is not None else None
@@ -476,9 +711,8 @@ class Executor:
                          "interference": interference},
         }
 
-    def _arm_run(self, key: ArmRunKey, trainer: Trainer, result: TrainResult, prepared: dict[str, Any],
-                 trace: list[list[Any]]) -> ArmRun:
-        schedule = prepared["schedule"]
+    def _arm_run(self, run: PreparedRun, result: TrainResult, trace: list[list[Any]]) -> ArmRun:
+        key, trainer, schedule = run.key, run.active, run.schedule
         return ArmRun(
             arm=key.arm.name, seed=key.seed, repeat=key.repeat, test_accuracy=result.test_accuracy,
             test_loss=result.test_loss, best_epoch=result.best_epoch, best_val_accuracy=result.best_val_accuracy,
@@ -487,8 +721,8 @@ class Executor:
             average_drop_rate=(schedule.average_drop_rate(self.cfg.epochs, len(trainer.train_loader))
                                if schedule is not None else 0.0),
             energy_components=result.energy_components, epochs=result.epochs, phases=result.phases,
-            noise_accuracy=result.noise_accuracy, interference=prepared["interference"], trace=trace,
-            layers=prepared["layers"], layer_coverage=prepared["coverage"], **prepared.get("generated", {}),
+            noise_accuracy=result.noise_accuracy, interference=run.interference, trace=trace,
+            layers=run.layers, layer_coverage=run.coverage, slices=list(run.slices), **run.generated,
             diverged_epoch=diverged_epoch(result.epochs, result.test_loss),
         )
 

@@ -4,9 +4,11 @@ An arm-run is one arm trained once with one (seed, repeat). Every arm of a (seed
 the arms start from the same initial weights and see the same data order and RNG stream, so their
 differences are the method's. A *group* is what runs as one block in time with one energy meter:
 
-- ``interleave="epoch"`` (default): a group is a whole pair; epoch e of every arm runs back to back, the
-  arm order alternating epoch by epoch and pair by pair (ABBA), so a slow change of the machine (thermals,
-  a background job) falls on every arm alike;
+- ``interleave="slice"`` (default): a group is a whole pair; within every epoch the arms take turns in
+  slices of a fixed number of batches, the order alternating slice by slice and pair by pair (ABBA), so a
+  load edge falls inside one pair of adjacent slices and a slow change of the machine on every arm alike;
+- ``interleave="epoch"``: a group is a whole pair; epoch e of every arm runs back to back, the arm order
+  alternating epoch by epoch and pair by pair (ABBA);
 - ``interleave="none"``: a group is one arm-run; the arms of a pair run one after the other, ABBA-alternated
   by pair (only one model in memory at a time).
 """
@@ -48,7 +50,7 @@ def plan_groups(cfg: ExperimentConfig) -> list[Group]:
     for seed in cfg.seeds:
         for repeat in range(cfg.repeats):
             keys = [ArmRunKey(arm, seed, repeat) for arm in arms]
-            if cfg.interleave == "epoch":
+            if cfg.interleave in ("slice", "epoch"):
                 groups.append(Group(len(groups), tuple(keys)))
             else:
                 for key in keys if pair % 2 == 0 else reversed(keys):
@@ -57,11 +59,11 @@ def plan_groups(cfg: ExperimentConfig) -> list[Group]:
     return groups
 
 
-def epoch_order(group: Group, epoch: int) -> list[ArmRunKey]:
-    """The order of the group's arm-runs in ``epoch``: reversed every other epoch and every other group
-    (ABBA), so that no arm always goes first."""
+def epoch_order(group: Group, turn: int) -> list[ArmRunKey]:
+    """The order of the group's arm-runs in turn ``turn`` (an epoch, or a round of slices): reversed every
+    other turn and every other group (ABBA), so that no arm always goes first."""
     runs = list(group.runs)
-    return runs if (epoch + group.index) % 2 == 0 else runs[::-1]
+    return runs if (turn + group.index) % 2 == 0 else runs[::-1]
 
 
 def all_runs(groups: list[Group]) -> list[ArmRunKey]:

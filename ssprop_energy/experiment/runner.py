@@ -243,11 +243,12 @@ class Experiment:
         for arm in cfg.arms():
             if arm.sparse:
                 check_schedule_drops(arm, self.executor.schedule(arm), cfg.epochs, n_batches)
-        probe = self.executor.build_model(next(a for a in cfg.arms() if a.sparse), cfg.seeds[0])
+        sparse_arm = next((a for a in cfg.arms() if a.sparse), None)  # None: an A/A run (two dense arms)
+        probe = self.executor.build_model(sparse_arm or cfg.arms()[0], cfg.seeds[0])
         self.layer_kinds: tuple[str, ...] = self.executor.layer_kinds(probe)
         # What ssProp can reach, known before training: the run header shows it, a low share is warned about.
-        self.layer_coverage = self.executor.coverage(probe)
-        if self.layer_coverage.warning:
+        self.layer_coverage = self.executor.coverage(probe) if sparse_arm is not None else None
+        if self.layer_coverage is not None and self.layer_coverage.warning:
             log.warning("%s: %s", cfg.model, self.layer_coverage.warning)
         self.groups: list[Group] = plan_groups(cfg)
         self.created_at = now_iso()
@@ -491,14 +492,17 @@ class Experiment:
 
     def _arms(self, complete: bool) -> dict[str, ArmRecord]:
         specs = {a.name: a for a in self.cfg.arms()}
-        return summarize_arms(specs, self._runs_by_arm(), self.carbon, self.idle_power_w, complete)
+        return summarize_arms(specs, self._runs_by_arm(), self.carbon, self.idle_power_w, complete,
+                              sliced=self.cfg.interleave == "slice")
 
     def _finalise(self) -> RunSummary:
         by_arm = self._runs_by_arm()
         specs = {a.name: a for a in self.cfg.arms()}
-        arms = summarize_arms(specs, by_arm, self.carbon, self.idle_power_w, complete=True)
+        arms = summarize_arms(specs, by_arm, self.carbon, self.idle_power_w, complete=True,
+                              sliced=self.cfg.interleave == "slice")
         write_tables(self.run_dir, by_arm)
-        paired = arms["ssprop"].paired if self.cfg.kind == "compare" and "ssprop" in arms else {}
+        second = self.cfg.arms()[1].name if self.cfg.kind == "compare" else None  # ssprop, or dense-aa (A/A)
+        paired = arms[second].paired if second is not None and second in arms else {}
         return self._write_summary("complete", arms, paired=paired)
 
     def _write_summary(
@@ -511,7 +515,7 @@ class Experiment:
             interleave=self.cfg.interleave, failure_reason=failure_reason,
             finished_at=None if status == "running" else now_iso(), layer_kinds=list(self.layer_kinds),
             world_size=self.dist.world_size, nodes=self.dist.nodes, task=self.task,
-            generation=self.generation_info,
+            generation=self.generation_info, measurement=self.executor.measurement,
         )
         write_summary(self.run_dir, summary)
         return summary

@@ -14,9 +14,10 @@ from typing import Any, Sequence
 from ssprop_energy.energy.carbon import co2_g
 from ssprop_energy.energy.interference import DEFAULT_THRESHOLD_CORES, InterferenceReading
 from ssprop_energy.experiment.config import ArmSpec
+from ssprop_energy.experiment.headline import headlines
 from ssprop_energy.experiment.stats import epoch_interval, paired_stats
 from ssprop_energy.records import (
-    EPOCH_COLUMNS, EPOCHS_FILE, LAYER_COLUMNS, LAYERS_FILE, TRACE_COLUMNS, TRACE_FILE, ArmRecord, ArmRun,
+    EPOCH_COLUMNS, EPOCHS_FILE, LAYER_COLUMNS, LAYERS_FILE, SLICE_COLUMNS, SLICES_FILE, TRACE_COLUMNS, TRACE_FILE, ArmRecord, ArmRun,
     CarbonBlock, EpochInterval, EpochRecord, Interference, PairedStat, RepeatFigures, add_components,
     total_energy, write_csv_atomic,
 )
@@ -222,8 +223,9 @@ def _diverged_label(run: ArmRun) -> str:
 
 
 def summarize_arms(specs: dict[str, ArmSpec], by_arm: dict[str, list[ArmRun]], carbon: CarbonBlock,
-                   idle_power_w: dict[str, float], complete: bool) -> dict[str, ArmRecord]:
-    """Every arm's record; paired statistics and intervals once the run is complete.
+                   idle_power_w: dict[str, float], complete: bool, sliced: bool = True) -> dict[str, ArmRecord]:
+    """Every arm's record; paired statistics, intervals and the clean-pair headline (``headline.py``; its
+    method names slices when ``sliced``, else epoch pairs) once the run is complete.
 
     Arm-runs whose loss became NaN/inf (diverged) are left out of an arm's means and of every pair (a pair
     with a diverged side is dropped for both arms); they are named in ``diverged_runs``. An arm whose every
@@ -248,11 +250,13 @@ def summarize_arms(specs: dict[str, ArmSpec], by_arm: dict[str, list[ArmRun]], c
                 if _matched(dense, arm_runs)[0]:
                     record.paired = paired(dense, arm_runs, carbon)
                     record.epoch_intervals = epoch_intervals(dense, arm_runs)
+                    record.headline = headlines(dense, arm_runs, sliced)
     return arms
 
 
 def write_tables(run_dir: Path, by_arm: dict[str, list[ArmRun]]) -> None:
-    """``epochs.csv``, ``power_trace.csv`` and ``layers.csv`` from the arm-runs."""
+    """``epochs.csv``, ``slices.csv``, ``power_trace.csv`` and ``layers.csv`` from the arm-runs."""
+    slice_rows: list[dict[str, object]] = []
     epoch_rows: list[dict[str, object]] = []
     trace_rows: list[dict[str, object]] = []
     layer_rows: list[dict[str, object]] = []
@@ -260,10 +264,12 @@ def write_tables(run_dir: Path, by_arm: dict[str, list[ArmRun]]) -> None:
         for r in runs:
             label = f"s{r.seed}r{r.repeat}"
             epoch_rows += [{"arm": name, "repeat": label, **vars(e)} for e in r.epochs]
+            slice_rows += [{"arm": name, "repeat": label, **x.to_dict()} for x in r.slices]
             trace_rows += [{"arm": name, "repeat": label, "t_s": t, "component": c, "power_w": p, "source": s,
                             "phase": ph} for t, c, p, s, ph in r.trace]
         layer_rows += [{"arm": name, **row} for row in runs[0].layers]
     write_csv_atomic(run_dir / EPOCHS_FILE, epoch_rows, EPOCH_COLUMNS)
+    write_csv_atomic(run_dir / SLICES_FILE, slice_rows, SLICE_COLUMNS)
     write_csv_atomic(run_dir / TRACE_FILE, trace_rows, TRACE_COLUMNS)
     write_csv_atomic(run_dir / LAYERS_FILE, layer_rows, LAYER_COLUMNS)
 

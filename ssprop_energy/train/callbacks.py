@@ -15,6 +15,12 @@ class Callback:
 
     def on_epoch_start(self, trainer: Trainer, epoch: int, drop_rate: float) -> None: ...
 
+    def on_slice_start(self, trainer: Trainer, epoch: int) -> None:
+        """A run of consecutive batches of ``epoch`` starts (the whole epoch unless arms are time-sliced)."""
+
+    def on_slice_end(self, trainer: Trainer, epoch: int) -> None:
+        """That run of batches ended; another arm-run may train before this one's next slice."""
+
     def on_batch_end(self, trainer: Trainer, epoch: int, batch: int) -> None: ...
 
     def on_epoch_end(self, trainer: Trainer, result: EpochResult) -> None: ...
@@ -35,6 +41,14 @@ class CallbackList(Callback):
     def on_epoch_start(self, trainer: Trainer, epoch: int, drop_rate: float) -> None:
         for cb in self.callbacks:
             cb.on_epoch_start(trainer, epoch, drop_rate)
+
+    def on_slice_start(self, trainer: Trainer, epoch: int) -> None:
+        for cb in self.callbacks:
+            cb.on_slice_start(trainer, epoch)
+
+    def on_slice_end(self, trainer: Trainer, epoch: int) -> None:
+        for cb in self.callbacks:
+            cb.on_slice_end(trainer, epoch)
 
     def on_batch_end(self, trainer: Trainer, epoch: int, batch: int) -> None:
         for cb in self.callbacks:

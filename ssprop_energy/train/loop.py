@@ -9,7 +9,12 @@ Energy has one channel: the meter's windows. Each epoch opens ``train`` (with ``
 ``backward`` and ``optimizer`` nested) and ``eval`` in the scope ``<scope>/e<epoch>``; the final test runs in
 ``<scope>/test``. An epoch's energy and the per-phase totals are what the meter returns for those windows.
 The trainer can be driven one epoch at a time (:meth:`Trainer.begin`, :meth:`Trainer.run_epoch`,
-:meth:`Trainer.finish`), which is how the experiment interleaves arms; :meth:`Trainer.fit` runs them all.
+:meth:`Trainer.finish`) or one slice of batches at a time (:meth:`Trainer.start_epoch`,
+:meth:`Trainer.train_slice`, :meth:`Trainer.finish_epoch`), which is how the experiment interleaves arms:
+between two slices of one arm-run another may train, and the global RNG streams are saved and restored at
+every slice edge (:class:`RngState`) so that the result is bit for bit the one of the arm-run alone. An
+epoch's ``train`` window is then opened once per slice; its energy and time are the sum.
+:meth:`Trainer.fit` runs everything.
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ import contextlib
 import copy
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -83,6 +90,64 @@ class TrainResult:
     flops_backward_conv: float
     energy_components: list[EnergyComponent]
     phases: dict[str, dict[str, float]]
+
+
+@dataclass
+class SliceResult:
+    """What one :meth:`Trainer.train_slice` ran: its batches (from ``first_batch``), samples (this rank's),
+    mean drop rate over its samples, wall time (s) of its ``train`` window, and whether the epoch is done."""
+
+    epoch: int
+    first_batch: int
+    batches: int
+    samples: int
+    drop_rate: float
+    wall_s: float
+    exhausted: bool
+
+
+@dataclass
+class RngState:
+    """Every global RNG stream a training step may draw from: torch CPU (and CUDA), numpy, Python ``random``.
+
+    Saved and restored around each slice of a time-sliced run, so that an arm-run's draws (dropout, random
+    channel selection) do not depend on which other arm ran in between.
+    """
+
+    torch_cpu: torch.Tensor
+    torch_cuda: list[torch.Tensor] | None
+    numpy: Any
+    python: Any
+
+    @classmethod
+    def capture(cls, device: torch.device) -> RngState:
+        cuda = torch.cuda.get_rng_state_all() if device.type == "cuda" and torch.cuda.is_initialized() else None
+        return cls(torch.get_rng_state(), cuda, np.random.get_state(), random.getstate())
+
+    def restore(self, device: torch.device) -> None:
+        torch.set_rng_state(self.torch_cpu)
+        if self.torch_cuda is not None:
+            torch.cuda.set_rng_state_all(self.torch_cuda)
+        np.random.set_state(self.numpy)
+        random.setstate(self.python)
+
+
+@dataclass
+class _EpochProgress:
+    """The epoch in progress: its batch iterator, accumulators and the RNG state its last batch left."""
+
+    epoch: int
+    batches: Any
+    loss_sum: torch.Tensor
+    metric_sum: torch.Tensor
+    rng: RngState
+    n: int = 0
+    drop_sum: float = 0.0
+    batch_idx: int = 0
+    train_s: float = 0.0
+    exhausted: bool = False
+    slice_samples: int = 0
+    slice_drop_sum: float = 0.0
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -154,6 +219,8 @@ class Trainer:
         self.drop_rate = 0.0
         self.state: dict[str, Any] | None = None
         self._window_scope = scope
+        self._epoch: _EpochProgress | None = None
+        self._batches_per_epoch = len(self.train_loader)
 
     # ------------------------------------------------------------------------------------------ helpers
 
@@ -203,52 +270,86 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ main loop
 
-    def _train_epoch(self, epoch: int) -> tuple[float, float, float]:
-        """One pass over the training data: (mean loss, metric, mean drop rate over samples)."""
-        model, opt = self.model, self.optimizer
-        model.train()
+    def _start_epoch(self, epoch: int) -> None:
+        """Reseed, position the loader at the epoch's start and open the epoch's accumulators."""
+        self.model.train()
         torch.manual_seed(epoch_seed(self.config.seed, epoch))
         self.train_loader.set_epoch(epoch)
         set_epoch = getattr(self.task, "set_epoch", None)
         if set_epoch is not None:  # a task with its own draws (diffusion timesteps, noise) reseeds them per epoch
             set_epoch(epoch)
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        metric_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        n = 0
-        drop_sum = 0.0
-        batches = iter(self.train_loader)
-        batch_idx = 0
-        while True:
-            with self._window("data"):
-                batch = next(batches, None)
-            if batch is None:
-                break
-            x, y = batch
-            drop = self._set_drop_rate(epoch, batch_idx)
-            drop_sum += drop * len(y)
-            with self._window("forward"):
-                loss, metric = self.task.batch_loss(model, x, y)
-                self.sync()
-            with self._window("backward"):
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                self.sync()
-            with self._window("optimizer"):
-                opt.step()
-                self.sync()
-            # accumulate on device: a .item() per step would force a GPU sync every step
-            loss_sum += loss.detach().double() * len(y)
-            metric_sum += metric.double()
-            n += len(y)
-            self.callbacks.on_batch_end(self, epoch, batch_idx)
-            batch_idx += 1
-            if self.stop_requested():
-                raise RunInterrupted(f"stopped during epoch {epoch + 1}")
+        zero = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._epoch = _EpochProgress(epoch=epoch, batches=iter(self.train_loader), loss_sum=zero.clone(),
+                                     metric_sum=zero.clone(), rng=RngState.capture(self.device))
+
+    def _train_batches(self, limit: int | None) -> int:
+        """Run up to ``limit`` batches (None: to the epoch's end) of the epoch in progress; returns how many ran.
+
+        The RNG streams this arm-run left at its last batch are restored first and saved after, so that the
+        batches of another arm-run in between (time-sliced interleaving) change nothing here.
+        """
+        ep = self._epoch
+        assert ep is not None, "no epoch in progress"
+        model, opt = self.model, self.optimizer
+        ep.rng.restore(self.device)
+        ran = 0
+        try:
+            while (limit is None or ran < limit) and not ep.exhausted:
+                with self._window("data"):
+                    batch = next(ep.batches, None)
+                if batch is None:
+                    ep.exhausted = True
+                    break
+                x, y = batch
+                drop = self._set_drop_rate(ep.epoch, ep.batch_idx)
+                ep.drop_sum += drop * len(y)
+                with self._window("forward"):
+                    loss, metric = self.task.batch_loss(model, x, y)
+                    self.sync()
+                with self._window("backward"):
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.sync()
+                with self._window("optimizer"):
+                    opt.step()
+                    self.sync()
+                # accumulate on device: a .item() per step would force a GPU sync every step
+                ep.loss_sum += loss.detach().double() * len(y)
+                ep.metric_sum += metric.double()
+                ep.n += len(y)
+                ep.slice_samples += len(y)
+                ep.slice_drop_sum += drop * len(y)
+                self.callbacks.on_batch_end(self, ep.epoch, ep.batch_idx)
+                ep.batch_idx += 1
+                ran += 1
+                if ep.batch_idx >= self._batches_per_epoch:
+                    ep.exhausted = True  # known now: the next slice must not be an empty one
+                if self.stop_requested():
+                    raise RunInterrupted(f"stopped during epoch {ep.epoch + 1}")
+                if ep.exhausted:
+                    break
+        finally:
+            ep.rng = RngState.capture(self.device)
+        return ran
+
+    def _epoch_means(self) -> tuple[float, float, float]:
+        """The epoch's (mean loss, metric, mean drop rate over samples), summed over ranks when distributed."""
+        ep = self._epoch
+        assert ep is not None
+        loss_sum, metric_sum, n, drop_sum = ep.loss_sum, ep.metric_sum, ep.n, ep.drop_sum
         if self.reduce_sums is not None:
             sums = self.reduce_sums(torch.stack([loss_sum, metric_sum, loss_sum.new_tensor(float(n)),
                                                  loss_sum.new_tensor(drop_sum)]))
             loss_sum, metric_sum, n, drop_sum = sums[0], sums[1], int(round(float(sums[2]))), float(sums[3])
         return float(loss_sum) / max(n, 1), float(metric_sum) / max(n, 1), drop_sum / max(n, 1)
+
+    def running_loss(self) -> float | None:
+        """Mean training loss of the epoch in progress so far (this rank's batches), or None before its first
+        batch. Reads a device value: call it rarely (a slice end), not every batch."""
+        ep = self._epoch
+        if ep is None or ep.n == 0:
+            return None
+        return float(ep.loss_sum) / ep.n
 
     @property
     def next_epoch(self) -> int:
@@ -264,19 +365,61 @@ class Trainer:
         self.state = self._resume_state()
         self.callbacks.on_train_start(self)
 
-    def run_epoch(self) -> EpochRecord:
-        """Train the next epoch, validate, checkpoint; returns its record."""
+    @property
+    def in_epoch(self) -> bool:
+        """True between :meth:`start_epoch` and :meth:`finish_epoch`."""
+        return self._epoch is not None
+
+    @property
+    def epoch_exhausted(self) -> bool:
+        """True once the epoch in progress has served its last batch (:meth:`finish_epoch` is next)."""
+        return self._epoch is not None and self._epoch.exhausted
+
+    def start_epoch(self) -> int:
+        """Begin the next epoch (no batch runs yet); returns its index."""
         assert self.state is not None, "call begin() first"
-        state = self.state
-        epoch = int(state["next_epoch"])
+        assert self._epoch is None, "an epoch is already in progress"
+        epoch = int(self.state["next_epoch"])
         self._window_scope = f"{self.scope}/e{epoch}"
         drop = self._set_drop_rate(epoch, 0)
         self.callbacks.on_epoch_start(self, epoch, drop)
+        self._start_epoch(epoch)
+        return epoch
+
+    def train_slice(self, max_batches: int | None = None) -> SliceResult:
+        """Train up to ``max_batches`` batches of the epoch in progress inside one ``train`` window.
+
+        The epoch's ``train`` energy and time are the sum of its slices' windows. Returns what the slice
+        ran; its ``exhausted`` is true when the epoch has no batch left.
+        """
+        ep = self._epoch
+        assert ep is not None, "call start_epoch() first"
+        first = ep.batch_idx
+        ep.slice_samples = 0
+        ep.slice_drop_sum = 0.0
+        self.callbacks.on_slice_start(self, ep.epoch)
         t0 = time.perf_counter()
         with self._window("train"):
-            loss, acc, mean_drop = self._train_epoch(epoch)
+            ran = self._train_batches(max_batches)
             self.sync()
-        train_s = time.perf_counter() - t0
+        wall_s = time.perf_counter() - t0
+        ep.train_s += wall_s
+        self.callbacks.on_slice_end(self, ep.epoch)
+        return SliceResult(epoch=ep.epoch, first_batch=first, batches=ran, samples=ep.slice_samples,
+                           drop_rate=ep.slice_drop_sum / max(ep.slice_samples, 1), wall_s=wall_s,
+                           exhausted=ep.exhausted)
+
+    def finish_epoch(self) -> EpochRecord:
+        """Validate, checkpoint and record the epoch in progress (every batch must have run)."""
+        ep = self._epoch
+        assert ep is not None and ep.exhausted, "the epoch still has batches to train"
+        state = self.state
+        assert state is not None
+        epoch = ep.epoch
+        ep.rng.restore(self.device)  # evaluation sees the RNG this arm-run's last batch left, as run alone
+        loss, acc, mean_drop = self._epoch_means()
+        train_s = ep.train_s
+        self._epoch = None
         t1 = time.perf_counter()
         with self._window("eval"):
             val_loss, val_acc = self.evaluate(self.data.val)
@@ -303,6 +446,12 @@ class Trainer:
             self._save(state)
         self.callbacks.on_epoch_end(self, EpochResult(record, energy))
         return record
+
+    def run_epoch(self) -> EpochRecord:
+        """Train the next epoch in one ``train`` window, validate, checkpoint; returns its record."""
+        self.start_epoch()
+        self.train_slice(None)
+        return self.finish_epoch()
 
     def fit(self) -> TrainResult:
         """Train for ``config.epochs`` epochs (resuming from the checkpoint if one exists) and test."""
