@@ -7,6 +7,7 @@ with their level). Pure Python: no torch, no pandas.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 J_PER_WH = 3600.0
@@ -152,3 +153,16 @@ def fmt_wall_compact(wall_s: float) -> str:
     if not math.isfinite(wall_s):
         return "-"
     return f"{wall_s / 3600:.2f} h" if wall_s >= 3600 else f"{wall_s / 60:.1f} min" if wall_s >= 120 else f"{wall_s:.1f} s"
+
+
+_RUN_LABEL = re.compile(r"^s(\d+)r(\d+)e(\d+)$")
+
+
+def fmt_run_epoch(label: str) -> str:
+    """A record's ``s<seed>r<repeat>e<epoch>`` label in words: ``seed 0, epoch 3`` (``repeat R`` only when
+    there is more than the first); any other text is returned as is."""
+    m = _RUN_LABEL.match(label)
+    if m is None:
+        return label
+    seed, repeat, epoch = m.groups()
+    return f"seed {seed}, " + (f"repeat {int(repeat) + 1}, " if int(repeat) else "") + f"epoch {epoch}"

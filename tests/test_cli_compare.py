@@ -189,7 +189,7 @@ def test_sigterm_saves_interrupted_and_resume_completes(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "complete"
     assert len(summary["arms"]["dense"]["epochs"]) == 3
-    assert summary["interleave"] == "epoch"
+    assert summary["interleave"] == "slice"
 
     # the interrupted-and-resumed interleaved run ends exactly where an uninterrupted one does
     from ssprop_energy.experiment.config import ExperimentConfig

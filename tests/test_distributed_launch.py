@@ -108,7 +108,7 @@ def test_two_processes_count_the_single_process_flops(audited: dict[str, Any]) -
     dist = load_summary(audited["out"])
     single = audited["single"]
     assert dist.status == "complete" and dist.world_size == 2 and dist.nodes == 1
-    assert dist.interleave == "epoch"
+    assert dist.interleave == "slice"
     for name in ("dense", "ssprop"):
         d, s = dist.arms[name], single.arms[name]
         assert d.world_size == 2

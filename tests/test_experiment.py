@@ -66,7 +66,7 @@ def _cnn_step_flops_per_sample(keep: int | None, width: int = 128, in_ch: int = 
 def test_compare_records_and_flops_follow_the_schedule(tmp_path: Path) -> None:
     summary = run(tiny_config(tmp_path / "run", epochs=4))  # bar 0.8: dense, sparse, dense, sparse
     loaded = load_summary(tmp_path / "run")
-    assert loaded.status == "complete" and loaded.schema_version == 2 and loaded.interleave == "epoch"
+    assert loaded.status == "complete" and loaded.schema_version == 2 and loaded.interleave == "slice"
     assert set(loaded.arms) == {"dense", "ssprop"}
 
     fwd, bwd_dense, conv_dense = _cnn_step_flops_per_sample(None)

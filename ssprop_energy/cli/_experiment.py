@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from ssprop_energy.errors import ConfigError, RunInterrupted, SSPropEnergyError
-from ssprop_energy.experiment.config import INTERLEAVES, METERS, PRESETS, SELECTIONS, ExperimentConfig
-from ssprop_energy.fmt import fmt_change, fmt_change_pp, fmt_flops
+from ssprop_energy.experiment.config import AA_ARM, INTERLEAVES, METERS, PRESETS, SELECTIONS, ExperimentConfig
+from ssprop_energy.fmt import fmt_change, fmt_change_pp, fmt_flops, fmt_run_epoch
 from ssprop_energy.records import CONFIG_FILE, SUMMARY_FILE
 from ssprop_energy.tracking import add_tracking_arguments, parse_targets
 
@@ -69,8 +69,11 @@ def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> 
     p.add_argument("--seeds", type=int_list, help="several seeds, comma-separated (one pair of arms each)")
     p.add_argument("--repeats", type=int, help="pairs per seed, run in ABBA order (default 1)")
     p.add_argument("--interleave", choices=INTERLEAVES,
-                   help="epoch (default): the arms' epochs alternate in time, ABBA, so machine noise hits both "
-                   "alike; none: one arm after the other (one model in memory at a time)")
+                   help="slice (default): the arms take turns every few batches (about 0.75 s), ABBA, and the "
+                   "headline time/energy change uses only slice pairs that saw no foreign load; epoch: the arms' "
+                   "epochs alternate; none: one arm after the other (one model in memory at a time)")
+    p.add_argument("--slice-batches", type=int, metavar="N",
+                   help="--interleave slice: batches per slice (default: chosen in the warm-up for about 0.75 s)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (default auto)")
     p.add_argument("--amp", action="store_true", default=None, help="bfloat16 autocast on CUDA")
     p.add_argument("--meter", choices=METERS, help="energy source (default auto: nvml, then rapl, then estimate)")
@@ -124,7 +127,7 @@ SCALAR_FLAGS = ("model", "dataset", "data_dir", "image_size", "selection", "laye
                 "period", "start_drop_rate", "schedule_interleave",
                 "epochs", "batch_size", "lr", "optimizer", "weight_decay", "lr_schedule", "repeats", "device", "amp",
                 "meter", "sample_period_s", "idle_s", "carbon_intensity", "country", "pue", "eval_noise", "project",
-                "out", "interleave", "samples", "timesteps", "inception_weights", "threads")
+                "out", "interleave", "slice_batches", "aa", "samples", "timesteps", "inception_weights", "threads")
 
 
 def refuse_flags_with_resume(args: argparse.Namespace, kind: str, lists: dict[str, Any]) -> None:
@@ -299,6 +302,16 @@ def _change(stat: Any, percent_points: bool = False) -> str:
     return fmt_change(-stat.saving_fraction, None if ci is None else (-ci[1], -ci[0]))
 
 
+def _measured_change(arm: Any, metric: str) -> str:
+    """The change shown under a raw time/energy/CO2 total: the clean-pair headline (CO2 follows energy) when
+    the run has one, ``inconclusive`` when it says so, else the paired statistic over seeds/repeats."""
+    h = arm.headline.get("energy_j" if metric == "co2_g" else metric)
+    if h is not None:
+        return "\ninconclusive" if h.verdict != "measured" else f"\n{fmt_change(h.change, h.ci)}"
+    stat = arm.paired.get(metric) if arm.paired else None
+    return f"\n{_change(stat)}" if stat is not None else ""
+
+
 def interference_warnings(summary: Any) -> list[str]:
     """One line per arm whose time/energy figures were taken while other work loaded the machine."""
     lines = []
@@ -309,9 +322,10 @@ def interference_warnings(summary: Any) -> list[str]:
         mean = inter.foreign_cpu_cores_mean
         lines.append(
             f"warning: {name}: foreign CPU load (busy cores not this run's) was material (>= {inter.threshold_cores:g} "
-            f"core, or different between the arms) in epoch(s) {', '.join(inter.affected_epochs)}"
+            f"core, or different between the arms) in {'; '.join(fmt_run_epoch(x) for x in inter.affected_epochs)}"
             + (f"; mean {mean:.2f} core over the arm" if mean is not None else "")
-            + ": its time and energy figures include other work's slowdown"
+            + (": its raw time and energy totals include other work's slowdown" if not arm.headline else
+               ": its raw totals include other work's slowdown (the headline uses clean slice pairs only)")
         )
     return lines
 
@@ -377,6 +391,46 @@ def coverage_warnings(summary: Any) -> list[str]:
     return [f"warning: {', '.join(names)}: {text}" for text, names in lines.items()]
 
 
+def interleave_words(summary: Any) -> str:
+    """How the arms shared the machine, in words (with the slice length and warm-up when recorded)."""
+    m = summary.measurement
+    if summary.interleave == "slice":
+        size = f"{m.slice_batches} batches" if m is not None and m.slice_batches else "a few batches"
+        words = f"slices of {size}, ABBA"
+    elif summary.interleave == "epoch":
+        words = "epoch by epoch, ABBA"
+    else:
+        words = "one arm-run after another"
+    if m is not None:
+        words += (f"; warm-up {m.warmup_rounds} rounds, " + ("steady" if m.warmup_stable else "not steady at its bound")
+                  + f", {m.step_s * 1e3:.0f} ms per step")
+    return words
+
+
+def headline_lines(summary: Any) -> list[str]:
+    """One line per compared arm: the clean-pair estimate of its time and energy change, or its verdict."""
+    lines = []
+    for name, arm in summary.arms.items():
+        hs = arm.headline
+        if not hs:
+            continue
+        parts = []
+        for metric, label in (("wall_s", "time"), ("energy_j", "energy")):
+            h = hs.get(metric)
+            if h is None:
+                continue
+            if h.verdict == "measured":
+                parts.append(f"{label} {fmt_change(h.change, h.ci)}")
+            else:
+                parts.append(f"{label} inconclusive ({h.reason})")
+        h = next(iter(hs.values()))
+        what = "slice pairs" if "slice" in h.method else "epoch pairs"
+        aa = " [A/A: the machine's noise floor]" if name == AA_ARM else ""
+        lines.append(f"{name}: headline (clean-pair estimate, {h.confidence:.0%} interval){aa}: {'; '.join(parts)}; "
+                     f"{h.clean_share:.0%} of {h.pairs_total} {what} clean; verdict {h.verdict}")
+    return lines
+
+
 def print_results(summary: Any) -> None:
     """The short dense-vs-ssProp table: accuracy, time, backward FLOPs, energy and CO2 with their sources,
     then the single-run intervals, interference warnings and provenance notes."""
@@ -410,10 +464,10 @@ def print_results(summary: Any) -> None:
             arm.name,
             "dense" if arm.name == "dense" else f"{arm.drop_rate:g} {arm.schedule} ({arm.average_drop_rate:.2f})",
             first,
-            f"{arm.wall_s:.1f} s" + (f"\n{_change(p.get('wall_s'))}" if p else ""),
+            f"{arm.wall_s:.1f} s" + _measured_change(arm, "wall_s"),
             fmt_flops(arm.flops_backward) + (f"\n{_change(p.get('flops_backward'))}" if p else ""),
-            f"{arm.energy_j:,.0f} J ({arm.energy_source})" + (f"\n{_change(p.get('energy_j'))}" if p else ""),
-            f"{arm.co2_g:.3g} g" + (f"\n{_change(p.get('co2_g'))}" if p else ""),
+            f"{arm.energy_j:,.0f} J ({arm.energy_source})" + _measured_change(arm, "energy_j"),
+            f"{arm.co2_g:.3g} g" + _measured_change(arm, "co2_g"),
         )
     console = Console(width=120)
     console.print(table)
@@ -423,9 +477,11 @@ def print_results(summary: Any) -> None:
         "changes are relative to dense" + (" with 95% bootstrap CIs over seeds/repeats" if any(
             (a.paired.get("energy_j") and a.paired["energy_j"].saving_ci) for a in others) else "")
     )
+    for line in headline_lines(summary):
+        console.print(escape(line) if "inconclusive" not in line else f"[yellow]{escape(line)}[/]")
     for arm in others:
         iv = arm.epoch_intervals
-        if not iv:
+        if not iv or arm.headline:  # the headline has its own interval
             continue
         parts = [f"{label} {fmt_change(iv[m].change, iv[m].ci)}"
                  for m, label in (("wall_s", "time"), ("energy_j", "energy")) if m in iv]
@@ -435,8 +491,7 @@ def print_results(summary: Any) -> None:
     if generation:
         for line in generation_lines(summary):
             console.print(escape(line))
-    console.print(f"arms interleaved in time: {summary.interleave}"
-                  + (" (epoch by epoch, ABBA)" if summary.interleave == "epoch" else " (one arm-run after another)"))
+    console.print(f"arms interleaved in time: {summary.interleave} ({interleave_words(summary)})")
     for line in interference_warnings(summary) + diverged_warnings(summary):
         console.print(f"[yellow]{escape(line)}[/]")
     for line in distributed_lines(summary):

@@ -21,6 +21,9 @@ def register(sub: Any) -> argparse.ArgumentParser:
                    "linear / cosine / halves end")
     p.add_argument("--schedule", choices=SCHEDULES, help=SCHEDULE_HELP)
     p.add_argument("--dropout", type=float, help="dropout after conv blocks, both arms (default 0)")
+    p.add_argument("--aa", action="store_true", default=None,
+                   help="A/A check: run the dense baseline twice (same layers, same seed) and report the machine's "
+                   "noise floor with the same estimator (is my machine quiet enough?)")
     p.set_defaults(func=run)
     return p
 

@@ -58,6 +58,8 @@ def _card(label: str, value: str, detail: str, cls: str, metric: str, number: fl
 
 
 def _saving_class(s: Saving) -> str:
+    if s.inconclusive:
+        return "noise"
     if not math.isfinite(s.saved_frac) or s.ci_frac is None:
         return ""
     if s.ci_spans_zero:
@@ -66,6 +68,8 @@ def _saving_class(s: Saving) -> str:
 
 
 def _ci_detail(s: Saving) -> str:
+    if s.headline is not None:
+        return T.headline_detail(s)
     if s.ci_frac is not None:
         note = " (includes 0: noise)" if s.ci_spans_zero else ""
         return f"{T.fmt_ci_pct(s.ci_frac, s.ci_level)}{note}, {s.n_pairs} pairs"
@@ -76,11 +80,15 @@ def _ci_detail(s: Saving) -> str:
 
 def _saving_card(label: str, s: Saving, fmt: Callable[[float], str], metric: str, arm: str,
                  extra: str = "") -> str:
-    detail = f"{_e(fmt(s.baseline))} &rarr; {_e(fmt(s.value))}<br>{_e(_ci_detail(s))}"
+    totals = "raw totals " if s.headline is not None else ""
+    detail = f"{totals}{_e(fmt(s.baseline))} &rarr; {_e(fmt(s.value))}<br>{_e(_ci_detail(s))}"
     if s.source not in ("counted", "measured"):
         detail += f"<br>source: <b>{_e(s.source)}</b>"
     detail += extra
-    return _card(label, T.less_or_more(s.saved_frac), detail, _saving_class(s), metric, s.saved_frac, s.ci_frac, arm)
+    value = "inconclusive" if s.inconclusive else T.less_or_more(s.saved_frac)
+    verdict = f' data-verdict-{metric.removesuffix("_saved_frac")}="{_e(s.headline.verdict)}"' if s.headline else ""
+    return _card(label, value, detail, _saving_class(s), metric, s.saved_frac, s.ci_frac, arm).replace(
+        '<div class="card">', f'<div class="card"{verdict}>', 1)
 
 
 def _accuracy_card(c: ArmComparison) -> str:
@@ -119,7 +127,8 @@ def _measured_extra(run: Run, c: ArmComparison, metric: str | None) -> str:
     """What sits beside a measured (time, energy) figure: the single-run interval and the busy-machine badge."""
     out = ""
     arm = run.arms.get(c.arm)
-    if metric is not None and arm is not None:
+    # a clean-pair headline carries its own interval: the epoch interval beside it would be a second one
+    if metric is not None and arm is not None and metric not in arm.headline:
         text = T.epoch_interval_text(arm, metric)
         if text:
             out += f'<br><span class="within-run" data-interval="{metric}">{_e(text)}</span>'

@@ -1,6 +1,9 @@
 """What one sparse arm saves against the baseline: the numbers every part of the report shows.
 
 A saving is ``baseline - sparse`` (positive = the sparse arm used less), as a fraction of the baseline.
+Time, energy and CO2 come from the arm's clean-pair headline when the run has one (``experiment/headline.py``:
+adjacent slice pairs that saw no foreign load, weighted back to the run's phase mix), with its interval,
+clean share and verdict; the raw totals stay beside it as the physical totals of the run.
 With paired statistics (the harness records them per arm), the point estimate and the interval are the
 harness's ``saving_fraction`` (1 - mean(arm)/mean(baseline)) and ``saving_ci``; the accuracy difference is
 its ``delta_mean`` and ``delta_ci``. Without them the point estimate is the difference of the two arm
@@ -12,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ssprop_energy.records import ArmRecord
+from ssprop_energy.records import ArmRecord, Headline
 from ssprop_energy.report.load import DEFAULT_CI_LEVEL, PairedStat, Run
 
 # Fraction of a run's energy that must come from estimates before the report warns at the top.
@@ -45,11 +48,17 @@ class Saving:
     n_pairs: int
     ci_level: float
     source: str
+    headline: Headline | None = None
 
     @property
     def ci_spans_zero(self) -> bool:
         """True when the interval contains 0: the saving is not distinguishable from noise."""
         return self.ci_frac is not None and self.ci_frac[0] <= 0.0 <= self.ci_frac[1]
+
+    @property
+    def inconclusive(self) -> bool:
+        """True when the clean-pair estimate behind this saving is inconclusive: no saving may be claimed."""
+        return self.headline is not None and self.headline.verdict != "measured"
 
 
 @dataclass(frozen=True)
@@ -154,6 +163,15 @@ def saving(
     return Saving(metric, baseline, value, saved, saved_frac, ci, stat.n, stat.confidence, source)
 
 
+def from_headline(metric: str, baseline: float, value: float, h: Headline, source: str) -> Saving:
+    """A time/energy/CO2 :class:`Saving` from the arm's clean-pair headline (``experiment/headline.py``):
+    the saving is minus its change, the interval its interval; ``baseline`` / ``value`` stay the raw totals."""
+    ci = None if h.ci is None else (-h.ci[1], -h.ci[0])
+    saved_frac = -h.change
+    return Saving(metric, baseline, value, saved_frac * baseline if math.isfinite(saved_frac) else math.nan,
+                  saved_frac, ci, h.pairs, h.confidence, source, headline=h)
+
+
 def compare_arm(run: Run, arm_name: str) -> ArmComparison:
     """Compare one sparse arm of ``run`` with its baseline (the run must have a baseline arm)."""
     base = run.baseline
@@ -164,7 +182,12 @@ def compare_arm(run: Run, arm_name: str) -> ArmComparison:
     energy_source = _pair_source(base, arm)
 
     def make(metric: str, source: str) -> Saving:
-        return saving(metric, float(getattr(base, metric)), float(getattr(arm, metric)), stats.get(metric), source)
+        b, v = float(getattr(base, metric)), float(getattr(arm, metric))
+        # time and energy: the clean-pair estimate when the run has one (CO2 follows the energy estimate)
+        h = arm.headline.get("energy_j" if metric == "co2_g" else metric)
+        if h is not None:
+            return from_headline(metric, b, v, h, source)
+        return saving(metric, b, v, stats.get(metric), source)
 
     total_stat = stats.get("flops_total")
     acc_stat = stats.get("test_accuracy")

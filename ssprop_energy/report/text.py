@@ -11,7 +11,8 @@ import math
 from typing import Any, Mapping
 
 from ssprop_energy.fmt import (  # noqa: F401 - re-exported: the report's modules format through text
-    MINUS, fmt_ci_pct, fmt_ci_pp, fmt_co2, fmt_energy, fmt_number, fmt_pct, fmt_pp, fmt_seconds, fmt_si,
+    MINUS, fmt_ci_pct, fmt_ci_pp, fmt_co2, fmt_energy, fmt_number, fmt_pct, fmt_pp, fmt_run_epoch, fmt_seconds,
+    fmt_si,
     less_or_more,
 )
 from ssprop_energy.records import ArmRecord
@@ -32,8 +33,35 @@ SOURCE_WORDS = {
 # ------------------------------------------------------------------------------------------ verdict
 
 
+def pairs_word(h: Any) -> str:
+    """What a headline's pairs are: slice pairs, or epoch pairs for a run not time-sliced."""
+    return "slice pairs" if "slice" in h.method else "epoch pairs"
+
+
+def headline_detail(s: Saving) -> str:
+    """The clean-pair estimate behind a time/energy saving in one phrase: interval and clean share, or why
+    it is inconclusive (the raw totals named for what they are)."""
+    h = s.headline
+    assert h is not None
+    share = f"{h.clean_share:.0%} of {h.pairs_total} {pairs_word(h)} clean"
+    if h.verdict != "measured":
+        raw = (s.value / s.baseline - 1.0) if s.baseline > 0 else math.nan
+        return (f"inconclusive: {h.reason} ({share}); the raw totals differ by {fmt_pct(raw)}, which includes "
+                "the machine's other work")
+    ci = fmt_ci_pct(s.ci_frac, s.ci_level) if s.ci_frac is not None else "no interval"
+    return f"clean-pair estimate, {ci}, {share}"
+
+
 def _saving_clause(s: Saving, what: str, verb_less: str, verb_more: str) -> str:
-    """One clause about a measured saving, worded by its interval."""
+    """One clause about a measured saving, worded by its interval (and by its verdict, for a clean-pair
+    headline: an inconclusive one claims nothing)."""
+    if s.headline is not None:
+        if s.inconclusive:
+            return f"the {what} change is {headline_detail(s)}"
+        direction = verb_less if s.saved_frac >= 0 else verb_more
+        if s.ci_spans_zero:
+            return f"the {what} difference is not distinguishable from noise ({headline_detail(s)})"
+        return f"{what} {direction} {fmt_pct(abs(s.saved_frac))} ({headline_detail(s)})"
     direction = verb_less if s.saved_frac >= 0 else verb_more
     amount = fmt_pct(abs(s.saved_frac))
     if s.ci_frac is None:
@@ -252,12 +280,12 @@ def layer_coverage_warning(run: Run) -> str | None:
 
 
 def affected_epochs(run: Run, arm_names: list[str]) -> list[str]:
-    """``arm s0r0e3`` labels of the epochs where foreign CPU load was material, over the given arms."""
+    """``arm (seed 0, epoch 3)`` labels of the epochs where foreign CPU load was material, over the arms."""
     out = []
     for name in arm_names:
         arm = run.arms.get(name)
         if arm is not None and arm.interference is not None:
-            out += [f"{name} {label}" for label in arm.interference.affected_epochs]
+            out += [f"{name} ({fmt_run_epoch(label)})" for label in arm.interference.affected_epochs]
     return out
 
 
