@@ -494,6 +494,8 @@ class Measurement:
         step_s: the steady full-batch training step time measured at the warm-up's end (s).
         slice_batches: batches per slice (``slice`` only), chosen once from ``step_s``; the same on every rank.
         slice_target_s: the slice length aimed at (s).
+        oversubscribed: set when foreign busy cores plus this run's torch threads exceeded the CPUs during the
+            run (the warning it printed, naming the ``--threads`` value to use); None otherwise.
     """
 
     interleave: str
@@ -503,6 +505,7 @@ class Measurement:
     step_s: float = math.nan
     slice_batches: int | None = None
     slice_target_s: float | None = None
+    oversubscribed: str | None = None
 
 
 HEADLINE_METRICS = ("wall_s", "energy_j")

@@ -137,9 +137,12 @@ def test_compare_end_to_end_prints_table_and_writes_records(
     assert "dense" in stdout and "ssprop" in stdout and "drop_rates=[0.8]" in stdout
     # fake energy is called what it is, never "(mixed)" or a hardware source; the interval and the order show
     assert "J (fake)" in stdout and "SYNTHETIC" in stdout and "(mixed)" not in stdout
-    assert "single-run 95% interval" in stdout and "within-run machine noise" in stdout
-    assert "arms interleaved in time: epoch" in stdout
+    assert "ssprop: headline (clean-pair estimate, 95% interval)" in stdout and "verdict" in stdout
+    assert "arms interleaved in time: slice (slices of" in stdout and "warm-up" in stdout
     summary = json.loads((out / "summary.json").read_text())
+    headline = summary["arms"]["ssprop"]["headline"]["wall_s"]
+    assert set(headline) >= {"change", "ci", "clean_share", "pairs", "method", "verdict"}
+    assert headline["verdict"] in ("measured", "inconclusive") and 0 <= headline["clean_share"] <= 1
     assert summary["status"] == "complete"
     assert summary["config"]["schedules"] == ["bar"] and summary["config"]["drop_rates"] == [0.8]
     for key in ("test_accuracy", "wall_s", "flops_forward", "flops_backward", "energy_j", "energy_components",

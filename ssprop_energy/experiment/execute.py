@@ -29,7 +29,7 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -153,6 +153,8 @@ WARMUP_MAX_S = 30.0
 # enough that a load edge inside it touches one pair of slices, not a whole epoch of one arm.
 SLICE_TARGET_S = 0.75
 SLICE_MIN_UPDATES = 10
+# foreign busy cores below this are background noise (daemons, the monitor's own reads), not a competitor
+OVERSUBSCRIBED_MIN_CORES = 0.25
 
 
 @dataclass(frozen=True)
@@ -546,11 +548,29 @@ class Executor:
         energy_j, source = total_energy(components) if components else (math.nan, "")
         if reading is not None:
             run.epoch_readings.append(reading)
+            self._check_oversubscription(reading)
         run.slices.append(SliceRecord.from_reading(
             seed=run.key.seed, repeat=run.key.repeat, epoch=epoch, index=index, order=self._round,
             first_batch=result.first_batch, batches=result.batches, samples=result.samples,
             drop_rate=result.drop_rate, t_start_s=t_start_s, wall_s=result.wall_s, energy_j=energy_j,
             energy_source=source, reading=reading))
+
+    def _check_oversubscription(self, reading: InterferenceReading) -> None:
+        """Warn once when foreign busy cores plus this run's torch threads exceed the CPUs: OpenMP threads
+        then spin against the other work and a step can take 2-3 times as long (BENCHMARKS.md)."""
+        m = self.measurement
+        if m is None or m.oversubscribed is not None or self.device.type != "cpu" or not reading.cpu_count:
+            return
+        threads = torch.get_num_threads()
+        foreign = reading.foreign_cpu_cores_mean
+        if foreign < OVERSUBSCRIBED_MIN_CORES or foreign + threads <= reading.cpu_count + OVERSUBSCRIBED_MIN_CORES:
+            return
+        advice = max(1, reading.cpu_count - math.ceil(foreign - OVERSUBSCRIBED_MIN_CORES))
+        text = (f"other work kept {foreign:.1f} of {reading.cpu_count} CPUs busy while this run used {threads} torch "
+                f"threads: the threads oversubscribe the CPUs and steps slow down out of proportion; rerun with "
+                f"--threads {advice}")
+        log.warning("%s", text)
+        self.measurement = replace(m, oversubscribed=text)
 
     def _end_epoch(self, run: PreparedRun) -> None:
         """Validate and checkpoint the arm-run's epoch; keep its readings beside the checkpoint."""

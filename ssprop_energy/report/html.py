@@ -158,6 +158,8 @@ def _cell(text: str, metric: str, arm: str, number: float, cls: str = "") -> str
 
 
 def _with_ci(s: Saving) -> str:
+    if s.inconclusive:
+        return "inconclusive"
     text = T.less_or_more(s.saved_frac)
     if s.ci_frac is not None:
         text += f" [{T.fmt_pct(s.ci_frac[0])}, {T.fmt_pct(s.ci_frac[1])}]"

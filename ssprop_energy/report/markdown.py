@@ -26,6 +26,8 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _saving_text(s: Saving) -> str:
+    if s.inconclusive:
+        return "inconclusive"
     text = T.less_or_more(s.saved_frac)
     if s.ci_frac is not None:
         text += f" ({T.fmt_ci_pct(s.ci_frac, s.ci_level)}{', includes 0: noise' if s.ci_spans_zero else ''})"
@@ -33,6 +35,8 @@ def _saving_text(s: Saving) -> str:
 
 
 def _bracketed(s: Saving) -> str:
+    if s.inconclusive:
+        return "inconclusive"
     text = T.less_or_more(s.saved_frac)
     if s.ci_frac is not None:
         text += f" [{T.fmt_pct(s.ci_frac[0])}, {T.fmt_pct(s.ci_frac[1])}]"
