@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # 2003 training samples in batches of 64: the last batch (19) splits 10 + 9 over two ranks, so the
 # sample-weighted all-reduce is exercised; SGD, because Adam's update would hide a wrongly scaled gradient.
 DATASET = "synthetic:1x8x8:4:2003"
+# slices of 4 batches: the arms take turns inside every epoch (19 batches) on every rank
 ARGS = ["compare", "--model", "cnn", "--dataset", DATASET, "--epochs", "3", "--batch-size", "64",
-        "--optimizer", "sgd", "--lr", "0.05", "--quiet"]
+        "--optimizer", "sgd", "--lr", "0.05", "--slice-batches", "4", "--quiet"]
 TIMEOUT_S = 300
 
 
@@ -97,7 +98,7 @@ def audited(tmp_path_factory: pytest.TempPathFactory, procs: Procs) -> dict[str,
     from ssprop_energy.experiment.runner import Experiment, ExperimentHooks, prepare_run_dir
 
     cfg = ExperimentConfig(model="cnn", dataset=DATASET, epochs=3, batch_size=64, optimizer="sgd", lr=0.05,
-                           meter="fake", out=str(home / "single"))
+                           meter="fake", out=str(home / "single"), slice_batches=4)
     cfg.validate()
     prepare_run_dir(home / "single")
     single = Experiment(cfg, home / "single", ExperimentHooks(monitor=None, ledger=False)).run()
@@ -130,6 +131,26 @@ def test_dense_ddp_training_is_the_single_process_training(audited: dict[str, An
     assert [e.val_loss for e in d.epochs] == pytest.approx([e.val_loss for e in s.epochs], rel=1e-5)
     assert [e.train_accuracy for e in d.epochs] == pytest.approx([e.train_accuracy for e in s.epochs], abs=2 / 2003)
     assert d.test_loss == pytest.approx(s.test_loss, rel=1e-5)
+
+
+def test_time_sliced_ddp_arms_train_what_sequential_ddp_arms_train(audited: dict[str, Any], procs: Procs,
+                                                                   tmp_path: Path) -> None:
+    """Under torchrun the arms take turns in slices of 4 batches on both ranks; one arm-run after the other
+    (``--interleave none``) gives the same floats, bit for bit."""
+    out = tmp_path / "seq"
+    cmd = [*_torchrun("--standalone", "--nproc-per-node", "2"), *ARGS, "--meter", "estimate", "--interleave",
+           "none", "--out", str(out)]
+    code, _, err = procs.run(cmd, _env(tmp_path))
+    assert code == 0, err[-3000:]
+    sliced, seq = load_summary(audited["out"]), load_summary(out)
+    assert sliced.measurement.slice_batches == 4 and seq.interleave == "none"
+    for name in ("dense", "ssprop"):
+        a, b = sliced.arms[name], seq.arms[name]
+        assert [e.train_loss for e in a.epochs] == [e.train_loss for e in b.epochs]
+        assert [e.val_accuracy for e in a.epochs] == [e.val_accuracy for e in b.epochs]
+        assert a.test_accuracy == b.test_accuracy and a.flops_backward == b.flops_backward
+    run = json.loads((audited["out"] / "runs" / "ssprop__s0__r0.json").read_text())
+    assert [s["batches"] for s in run["slices"] if s["epoch"] == 0] == [4, 4, 4, 4, 3]
 
 
 def test_energy_is_attributed_to_both_ranks_and_the_node(audited: dict[str, Any]) -> None:

@@ -34,7 +34,8 @@ from ssprop_energy.records import ArmRun, load_summary, read_csv_rows, read_json
 
 DATASET = "synthetic:1x8x8:4:128"  # 128 random 1x8x8 images: the mechanics, not learning
 TINY = ["--model", "ddpm-unet", "--dataset", DATASET, "--image-size", "8", "--epochs", "2", "--batch-size", "32",
-        "--samples", "4", "--timesteps", "5", "--meter", "fake", "--sample-period", "0.05", "--quiet"]
+        "--samples", "4", "--timesteps", "5", "--meter", "fake", "--sample-period", "0.05", "--slice-batches", "2",
+        "--quiet"]
 GRID_SCALE = 2  # GenerationConfig's default
 
 
@@ -230,9 +231,11 @@ class _StopAfter:
         return self.left < 0
 
 
-def _cfg(out: Path) -> ExperimentConfig:
+def _cfg(out: Path, **overrides: object) -> ExperimentConfig:
     cfg = ExperimentConfig(model="ddpm-unet", dataset=DATASET, batch_size=32, samples=4, timesteps=5,
-                           meter="fake", sample_period_s=0.05, out=str(out))
+                           meter="fake", sample_period_s=0.05, out=str(out), slice_batches=2)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
     cfg.apply_task_defaults("generation")
     cfg.image_size, cfg.epochs = 8, 2
     cfg.validate()
@@ -256,6 +259,28 @@ def test_resume_ends_where_an_uninterrupted_run_does(tmp_path: Path, compare_run
         assert [e.val_loss for e in a.epochs] == [e.val_loss for e in b.epochs]
         assert a.fid_classifier == b.fid_classifier and a.test_loss == b.test_loss
         assert (straight_dir / f"samples_{name}__s0__r0.png").read_bytes() == (
+            out / f"samples_{name}__s0__r0.png").read_bytes()
+
+
+def test_time_sliced_arms_train_what_sequential_arms_train(tmp_path: Path, compare_run) -> None:
+    """Slices of 2 batches (the arms taking turns inside each epoch, the diffusion task's own draws and the
+    global RNG saved per slice) give the floats and the samples of one arm-run after the other."""
+    sliced_dir, _, _ = compare_run
+    out = tmp_path / "seq"
+    prepare_run_dir(out)
+    seq = Experiment(_cfg(out, interleave="none"), out, ExperimentHooks(monitor=None, ledger=False)).run()
+    sliced = load_summary(sliced_dir)
+    assert sliced.interleave == "slice" and sliced.measurement.slice_batches == 2 and seq.interleave == "none"
+    slices = _arm_run(sliced_dir, "ssprop").slices
+    first = [s for s in slices if s.epoch == 0]
+    assert len(first) >= 2 and all(s.batches == 2 for s in first[:-1]) and 1 <= first[-1].batches <= 2
+    for name in ("dense", "ssprop"):
+        a, b = sliced.arms[name], seq.arms[name]
+        assert [e.train_loss for e in a.epochs] == [e.train_loss for e in b.epochs]
+        assert [e.val_loss for e in a.epochs] == [e.val_loss for e in b.epochs]
+        assert a.fid_classifier == b.fid_classifier and a.test_loss == b.test_loss
+        assert a.flops_backward == b.flops_backward
+        assert (sliced_dir / f"samples_{name}__s0__r0.png").read_bytes() == (
             out / f"samples_{name}__s0__r0.png").read_bytes()
 
 
