@@ -2,7 +2,7 @@
 
 What every rank computed alike (accuracy, losses, best epoch: already reduced over ranks) comes from rank 0;
 what each rank did its own share of is summed: counted FLOPs (per epoch and in total) and energy (per epoch,
-per phase, and per component, each component labelled with its rank and node).
+per phase, per slice, and per component, each component labelled with its rank and node).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Sequence
 
-from ssprop_energy.records import ArmRun, EnergyComponent, EpochRecord, total_energy
+from ssprop_energy.records import ArmRun, EnergyComponent, EpochRecord, SliceRecord, total_energy
 
 
 def label_components(components: Sequence[EnergyComponent], info: dict[str, Any]) -> list[EnergyComponent]:
@@ -28,6 +28,20 @@ def label_components(components: Sequence[EnergyComponent], info: dict[str, Any]
         if node_wide and info["local_rank"] != 0 and c.energy_j == 0.0:
             continue
         out.append(replace(c, rank=None if node_wide else info["rank"], node=info["node"]))
+    return out
+
+
+def _merge_slices(runs: Sequence[ArmRun]) -> list[SliceRecord]:
+    """Rank 0's slices (its clock and machine readings: rank 0 alone observes the machine) with the energy
+    of every rank's same slice summed; the ranks run the same slices in lock step."""
+    base = runs[0].slices
+    if any(len(r.slices) != len(base) for r in runs):
+        return list(base)  # a rank resumed with another history: keep rank 0's own figures
+    out = []
+    for i, s in enumerate(base):
+        sources = {r.slices[i].energy_source for r in runs}
+        out.append(replace(s, energy_j=sum(r.slices[i].energy_j for r in runs),
+                           energy_source=sources.pop() if len(sources) == 1 else "mixed"))
     return out
 
 
@@ -58,7 +72,7 @@ def merge_runs(runs: Sequence[ArmRun], infos: Sequence[dict[str, Any]], nodes: i
         if info.get("train_wall_s"):
             shares.append(info["comm_wall_s"] / info["train_wall_s"])
     return replace(
-        base, flops_forward=sum(r.flops_forward for r in runs), flops_backward=sum(r.flops_backward for r in runs),
+        base, slices=_merge_slices(runs), flops_forward=sum(r.flops_forward for r in runs), flops_backward=sum(r.flops_backward for r in runs),
         flops_backward_conv=sum(r.flops_backward_conv for r in runs), energy_components=components, epochs=epochs,
         phases=phases, trace=trace, world_size=len(runs), nodes=nodes, ranks=ranks,
         comm_share=sum(shares) / len(shares) if shares else None,
