@@ -11,7 +11,7 @@ A run directory holds:
                         ``eval`` or ``other``);
 - ``slices.csv``        one row per slice of training (``--interleave slice``: a fixed number of batches of one
                         arm-run, the arms taking turns; otherwise one slice per epoch): the columns of
-                        :class:`SliceRecord` plus ``arm`` and ``repeat``;
+                        :class:`SliceRecord` plus ``arm``;
 - ``layers.csv``        per-layer FLOPs per arm (``arm, layer, type, flops_forward, flops_backward``): FLOPs per
                         sample of one training step at the arm's nominal drop rate (not the schedule average).
 
@@ -478,7 +478,7 @@ class SliceRecord:
         return cls(**values)
 
 
-SLICE_COLUMNS = ["arm", "repeat", *[f.name for f in fields(SliceRecord)]]
+SLICE_COLUMNS = ["arm", *[f.name for f in fields(SliceRecord)]]  # seed and repeat are fields
 
 
 @dataclass(frozen=True)

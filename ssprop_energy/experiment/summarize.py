@@ -264,7 +264,7 @@ def write_tables(run_dir: Path, by_arm: dict[str, list[ArmRun]]) -> None:
         for r in runs:
             label = f"s{r.seed}r{r.repeat}"
             epoch_rows += [{"arm": name, "repeat": label, **vars(e)} for e in r.epochs]
-            slice_rows += [{"arm": name, "repeat": label, **x.to_dict()} for x in r.slices]
+            slice_rows += [{"arm": name, **x.to_dict()} for x in r.slices]
             trace_rows += [{"arm": name, "repeat": label, "t_s": t, "component": c, "power_w": p, "source": s,
                             "phase": ph} for t, c, p, s, ph in r.trace]
         layer_rows += [{"arm": name, **row} for row in runs[0].layers]

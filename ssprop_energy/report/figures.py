@@ -381,11 +381,52 @@ def pareto(run: Run) -> FigureData:
     return _render(fig, "pareto", "Energy-accuracy Pareto front", caption)
 
 
+def slice_times(run: Run) -> FigureData | None:
+    """Training time per batch of every slice of the first (seed, repeat), both arms over the run's clock,
+    with the slices that saw foreign load shaded: where the headline's clean pairs come from. None for a
+    run without slice records (or with one slice per epoch only, when the epoch figures say it all)."""
+    from ssprop_energy.experiment.headline import MATERIAL_CORES, PEAK_CORES
+
+    df = run.slices
+    if df is None or df.empty or run.summary.interleave != "slice":
+        return None
+    seed, repeat = min(zip(df["seed"], df["repeat"]))
+    first = df[(df["seed"] == seed) & (df["repeat"] == repeat)]
+    with matplotlib.rc_context(_RC):
+        fig, (ax,) = _new(2.6)
+        colours = _colours(run)
+        busy = first[(first["foreign_cpu_cores_mean"].fillna(0) >= MATERIAL_CORES)
+                     | (first["foreign_cpu_cores_max"].fillna(0) >= PEAK_CORES)]
+        for _, row in busy.iterrows():
+            ax.axvspan(row["t_start_s"], row["t_start_s"] + row["wall_s"], color="#c44e52", alpha=0.18, lw=0)
+        for name in run.arms:
+            part = first[first["arm"] == name].sort_values("t_start_s")
+            if part.empty:
+                continue
+            per_batch_ms = 1e3 * part["wall_s"] / part["batches"].clip(lower=1)
+            ax.plot(part["t_start_s"], per_batch_ms, marker="o", ms=2.5, lw=0.8, color=colours.get(name), label=name)
+        handles = ax.get_legend_handles_labels()[0]
+        if not busy.empty:
+            handles.append(Patch(color="#c44e52", alpha=0.18, label="foreign load (slice not clean)"))
+        if handles:
+            ax.legend(handles=handles, loc="best")
+        ax.set_xlabel("time since the meter started (s)")
+        ax.set_ylabel("ms per batch")
+        ax.set_ylim(bottom=0)
+    caption = ("Each point is one slice (consecutive batches of one arm); the arms took turns slice by slice. "
+               "Shaded: slices in which other work loaded the machine; the headline uses only pairs of adjacent "
+               "slices with no shading. First run (seed, repeat) shown.")
+    return _render(fig, "slices", "Time per batch, slice by slice", caption)
+
+
 def run_figures(run: Run, comps: list[ArmComparison]) -> list[FigureData]:
     """Every figure for one run, in reading order (none when no arm was recorded)."""
     if not run.arms:
         return []
     figs = [accuracy_loss(run), drop_rate(run), energy_per_epoch(run)]
+    slices = slice_times(run)
+    if slices is not None:
+        figs.append(slices)
     trace = power_trace(run)
     if trace is not None:
         figs.append(trace)

@@ -35,6 +35,7 @@ from ssprop_energy.records import (
     EPOCHS_FILE,
     LAYER_COLUMNS,
     LAYERS_FILE,
+    SLICES_FILE,
     SOURCES,
     SUMMARY_FILE,
     TRACE_COLUMNS,
@@ -67,6 +68,7 @@ class Run:
         missing: names of optional files that are absent.
         samples: generation runs: arm name -> ``{"s0r0": PNG bytes}``, the sample grids the arm's record
             names (a named file that is absent is listed in ``missing``, never guessed).
+        slices: ``slices.csv`` as a DataFrame, or None for records that predate it.
     """
 
     path: Path
@@ -78,6 +80,7 @@ class Run:
     paired: dict[str, dict[str, PairedStat]] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     samples: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    slices: pd.DataFrame | None = None
 
     @property
     def arms(self) -> dict[str, ArmRecord]:
@@ -191,6 +194,19 @@ def read_layers(path: Path, arms: Mapping[str, ArmRecord]) -> pd.DataFrame:
     return frame
 
 
+def read_slices(path: Path, arms: Mapping[str, ArmRecord]) -> pd.DataFrame:
+    """``slices.csv`` as a DataFrame (machine readings that were not taken are NaN)."""
+    readings = ("foreign_cpu_cores_mean", "foreign_cpu_cores_max", "gpu_foreign_processes_max")
+    frame = _frame(path, ["arm", "seed", "repeat", "epoch", "index", "order", "t_start_s", "wall_s", "batches",
+                          "samples", "drop_rate", "energy_j", *readings],
+                   ["t_start_s", "wall_s", "drop_rate", "energy_j"],
+                   ["seed", "repeat", "epoch", "index", "order", "batches", "samples"])
+    for col in readings:  # empty where the monitor did not run
+        frame[col] = pd.to_numeric(frame[col].replace("", None), errors="coerce")
+    _check_arms(path, frame, arms)
+    return frame
+
+
 def _check_arms(path: Path, frame: pd.DataFrame, arms: Mapping[str, ArmRecord]) -> None:
     unknown = frame[~frame["arm"].isin(list(arms))]
     if len(unknown):
@@ -263,10 +279,11 @@ def load_run(run_dir: str | Path) -> Run:
         layers = read_layers(path / LAYERS_FILE, summary.arms)
     else:
         missing.append(LAYERS_FILE)
+    slices = read_slices(path / SLICES_FILE, summary.arms) if (path / SLICES_FILE).exists() else None
     samples = read_samples(path, summary.arms, missing)
     if missing:
         logger.info("%s: optional record file(s) absent: %s", path, ", ".join(missing))
-    return Run(path, summary, config, epochs, trace, layers, paired, missing, samples)
+    return Run(path, summary, config, epochs, trace, layers, paired, missing, samples, slices)
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
