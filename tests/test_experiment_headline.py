@@ -97,7 +97,7 @@ def test_an_interval_wider_than_the_effect_is_inconclusive_and_a_narrow_one_meas
     noisy = _run("dense-aa", [_slice(0, i, r, order=i) for i, r in enumerate(ratios)])
     h = H.estimate([base], [noisy], "wall_s", sliced=True)
     assert h.ci[0] < h.change < h.ci[1] and h.verdict == "inconclusive" and "wider" in h.reason
-    # the same A/A within +/-1%: measured, with |change| under the 2-point resolution
+    # the same A/A within +/-1%: measured, with |change| under the 3-point resolution
     quiet = _run("dense-aa", [_slice(0, i, 1.0 + (0.01 if i % 2 else -0.01), order=i) for i in range(8)])
     h = H.estimate([base], [quiet], "wall_s", sliced=True)
     assert h.verdict == "measured" and abs(h.change) < H.RESOLUTION

@@ -17,8 +17,10 @@ The estimate:
    pairs keep slow drifts together), 2000 resamples, percentile interval.
 5. **Verdict.** ``measured`` when at least ``MIN_CLEAN_SHARE`` of the pairs are clean, every phase has
    two clean pairs, and the interval's half-width is at most the larger of ``|change|`` and
-   ``RESOLUTION`` (2 percentage points: the noise floor an A/A run on a quiet machine shows); otherwise
-   ``inconclusive``, with the reason.
+   ``RESOLUTION`` (3 percentage points: the precision this instrument claims for a time or energy change;
+   on the 2-core CPU VM a quiet ~1 s slice pair varies by about 6%, so an A/A run of a minute resolves
+   about +/-3%, BENCHMARKS.md); otherwise ``inconclusive``, with the reason. A change smaller than its
+   interval is still ``measured`` when the interval is within the resolution: "no change, to +/-3 points".
 
 Runs interleaved by epoch (or not at all) have one slice per epoch; the same estimator then works on epoch
 pairs (``method`` says so).
@@ -38,7 +40,7 @@ from ssprop_energy.records import HEADLINE_METRICS, ArmRun, Headline, SliceRecor
 MATERIAL_CORES = 0.25  # mean foreign busy cores from which a slice is not clean (the monitor's threshold)
 PEAK_CORES = 0.5  # a sampled interval inside the slice with this many foreign busy cores makes it not clean
 MIN_CLEAN_SHARE = 0.30
-RESOLUTION = 0.02
+RESOLUTION = 0.03
 CONFIDENCE = 0.95
 RESAMPLES = 2000
 
