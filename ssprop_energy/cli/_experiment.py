@@ -355,15 +355,15 @@ def generation_lines(summary: Any) -> list[str]:
 
 def distributed_lines(summary: Any) -> list[str]:
     """Energy per process and per node, and the communication share, for a distributed run."""
-    from ssprop_energy.report import distributed as D
+    from ssprop_energy.report import distributed as report_distributed
 
-    if not D.is_distributed(summary):
+    if not report_distributed.is_distributed(summary):
         return []
     lines = []
     for name in summary.arms:
-        rows = [r for r in D.energy_rows(summary) if r["arm"] == name]
+        rows = [r for r in report_distributed.energy_rows(summary) if r["arm"] == name]
         lines.append(f"{name}: " + ", ".join(f"{r['scope']} {r['energy_j']:,.0f} J ({r['source']})" for r in rows))
-    comm = D.comm_text(summary)
+    comm = report_distributed.comm_text(summary)
     return lines + ([comm] if comm else [])
 
 
@@ -589,7 +589,7 @@ def _execute(args: argparse.Namespace, kind: str, ctx: Any, lists: dict[str, Any
 def _remove_run_dir_if_bare(run_dir: Path) -> None:
     """Remove a run directory this invocation made when it holds nothing but the lock file (and an empty
     ``runs/``): a run stopped or refused before its first record leaves nothing behind."""
-    from ssprop_energy.experiment.lock import LOCK_FILE
+    from ssprop_energy.runlock import LOCK_FILE
 
     try:
         if {p.name for p in run_dir.iterdir()} <= {LOCK_FILE, "runs", CONFIG_FILE}:

@@ -44,7 +44,7 @@ def _resolve(args: argparse.Namespace) -> tuple[Path, str]:
 def resume_hint(run_dir: str | Path) -> str | None:
     """The line for a run that did not finish (interrupted, failed, or stopped while ``running``), or None."""
     from ssprop_energy.errors import RecordError
-    from ssprop_energy.experiment.lock import run_dir_in_use
+    from ssprop_energy.runlock import run_dir_in_use
     from ssprop_energy.records import SUMMARY_FILE, read_json
 
     try:

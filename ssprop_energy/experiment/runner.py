@@ -50,7 +50,7 @@ from ssprop_energy.energy.carbon import resolve_intensity
 from ssprop_energy.errors import ConfigError, RecordError, RunInterrupted
 from ssprop_energy.experiment.config import GENERATION_DEFAULTS, ArmSpec, ExperimentConfig
 from ssprop_energy.experiment.execute import Executor, out_of_memory_error
-from ssprop_energy.experiment.lock import RunLock
+from ssprop_energy.runlock import RunLock
 from ssprop_energy.experiment.plan import ArmRunKey, Group, all_runs, plan_groups
 from ssprop_energy.experiment.summarize import summarize_arms, write_tables
 from ssprop_energy.records import (
@@ -309,7 +309,7 @@ class Experiment:
     def run(self) -> RunSummary:
         """Run (or resume) every arm-run; returns the final summary, also written to the run directory.
 
-        The run directory is locked (:class:`~ssprop_energy.experiment.lock.RunLock`, by rank 0) while this runs.
+        The run directory is locked (:class:`~ssprop_energy.runlock.RunLock`, by rank 0) while this runs.
 
         Raises:
             RunInterrupted: the stop flag was raised (on any rank), KeyboardInterrupt arrived (a signal, in any

@@ -12,7 +12,7 @@ import pytest
 
 from ssprop_energy.cli import main
 from ssprop_energy.experiment.config import ExperimentConfig
-from ssprop_energy.experiment.lock import RunLock, run_dir_in_use
+from ssprop_energy.runlock import RunLock, run_dir_in_use
 from ssprop_energy.experiment.runner import Experiment, ExperimentHooks, prepare_run_dir
 from ssprop_energy.records import load_summary
 
