@@ -20,7 +20,7 @@ def _top_level_imports() -> dict[str, set[str]]:
     """Subpackage (or top-level module) -> the other top-level subpackages/modules it imports, read with ``ast``
     (function-local imports included: a lazy import is still a dependency)."""
     tops = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
-            if (p.is_file() and p.suffix == ".py") or (p / "__init__.py").is_file()}
+            if (p.is_file() and p.suffix == ".py") or (p.is_dir() and any(p.glob("*.py")))}
     tops.discard("__init__")
     edges: dict[str, set[str]] = {t: set() for t in tops}
     for path in PACKAGE.rglob("*.py"):
