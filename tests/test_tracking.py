@@ -180,12 +180,18 @@ def test_tensorboard_and_load_runs_on_a_real_compare(tmp_path):
 def test_tracking_arguments_parse_and_open(tmp_path):
     import argparse
 
-    from ssprop_energy.tracking import add_tracking_arguments, loggers_from_args, parse_targets
+    from ssprop_energy.tracking import TrackingConfig, add_tracking_arguments, parse_targets, tracking_from_args
 
     parser = argparse.ArgumentParser()
     add_tracking_arguments(parser)
     args = parser.parse_args([])
-    assert loggers_from_args(args, tmp_path) == []
+    assert tracking_from_args(args) == TrackingConfig()
+    assert TrackingConfig().open(tmp_path) == []
+    args = parser.parse_args(["--log-to", "mlflow,TensorBoard", "--log-to", "mlflow", "--tensorboard-dir", "tb",
+                              "--mlflow-uri", "file:/x", "--mlflow-experiment", "e"])
+    assert tracking_from_args(args) == TrackingConfig(("mlflow", "tensorboard"), "tb", "file:/x", "e")
+    with pytest.raises(ConfigError, match="unknown --log-to target"):
+        TrackingConfig(targets=("wandb",))
     assert parse_targets("TensorBoard, mlflow,tensorboard") == ["tensorboard", "mlflow"]
     with pytest.raises(ConfigError, match="choose from tensorboard, mlflow"):
         parse_targets("tensorboard,wandb")
