@@ -50,9 +50,11 @@ def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> 
     p.add_argument("--warmup-epochs", type=int, help="dense warm-up epochs (default 0; public code: warmup)")
     p.add_argument("--schedule-by", choices=("epoch", "iteration"),
                    help="schedule granularity (default epoch; public code: by_epoch)")
-    p.add_argument("--period", type=int, help="period T in iterations for --schedule-by iteration (default 10; public code: T)")
+    p.add_argument("--period", type=int,
+                   help="period T in iterations for --schedule-by iteration (default 10; public code: T)")
     p.add_argument("--start-drop-rate", type=float,
-                   help="drop rate where linear / cosine / halves start (default 0 = dense; public code: 1 - percentage)")
+                   help="drop rate where linear / cosine / halves start (default 0 = dense; "
+                   "public code: 1 - percentage)")
     p.add_argument("--schedule-interleave", action=argparse.BooleanOptionalAction, default=None,
                    help="alternate dense and sparse epochs after the warm-up, dense first, for any schedule "
                    "(default: on for bar, off otherwise; by epoch only)")
@@ -74,8 +76,10 @@ def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> 
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (default auto)")
     p.add_argument("--amp", action="store_true", default=None, help="bfloat16 autocast on CUDA")
     p.add_argument("--meter", choices=METERS, help="energy source (default auto: nvml, then rapl, then estimate)")
-    p.add_argument("--sample-period", dest="sample_period_s", type=float, help="power sampling period in s (default 0.1)")
-    p.add_argument("--idle", dest="idle_s", type=float, help="measure idle power for this many seconds first (default 0)")
+    p.add_argument("--sample-period", dest="sample_period_s", type=float,
+                   help="power sampling period in s (default 0.1)")
+    p.add_argument("--idle", dest="idle_s", type=float,
+                   help="measure idle power for this many seconds first (default 0)")
     p.add_argument("--carbon-intensity", type=float, help="grid carbon intensity override, g CO2e/kWh")
     p.add_argument("--country", help="ISO-3 country code for the offline carbon intensity (default: world average)")
     p.add_argument("--pue", type=float, help="data-centre power usage effectiveness (default 1.0)")

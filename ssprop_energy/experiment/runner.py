@@ -62,8 +62,17 @@ from ssprop_energy.experiment.plan import ArmRunKey, Group, all_runs, plan_group
 from ssprop_energy.experiment.ranks import ranks_for
 from ssprop_energy.experiment.summarize import summarize_arms, write_tables
 from ssprop_energy.records import (
-    CONFIG_FILE, SUMMARY_FILE, ArmRecord, ArmRun, CarbonBlock, EnergyComponent, RunSummary, add_components,
-    read_json, write_json_atomic, write_summary,
+    CONFIG_FILE,
+    SUMMARY_FILE,
+    ArmRecord,
+    ArmRun,
+    CarbonBlock,
+    EnergyComponent,
+    RunSummary,
+    add_components,
+    read_json,
+    write_json_atomic,
+    write_summary,
 )
 from ssprop_energy.runlock import LOCK_FILE, RunLock
 from ssprop_energy.tracking import TrackingConfig
@@ -86,6 +95,7 @@ def task_of(model: str) -> str:
 
 
 def now_iso() -> str:
+    """The current UTC time, ISO 8601 to the second."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
@@ -123,6 +133,7 @@ class ExperimentHooks:
 
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:
+    """A new run's folder: ``runs/<timestamp>-<model>-<dataset>``."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{stamp}-{cfg.model}-{cfg.dataset.replace(':', '_').replace('/', '_')}"
 
@@ -646,7 +657,8 @@ class Experiment:
             "platform": platform.platform(),
             "hostname": socket.gethostname(),
             "device": str(self.device),
-            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or platform.machine(),
+            "device_name": (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+                            else platform.processor() or platform.machine()),
             "torch_threads": torch.get_num_threads(),
             "meter": {"kind": self.meter_choice.kind, "sources": list(self.meter_choice.sources),
                       "unavailable": dict(self.meter_choice.unavailable)},
