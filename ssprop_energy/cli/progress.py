@@ -26,6 +26,7 @@ class RichProgress(Callback):
         self.energy_j = 0.0
 
     def on_epoch_start(self, trainer: Any, epoch: int, drop_rate: float) -> None:
+        """Start the epoch's bar."""
         self.progress = Progress(
             TextColumn("[bold]{task.fields[label]}"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"),
             TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=self.console, transient=False,
@@ -37,16 +38,19 @@ class RichProgress(Callback):
         )
 
     def on_batch_end(self, trainer: Any, epoch: int, batch: int) -> None:
+        """Advance the bar by one batch."""
         if self.progress is not None:
             self.progress.advance(self.task)
 
     def on_epoch_end(self, trainer: Any, result: Any) -> None:
+        """Show the epoch's loss, validation figure and energy (J, so far) on its bar, then stop the bar."""
         if self.progress is None:
             return
         rec = result.record
         self.energy_j += rec.energy_j
         # a generation run has no accuracy (NaN): its validation figure is the loss (noise MSE)
-        val = f"val loss {rec.val_loss:.4f}" if rec.val_accuracy != rec.val_accuracy else f"val acc {rec.val_accuracy:.1%}"
+        nan_accuracy = rec.val_accuracy != rec.val_accuracy
+        val = f"val loss {rec.val_loss:.4f}" if nan_accuracy else f"val acc {rec.val_accuracy:.1%}"
         self.progress.update(
             self.task,
             status=f"loss {rec.train_loss:.3f}  {val}  energy {self.energy_j:,.0f} J",
@@ -55,6 +59,7 @@ class RichProgress(Callback):
         self.progress = None
 
     def on_train_end(self, trainer: Any) -> None:
+        """Stop the bar of an epoch that did not end (an interrupted run)."""
         if self.progress is not None:  # an interrupted epoch
             self.progress.stop()
             self.progress = None
