@@ -178,7 +178,8 @@ def render_ledger_html(
     Args:
         entries: rows from :func:`summary.load_entries` (already filtered by ``since``/``project``).
         ledger_path: the ledger file, named in the page.
-        since, project: the filters applied, stated in the page.
+        since: the start of the period shown (named in the page), or None for all time.
+        project: the project shown (named in the page), or None for every project.
         pending: JSON fallback rows not yet imported, mentioned so that nobody reads the totals as complete.
     """
     css = STYLE_FILE.read_text(encoding="utf-8") + _EXTRA_CSS
@@ -203,7 +204,8 @@ def render_ledger_html(
         body.append("<div class='cards'>"
                     + _card("runs", f"{int(t['runs'])}",
                             f"{int(t['complete'])} complete, {int(t['failed'])} failed, "
-                            f"{int(t['interrupted'])} interrupted, {int(t['partial'])} partial, {int(t['running'])} running")
+                            f"{int(t['interrupted'])} interrupted, {int(t['partial'])} partial, "
+                            f"{int(t['running'])} running")
                     + _card("energy", fmt_energy(_num(t["energy_j"])), SOURCE_WORDS.get(source, source))
                     + _card("CO2e", fmt_co2(_num(t["co2_g"])), "energy x grid intensity x PUE, per run")
                     + _card("run time", fmt_seconds(_num(t["wall_s"])), f"{int(t['unmeasured'])} run(s) unmeasured")

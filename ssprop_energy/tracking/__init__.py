@@ -2,9 +2,9 @@
 ``pip install 'ssprop-energy[tracking]'``).
 
 A :class:`TrackingConfig` says which loggers a run opens (``ExperimentHooks(tracking=...)``; the CLI builds it
-from ``--log-to`` and its companions). ``open_loggers(["tensorboard", "mlflow"], ...)`` gives :class:`RunLogger` objects; each hands the trainer one
-callback per arm-run (``logger.callback(arm, seed, repeat)``), takes the configuration
-(``logger.log_config(cfg)``) and, once the run directory is complete, its artifacts
+from ``--log-to`` and its companions). ``open_loggers(["tensorboard", "mlflow"], ...)`` gives
+:class:`RunLogger` objects; each hands the trainer one callback per arm-run
+(``logger.callback(arm, seed, repeat)``), takes the configuration (``logger.log_config(cfg)``) and, once the run directory is complete, its artifacts
 (``logger.on_run_end(run_dir)``); ``logger.close()`` at the end.
 """
 
@@ -54,6 +54,11 @@ def open_loggers(
         targets: names from :data:`LOG_TARGETS`.
         run_dir: the run directory; TensorBoard writes to ``run_dir/tensorboard`` unless ``tensorboard_dir``
             is given, and the MLflow parent run is named after it.
+        tensorboard_dir: TensorBoard's folder instead of ``run_dir/tensorboard``.
+        mlflow_uri: the MLflow tracking URI (None: ``$MLFLOW_TRACKING_URI``, else MLflow's default).
+        mlflow_experiment: the MLflow experiment name.
+        carbon_g_per_kwh: grid intensity (g CO2e/kWh) to log CO2 per epoch; None logs no CO2.
+        pue: the data centre's power usage effectiveness applied to that CO2.
 
     Raises:
         ConfigError: unknown target, a missing package (naming the ``tracking`` extra), unusable MLflow URI.
