@@ -4,8 +4,8 @@
 A :class:`TrackingConfig` says which loggers a run opens (``ExperimentHooks(tracking=...)``; the CLI builds it
 from ``--log-to`` and its companions). ``open_loggers(["tensorboard", "mlflow"], ...)`` gives
 :class:`RunLogger` objects; each hands the trainer one callback per arm-run
-(``logger.callback(arm, seed, repeat)``), takes the configuration (``logger.log_config(cfg)``) and, once the run directory is complete, its artifacts
-(``logger.on_run_end(run_dir)``); ``logger.close()`` at the end.
+(``logger.callback(arm, seed, repeat)``), takes the configuration (``logger.log_config(cfg)``) and, once the
+run directory is complete, its artifacts (``logger.on_run_end(run_dir)``); ``logger.close()`` at the end.
 """
 
 from __future__ import annotations
