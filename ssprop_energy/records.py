@@ -416,6 +416,12 @@ class RepeatFigures:
     diverged_epoch: int | None = None
 
 
+# A slice is clean (usable for the headline's pairs) below both: the mean foreign busy cores over it (the
+# monitor's threshold) and the busiest sampled interval inside it.
+SLICE_CLEAN_MEAN_CORES = 0.25
+SLICE_CLEAN_PEAK_CORES = 0.5
+
+
 @dataclass(frozen=True)
 class SliceRecord:
     """One slice of an arm-run's training: consecutive batches run without another arm in between.
@@ -451,6 +457,17 @@ class SliceRecord:
     gpu_foreign_processes_max: int | None = None
     gpu_throttle_reasons: str = ""
     gpu_temperature_c_max: float | None = None
+
+    @property
+    def clean(self) -> bool:
+        """True when the monitor saw no foreign load in the slice (or did not run: nothing to judge by)."""
+        if self.foreign_cpu_cores_mean is None:
+            return True
+        if self.foreign_cpu_cores_mean >= SLICE_CLEAN_MEAN_CORES:
+            return False
+        if (self.foreign_cpu_cores_max or 0.0) >= SLICE_CLEAN_PEAK_CORES:
+            return False
+        return (self.gpu_foreign_processes_max or 0) == 0
 
     @classmethod
     def from_reading(cls, reading: Any = None, **values: Any) -> SliceRecord:

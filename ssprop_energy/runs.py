@@ -74,30 +74,27 @@ def _coverage(name: str, arm: ArmRecord, summary: RunSummary) -> tuple[float, fl
     return math.nan, math.nan
 
 
+# The figures an arm record and each of its repeat records both carry, under the same names.
+_FIGURES = (
+    "test_accuracy", "wall_s", "flops_forward", "flops_backward", "flops_backward_conv", "energy_j", "co2_g",
+    "fid", "fid_classifier", "sample_wall_s", "sample_energy_j",
+)
+
+
 def _repeat_rows(arm: ArmRecord) -> list[dict[str, Any]]:
     """The arm-run figures of one arm: its per-run figures, or its averages when the record has none."""
     if not arm.repeats:
-        return [{
-            "seed": None, "repeat": None, "test_accuracy": arm.test_accuracy, "wall_s": arm.wall_s,
-            "flops_forward": arm.flops_forward, "flops_backward": arm.flops_backward,
-            "flops_backward_conv": arm.flops_backward_conv, "energy_j": arm.energy_j,
-            "energy_source": arm.energy_source, "eval_energy_j": arm.eval_energy_j, "co2_g": arm.co2_g,
-            "fid": arm.fid, "fid_classifier": arm.fid_classifier, "sample_wall_s": arm.sample_wall_s,
-            "sample_energy_j": arm.sample_energy_j,
-        }]
+        return [{"seed": None, "repeat": None, **{k: getattr(arm, k) for k in _FIGURES},
+                 "energy_source": arm.energy_source, "eval_energy_j": arm.eval_energy_j}]
     rows = []
     for rep in arm.repeats:
         eval_j = rep.eval_energy_j
         if eval_j is None and len(arm.repeats) == 1:
             eval_j = arm.eval_energy_j  # one run: the arm's mean is that run's figure
         rows.append({
-            "seed": rep.seed, "repeat": rep.repeat, "test_accuracy": rep.test_accuracy, "wall_s": rep.wall_s,
-            "flops_forward": rep.flops_forward, "flops_backward": rep.flops_backward,
-            "flops_backward_conv": rep.flops_backward_conv, "energy_j": rep.energy_j,
+            "seed": rep.seed, "repeat": rep.repeat, **{k: getattr(rep, k) for k in _FIGURES},
             # every run of a record shares one meter choice; older records name the source per arm only
-            "energy_source": rep.energy_source or arm.energy_source, "eval_energy_j": eval_j, "co2_g": rep.co2_g,
-            "fid": rep.fid, "fid_classifier": rep.fid_classifier, "sample_wall_s": rep.sample_wall_s,
-            "sample_energy_j": rep.sample_energy_j,
+            "energy_source": rep.energy_source or arm.energy_source, "eval_energy_j": eval_j,
         })
     return rows
 

@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 
-from ssprop_energy.cli import build_parser, main
-from ssprop_energy.cli import compare
+from ssprop_energy.cli import build_parser, compare, main
 from ssprop_energy.cli._experiment import config_from_args
 from ssprop_energy.experiment.config import ExperimentConfig
 

@@ -9,35 +9,13 @@ import signal
 from pathlib import Path
 
 import pytest
+from experiment_fixtures import N_TRAIN, tiny_config
+from experiment_fixtures import run_experiment as run
 
 from ssprop_energy.errors import RunInterrupted
-from ssprop_energy.experiment.config import ExperimentConfig
 from ssprop_energy.experiment.execute import Executor
 from ssprop_energy.experiment.runner import Experiment, ExperimentHooks, load_run_config, prepare_run_dir
 from ssprop_energy.records import load_summary, read_csv_rows
-
-# 128 random 1x8x8 images in 4 classes: a real training run of the paper's plain CNN in well under a second
-# per epoch, so the tests exercise every mechanism without waiting for learning.
-DATASET = "synthetic:1x8x8:4:128"
-N_TRAIN = 128
-
-
-def tiny_config(out: Path, **overrides: object) -> ExperimentConfig:
-    cfg = ExperimentConfig(
-        kind="compare", model="cnn", dataset=DATASET, epochs=2, batch_size=32, meter="fake",
-        sample_period_s=0.05, out=str(out),
-    )
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    cfg.validate()
-    return cfg
-
-
-def run(cfg: ExperimentConfig, hooks: ExperimentHooks | None = None):
-    out = Path(cfg.out)
-    exp = Experiment(cfg, out, hooks)
-    prepare_run_dir(out)
-    return exp.run()
 
 
 def test_arms_are_paired_identical_at_drop_zero(tmp_path: Path) -> None:
@@ -64,7 +42,7 @@ def _cnn_step_flops_per_sample(keep: int | None, width: int = 128, in_ch: int = 
 
 
 def test_compare_records_and_flops_follow_the_schedule(tmp_path: Path) -> None:
-    summary = run(tiny_config(tmp_path / "run", epochs=4))  # bar 0.8: dense, sparse, dense, sparse
+    run(tiny_config(tmp_path / "run", epochs=4))  # bar 0.8: dense, sparse, dense, sparse
     loaded = load_summary(tmp_path / "run")
     assert loaded.status == "complete" and loaded.schema_version == 2 and loaded.interleave == "slice"
     assert set(loaded.arms) == {"dense", "ssprop"}

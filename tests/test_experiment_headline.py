@@ -71,10 +71,10 @@ def test_a_hog_on_one_arm_moves_the_raw_totals_but_not_the_headline() -> None:
 
 def test_a_short_peak_inside_a_slice_makes_it_unclean() -> None:
     s = _slice(0, 0, 1.0, foreign=0.1, peak=0.6)
-    assert not H.slice_is_clean(s)
-    assert H.slice_is_clean(_slice(0, 0, 1.0, foreign=0.1, peak=0.3))
-    assert H.slice_is_clean(_slice(0, 0, 1.0, foreign=None))  # no monitor: nothing to judge by
-    assert not H.slice_is_clean(replace(_slice(0, 0, 1.0), gpu_foreign_processes_max=1))
+    assert not s.clean
+    assert _slice(0, 0, 1.0, foreign=0.1, peak=0.3).clean
+    assert _slice(0, 0, 1.0, foreign=None).clean  # no monitor: nothing to judge by
+    assert not replace(_slice(0, 0, 1.0), gpu_foreign_processes_max=1).clean
 
 
 def test_too_few_clean_pairs_are_inconclusive() -> None:

@@ -9,31 +9,22 @@ from typing import Any
 
 import numpy as np
 import pytest
+from experiment_fixtures import run_experiment, tiny_config
 
 from ssprop_energy.energy.interference import InterferenceReading
 from ssprop_energy.experiment.config import ExperimentConfig
 from ssprop_energy.experiment.plan import epoch_order, plan_groups
-from ssprop_energy.experiment.runner import Experiment, ExperimentHooks, prepare_run_dir
+from ssprop_energy.experiment.runner import ExperimentHooks
 from ssprop_energy.experiment.stats import epoch_interval
 from ssprop_energy.records import WITHIN_RUN_LABEL, load_summary, read_csv_rows
 
-DATASET = "synthetic:1x8x8:4:128"
-
 
 def tiny(out: Path, **overrides: Any) -> ExperimentConfig:
-    cfg = ExperimentConfig(kind="compare", model="cnn", dataset=DATASET, epochs=3, batch_size=32, meter="fake",
-                           sample_period_s=0.05, out=str(out))
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    cfg.validate()
-    return cfg
+    return tiny_config(out, **{"epochs": 3, **overrides})
 
 
 def run(cfg: ExperimentConfig, hooks: ExperimentHooks | None = None):
-    out = Path(cfg.out)
-    exp = Experiment(cfg, out, hooks or ExperimentHooks(monitor=None))
-    prepare_run_dir(out)
-    return exp.run()
+    return run_experiment(cfg, hooks or ExperimentHooks(monitor=None))
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -193,7 +184,8 @@ def test_quiet_run_has_no_badge(tmp_path: Path) -> None:
         def end(self, token: int) -> _Reading:
             return _Reading(0.1)
 
-    summary = run(tiny(tmp_path / "run", epochs=1, schedules=["constant"]), ExperimentHooks(monitor=lambda device: Quiet()))
+    summary = run(tiny(tmp_path / "run", epochs=1, schedules=["constant"]),
+                  ExperimentHooks(monitor=lambda device: Quiet()))
     assert all(not a.interference.affected_epochs for a in summary.arms.values())
     from ssprop_energy.report import render_report
 

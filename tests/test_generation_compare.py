@@ -371,8 +371,8 @@ def _comparison(diff: float, ci: tuple[float, float] | None, n: int):
     (-5.0, (-5.0, -5.0), 3, "identically in all 3 pairs"),
 ])
 def test_quality_verdict_says_lower_is_better(diff: float, ci, n: int, words: str) -> None:
-    from ssprop_energy.report import text as T
+    from ssprop_energy.report import text as report_text
 
     c = _comparison(diff, ci, n)
-    assert words in T.quality_clause(c)
-    assert "accuracy" not in T.verdict(c, 0.0).lower()
+    assert words in report_text.quality_clause(c)
+    assert "accuracy" not in report_text.verdict(c, 0.0).lower()

@@ -11,14 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from pg_server import pg_server, pg_url  # noqa: F401 - fixtures
 
 from ssprop_energy import ledger
 from ssprop_energy.cli import main
 from ssprop_energy.energy.carbon import co2_g
 from ssprop_energy.ledger import entries
 from ssprop_energy.records import EnergyComponent
-
-from pg_server import pg_server, pg_url  # noqa: F401 - fixtures
 
 
 @pytest.fixture(autouse=True, params=["sqlite", "postgresql"])

@@ -181,7 +181,7 @@ def test_estimated_energy_warns_at_the_top(rendered) -> None:
 
 
 def test_measured_mixed_sources_are_not_called_estimated(tmp_path: Path) -> None:
-    """counter + sampled components sum to a 'mixed' total that is still entirely measured."""
+    """Counter + sampled components sum to a 'mixed' total that is still entirely measured."""
 
     def comps(energy_j: float) -> list[EnergyComponent]:
         return [EnergyComponent("gpu:0", 0.8 * energy_j, "counter", "NVIDIA A100"),
@@ -289,8 +289,15 @@ def test_cli(runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_failed_run_without_arms(tmp_path: Path) -> None:
-    from ssprop_energy.records import (CONFIG_FILE, EPOCH_COLUMNS, EPOCHS_FILE, RunSummary, write_csv_atomic,
-                                       write_json_atomic, write_summary)
+    from ssprop_energy.records import (
+        CONFIG_FILE,
+        EPOCH_COLUMNS,
+        EPOCHS_FILE,
+        RunSummary,
+        write_csv_atomic,
+        write_json_atomic,
+        write_summary,
+    )
 
     run_dir = tmp_path / "run"
     write_summary(run_dir, RunSummary(kind="compare", status="failed", created_at="2026-11-25T15:00:00+00:00",

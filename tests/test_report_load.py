@@ -151,7 +151,6 @@ def test_accuracy_as_percent_in_csv_is_rejected(compare_dir: Path, tmp_path: Pat
 def test_reads_the_harness_paired_stats_output(compare_dir: Path, tmp_path: Path) -> None:
     """The report reads what ``experiment.stats.paired_stats`` writes (the contract, end to end)."""
     from ssprop_energy.experiment.stats import paired_stats
-
     from ssprop_energy.report.savings import compare_arm
 
     stat = paired_stats([100.0, 102.0, 98.0], [60.0, 63.0, 57.0])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import report_fixtures as fx
 
-from ssprop_energy.report import text as T
+from ssprop_energy.report import text as report_text
 from ssprop_energy.report.load import PairedStat, load_run
 from ssprop_energy.report.savings import (
     AccuracyDiff,
@@ -26,16 +26,16 @@ MINUS = "\u2212"
 
 
 def test_formatting() -> None:
-    assert T.fmt_pct(0.1234) == "12.3%"
-    assert T.fmt_pct(-0.1234) == f"{MINUS}12.3%"
-    assert T.fmt_pct(-0.00001) == "0.0%"  # no "negative zero"
-    assert T.fmt_pp(0.0123, 2) == "+1.23 pp" and T.fmt_pp(-0.0123, 2) == f"{MINUS}1.23 pp"
-    assert T.fmt_si(1.234e15, "FLOP") == "1.23 PFLOP"
-    assert T.fmt_energy(7200.0) == "7.2 kJ (2 Wh)"
-    assert T.fmt_co2(0.0525) == "52.5 mg CO2e" and T.fmt_co2(1500.0) == "1.5 kg CO2e"
-    assert T.fmt_seconds(59.7) == "59.7 s" and T.fmt_seconds(7200) == "2.00 h"
-    assert T.less_or_more(0.25) == "25.0% less" and T.less_or_more(-0.05) == "5.0% more"
-    assert T.fmt_pct(math.nan) == "n/a"
+    assert report_text.fmt_pct(0.1234) == "12.3%"
+    assert report_text.fmt_pct(-0.1234) == f"{MINUS}12.3%"
+    assert report_text.fmt_pct(-0.00001) == "0.0%"  # no "negative zero"
+    assert report_text.fmt_pp(0.0123, 2) == "+1.23 pp" and report_text.fmt_pp(-0.0123, 2) == f"{MINUS}1.23 pp"
+    assert report_text.fmt_si(1.234e15, "FLOP") == "1.23 PFLOP"
+    assert report_text.fmt_energy(7200.0) == "7.2 kJ (2 Wh)"
+    assert report_text.fmt_co2(0.0525) == "52.5 mg CO2e" and report_text.fmt_co2(1500.0) == "1.5 kg CO2e"
+    assert report_text.fmt_seconds(59.7) == "59.7 s" and report_text.fmt_seconds(7200) == "2.00 h"
+    assert report_text.less_or_more(0.25) == "25.0% less" and report_text.less_or_more(-0.05) == "5.0% more"
+    assert report_text.fmt_pct(math.nan) == "n/a"
 
 
 def test_saving_prefers_the_harness_ratio_statistics() -> None:
@@ -70,29 +70,29 @@ def _cmp(energy: Saving, acc: AccuracyDiff) -> ArmComparison:
 def test_verdict_wording_follows_the_interval() -> None:
     acc = AccuracyDiff(0.95, 0.94, -0.01, (-0.02, 0.005), 5, 0.95)
     spans = Saving("energy_j", 100.0, 97.0, 3.0, 0.03, (-0.02, 0.08), 5, 0.95, "counter")
-    v = T.verdict(_cmp(spans, acc), estimated_frac=0.0)
+    v = report_text.verdict(_cmp(spans, acc), estimated_frac=0.0)
     assert "The energy difference is not distinguishable from noise" in v
     assert "test-accuracy difference" in v and "not distinguishable from noise" in v.split("Wall time")[1]
     clear = Saving("energy_j", 100.0, 80.0, 20.0, 0.2, (0.15, 0.25), 5, 0.95, "counter")
-    v = T.verdict(_cmp(clear, acc), estimated_frac=0.0)
+    v = report_text.verdict(_cmp(clear, acc), estimated_frac=0.0)
     assert "Energy fell by 20.0% (95% CI 15.0% to 25.0%, 5 pairs)" in v
     more = Saving("energy_j", 100.0, 110.0, -10.0, -0.1, (-0.15, -0.05), 5, 0.95, "counter")
-    assert "Energy rose by 10.0%" in T.verdict(_cmp(more, acc), estimated_frac=0.0)
-    assert "Estimated energy fell by" in T.verdict(_cmp(clear, acc), estimated_frac=1.0)
+    assert "Energy rose by 10.0%" in report_text.verdict(_cmp(more, acc), estimated_frac=0.0)
+    assert "Estimated energy fell by" in report_text.verdict(_cmp(clear, acc), estimated_frac=1.0)
     single = Saving("energy_j", 100.0, 80.0, 20.0, 0.2, None, 1, 0.95, "counter")
     one = AccuracyDiff(0.95, 0.94, -0.01, None, 1, 0.95)
-    v = T.verdict(_cmp(single, one), estimated_frac=0.0)
+    v = report_text.verdict(_cmp(single, one), estimated_frac=0.0)
     assert "single pair of runs" in v and "this may be noise" in v and "CI" not in v.split("Wall time")[0]
     same = AccuracyDiff(0.95, 0.90, -0.05, (-0.05, -0.05), 2, 0.95)
-    v = T.verdict(_cmp(clear, same), estimated_frac=0.0)
+    v = report_text.verdict(_cmp(clear, same), estimated_frac=0.0)
     assert "identically in all 2 pairs" in v and "fell by 5.00 pp" not in v
 
 
 def test_few_pairs_note() -> None:
     acc = AccuracyDiff(0.95, 0.94, -0.01, (-0.02, 0.0), 3, 0.95)
     e = Saving("energy_j", 100.0, 80.0, 20.0, 0.2, (0.15, 0.25), 3, 0.95, "counter")
-    assert "only 3 pairs" in T.few_pairs_note([_cmp(e, acc)])
-    assert T.few_pairs_note([]) is None
+    assert "only 3 pairs" in report_text.few_pairs_note([_cmp(e, acc)])
+    assert report_text.few_pairs_note([]) is None
 
 
 def test_carbon_statement_totals_every_repeat(tmp_path: Path) -> None:
@@ -103,7 +103,7 @@ def test_carbon_statement_totals_every_repeat(tmp_path: Path) -> None:
     # independent check of the CO2: J -> kWh x intensity x PUE
     assert co2_g == pytest.approx(energy_j / 3.6e6 * 380.0 * 1.2)
     run = load_run(tmp_path / "run")
-    text = T.carbon_statement(run, comparisons(run))
+    text = report_text.carbon_statement(run, comparisons(run))
     assert f"{energy_j / 1e3:.3g} kJ ({energy_j / 3600:.3g} Wh)" in text
     assert f"{co2_g:.3g} g CO2e" in text
     assert "6 training runs across 2 arms, 6 epochs each" in text

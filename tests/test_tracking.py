@@ -148,20 +148,17 @@ def test_tensorboard_and_load_runs_on_a_real_compare(tmp_path):
 
     import ssprop_energy
     from ssprop_energy.experiment.config import ExperimentConfig
-    from ssprop_energy.experiment.runner import Experiment, ExperimentHooks, prepare_run_dir
+    from ssprop_energy.experiment.runner import Experiment, ExperimentHooks
+    from ssprop_energy.tracking import TrackingConfig
 
     out = tmp_path / "run"
     cfg = ExperimentConfig(kind="compare", model="cnn", dataset="synthetic:1x8x8:4:64", epochs=2, batch_size=32,
                            meter="fake", sample_period_s=0.05, out=str(out), carbon_intensity=INTENSITY)
     cfg.validate()
-    prepare_run_dir(out)  # before the loggers: it insists on an empty directory
-    [tb] = open_loggers(["tensorboard"], out, carbon_g_per_kwh=INTENSITY)
-    tb.log_config(cfg.to_dict())
-    hooks = ExperimentHooks(callbacks=lambda arm, seed, repeat: [tb.callback(arm.name, seed, repeat)])
-    exp = Experiment(cfg, out, hooks)
+    # the run opens its loggers itself (before it makes the run directory) and closes them at the end
+    exp = Experiment(cfg, out, ExperimentHooks(tracking=TrackingConfig(("tensorboard",)), report=False))
     summary = exp.run()
-    tb.on_run_end(out)
-    tb.close()
+    assert [logger.name for logger in exp.tracking.loggers] == ["tensorboard"]
     for name, arm in summary.arms.items():
         ea = EventAccumulator(str(out / "tensorboard" / name / "s0r0"))
         ea.Reload()
@@ -180,12 +177,18 @@ def test_tensorboard_and_load_runs_on_a_real_compare(tmp_path):
 def test_tracking_arguments_parse_and_open(tmp_path):
     import argparse
 
-    from ssprop_energy.tracking import add_tracking_arguments, loggers_from_args, parse_targets
+    from ssprop_energy.tracking import TrackingConfig, add_tracking_arguments, parse_targets, tracking_from_args
 
     parser = argparse.ArgumentParser()
     add_tracking_arguments(parser)
     args = parser.parse_args([])
-    assert loggers_from_args(args, tmp_path) == []
+    assert tracking_from_args(args) == TrackingConfig()
+    assert TrackingConfig().open(tmp_path) == []
+    args = parser.parse_args(["--log-to", "mlflow,TensorBoard", "--log-to", "mlflow", "--tensorboard-dir", "tb",
+                              "--mlflow-uri", "file:/x", "--mlflow-experiment", "e"])
+    assert tracking_from_args(args) == TrackingConfig(("mlflow", "tensorboard"), "tb", "file:/x", "e")
+    with pytest.raises(ConfigError, match="unknown --log-to target"):
+        TrackingConfig(targets=("wandb",))
     assert parse_targets("TensorBoard, mlflow,tensorboard") == ["tensorboard", "mlflow"]
     with pytest.raises(ConfigError, match="choose from tensorboard, mlflow"):
         parse_targets("tensorboard,wandb")

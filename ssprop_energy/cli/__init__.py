@@ -52,6 +52,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``ssprop-energy`` parser with every subcommand."""
     parser = _Parser(prog="ssprop-energy", description="Measure what ssProp really saves.")
     parser.add_argument("--version", action="version", version=f"ssprop-energy {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")

@@ -7,13 +7,13 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from ssprop_energy.errors import ConfigError, RunInterrupted, SSPropEnergyError
+from ssprop_energy.errors import ConfigError, RunInterrupted
 from ssprop_energy.experiment.config import AA_ARM, INTERLEAVES, METERS, PRESETS, SELECTIONS, ExperimentConfig
 from ssprop_energy.fmt import fmt_change, fmt_change_pp, fmt_flops, fmt_run_epoch
-from ssprop_energy.records import CONFIG_FILE, SUMMARY_FILE
-from ssprop_energy.tracking import add_tracking_arguments, parse_targets
+from ssprop_energy.records import SUMMARY_FILE
+from ssprop_energy.tracking import add_tracking_arguments, tracking_from_args
 
 if TYPE_CHECKING:
     from ssprop_energy.layer_coverage import LayerCoverage
@@ -50,9 +50,11 @@ def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> 
     p.add_argument("--warmup-epochs", type=int, help="dense warm-up epochs (default 0; public code: warmup)")
     p.add_argument("--schedule-by", choices=("epoch", "iteration"),
                    help="schedule granularity (default epoch; public code: by_epoch)")
-    p.add_argument("--period", type=int, help="period T in iterations for --schedule-by iteration (default 10; public code: T)")
+    p.add_argument("--period", type=int,
+                   help="period T in iterations for --schedule-by iteration (default 10; public code: T)")
     p.add_argument("--start-drop-rate", type=float,
-                   help="drop rate where linear / cosine / halves start (default 0 = dense; public code: 1 - percentage)")
+                   help="drop rate where linear / cosine / halves start (default 0 = dense; "
+                   "public code: 1 - percentage)")
     p.add_argument("--schedule-interleave", action=argparse.BooleanOptionalAction, default=None,
                    help="alternate dense and sparse epochs after the warm-up, dense first, for any schedule "
                    "(default: on for bar, off otherwise; by epoch only)")
@@ -77,8 +79,10 @@ def add_common_flags(p: argparse.ArgumentParser, defaults: ExperimentConfig) -> 
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (default auto)")
     p.add_argument("--amp", action="store_true", default=None, help="bfloat16 autocast on CUDA")
     p.add_argument("--meter", choices=METERS, help="energy source (default auto: nvml, then rapl, then estimate)")
-    p.add_argument("--sample-period", dest="sample_period_s", type=float, help="power sampling period in s (default 0.1)")
-    p.add_argument("--idle", dest="idle_s", type=float, help="measure idle power for this many seconds first (default 0)")
+    p.add_argument("--sample-period", dest="sample_period_s", type=float,
+                   help="power sampling period in s (default 0.1)")
+    p.add_argument("--idle", dest="idle_s", type=float,
+                   help="measure idle power for this many seconds first (default 0)")
     p.add_argument("--carbon-intensity", type=float, help="grid carbon intensity override, g CO2e/kWh")
     p.add_argument("--country", help="ISO-3 country code for the offline carbon intensity (default: world average)")
     p.add_argument("--pue", type=float, help="data-centre power usage effectiveness (default 1.0)")
@@ -258,33 +262,34 @@ class _Progress:
     """How far an invocation got, for the message after a signal."""
 
     def __init__(self) -> None:
+        self.run_dir: Path | None = None  # known once the experiment exists (None: a default folder, not made yet)
+        self.main = True  # this process prints (rank 0 of a distributed run)
+        self.immediate = True  # a signal raises at once (one process); False: stop after the batch
         self.started = False  # Experiment.run() was entered: the record says what finished
-        self.complete = False  # the run finished; only printing and the report remained
+        self.complete = False  # the run finished; only printing remained
 
 
-def run_with_signals(body: Callable[[StopFlag, _Progress], int], run_dir: Path, kind: str = "compare",
-                     created: bool = False, main: bool = True, distributed: bool = False) -> int:
+def run_with_signals(body: Callable[[StopFlag, _Progress], int], progress: _Progress, kind: str = "compare",
+                     created: bool = False) -> int:
     """Run ``body`` with the stop signals handled; map an interruption in any phase to one message and 130.
 
-    ``created``: this invocation creates ``run_dir`` (a new run): stopped before the run started, the
-    directory is removed again if it is still empty. ``main``: this process prints (rank 0 of a distributed run).
+    ``created``: this invocation starts a new run (the runner removes its directory again if a stop left it
+    bare: the message then says nothing was saved).
     """
-    progress = _Progress()
-    with StopFlag(run_dir, kind, immediate=not distributed) as stop:
+    with StopFlag(progress.run_dir, kind, immediate=progress.immediate) as stop:
         try:
             return body(stop, progress)
         except (RunInterrupted, KeyboardInterrupt):
-            if not main:
+            run_dir = progress.run_dir
+            if not progress.main:
                 return EXIT_INTERRUPTED
             if progress.complete:
-                _say(f"ssprop-energy {kind}: interrupted while writing the report; the run is complete in {run_dir} "
-                     f"(render it with `ssprop-energy report {run_dir}`)\n")
-            elif progress.started and (run_dir / SUMMARY_FILE).exists():
+                _say(f"ssprop-energy {kind}: interrupted after the run completed in {run_dir} "
+                     f"(render its report with `ssprop-energy report {run_dir}`)\n")
+            elif progress.started and run_dir is not None and (run_dir / SUMMARY_FILE).exists():
                 _say(f"ssprop-energy {kind}: run interrupted; record saved as 'interrupted' in {run_dir}. "
                      f"Continue with `ssprop-energy {kind} --resume {run_dir}`\n")
             else:
-                if created:
-                    _remove_run_dir_if_bare(run_dir)
                 _say(f"ssprop-energy {kind}: interrupted before the run started; nothing was "
                      + ("changed" if not created else "saved") + "\n")
             return EXIT_INTERRUPTED
@@ -369,15 +374,15 @@ def generation_lines(summary: Any) -> list[str]:
 
 def distributed_lines(summary: Any) -> list[str]:
     """Energy per process and per node, and the communication share, for a distributed run."""
-    from ssprop_energy.report import distributed as D
+    from ssprop_energy.report import distributed as report_distributed
 
-    if not D.is_distributed(summary):
+    if not report_distributed.is_distributed(summary):
         return []
     lines = []
     for name in summary.arms:
-        rows = [r for r in D.energy_rows(summary) if r["arm"] == name]
+        rows = [r for r in report_distributed.energy_rows(summary) if r["arm"] == name]
         lines.append(f"{name}: " + ", ".join(f"{r['scope']} {r['energy_j']:,.0f} J ({r['source']})" for r in rows))
-    comm = D.comm_text(summary)
+    comm = report_distributed.comm_text(summary)
     return lines + ([comm] if comm else [])
 
 
@@ -507,151 +512,77 @@ def print_results(summary: Any) -> None:
         console.print(f"[yellow]note: energy {what} from a power model, not a hardware counter; see the report.[/]")
 
 
-def _write_report(run_dir: Path) -> Path | None:
-    """Render ``RUN_DIR/report.html``; a report failure never costs the run its records (a warning, None)."""
-    import logging
-
-    from ssprop_energy.errors import SSPropEnergyError
-    from ssprop_energy.report import render_report
-
-    try:
-        return render_report([run_dir], run_dir / "report.html")
-    except (SSPropEnergyError, OSError) as exc:
-        logging.getLogger(__name__).warning("report not written: %s (the run's records are in %s)", exc, run_dir)
-        return None
-
-
 def execute(args: argparse.Namespace, kind: str, **lists: Any) -> int:
     """Run a compare or sweep from parsed flags (or resume one) and print the result table."""
-    from ssprop_energy.distributed import context as distributed
+    from ssprop_energy.distributed.context import from_env
 
     if getattr(args, "nproc_per_node", None) is not None:
-        if distributed.from_env() is not None:
+        if from_env() is not None:
             raise ConfigError("--nproc-per-node: this process is already a worker of torchrun; drop the flag "
                               "(torchrun's own --nproc-per-node sets the processes)")
         from ssprop_energy.distributed.launch import launch, strip_flag
 
         return launch(strip_flag(args.raw_argv, "--nproc-per-node"), args.nproc_per_node)
-    ctx = distributed.init()  # under torchrun: join the group now (resume reads rank 0's run directory)
-    try:
-        return _execute(args, kind, ctx, lists)
-    finally:
-        distributed.shutdown()
+    from ssprop_energy.experiment.runner import resume_config
 
-
-def _resume_config(run_dir: Path, world_size: int) -> dict[str, Any]:
-    """The stored configuration of a run to resume, refusing a different number of processes (a run's
-    batches are split over its processes: another split would not continue the same computation)."""
-    from ssprop_energy.experiment.runner import load_run_config
-    from ssprop_energy.records import SUMMARY_FILE, read_json
-
-    cfg = load_run_config(run_dir)
-    started = int(read_json(run_dir / SUMMARY_FILE).get("world_size", 1))
-    if started != world_size:
-        raise ConfigError(f"--resume {run_dir}: the run was started with {started} process(es), this launch has "
-                          f"{world_size}; relaunch with the same number of processes")
-    return cfg.to_dict()
-
-
-def _execute(args: argparse.Namespace, kind: str, ctx: Any, lists: dict[str, Any]) -> int:
-    from ssprop_energy.cli.progress import RichProgress
-    from ssprop_energy.distributed.context import decide_on_main
-    from ssprop_energy.experiment.execute import out_of_memory_error
-    from ssprop_energy.experiment.runner import Experiment, ExperimentHooks, default_run_dir, prepare_run_dir
-    from ssprop_energy.tracking import loggers_from_args
-
-    main = ctx.is_main
-    parse_targets(getattr(args, "log_to", None))  # an unknown --log-to target fails before anything runs
+    tracking = tracking_from_args(args)  # an unknown --log-to target fails before anything runs
     if args.resume:
         refuse_flags_with_resume(args, kind, lists)
-        run_dir = Path(args.resume)
-        cfg = ExperimentConfig.from_dict(
-            decide_on_main(ctx, lambda: _resume_config(run_dir, ctx.world_size)))
+        run_dir: Path | None = Path(args.resume)
+        cfg = resume_config(run_dir)  # read by rank 0 (under torchrun this joins the process group)
     else:
         cfg = config_from_args(args, kind, **lists)
-        run_dir = Path(ctx.broadcast(str(Path(cfg.out) if cfg.out else default_run_dir(cfg))))
-        cfg.out = str(run_dir)
-    created = main and not args.resume and not run_dir.exists()
+        run_dir = Path(cfg.out) if cfg.out else None
+    progress = _Progress()
+    progress.run_dir = run_dir
+    # a distributed run stops where its ranks agree (the flag, polled after each batch and reduced over ranks)
+    progress.immediate = from_env() is None
 
     def body(stop: StopFlag, progress: _Progress) -> int:
-        loggers: list[Any] = []  # rank 0 only (empty elsewhere)
+        return _execute(args, cfg, tracking, stop, progress)
 
-        def callbacks(arm: Any, seed: int, repeat: int) -> list[Any]:
-            found: list[Any] = [] if args.quiet or not main else [
-                RichProgress(f"{arm.name} s{seed}" + (f" r{repeat}" if cfg.repeats > 1 else ""), cfg.epochs)]
-            return found + [logger.callback(arm.name, seed, repeat) for logger in loggers]
-
-        hooks = ExperimentHooks(callbacks=callbacks, stop_requested=stop, command=sys.argv)
-        try:
-            experiment = Experiment(cfg, run_dir, hooks)
-        except (MemoryError, RuntimeError) as exc:
-            oom = out_of_memory_error(exc, cfg)
-            if oom is None:
-                raise
-            raise oom from None
-        if not main:  # only global rank 0 prints and writes
-            if not args.resume:
-                decide_on_main(ctx, lambda: prepare_run_dir(run_dir))
-            experiment.run()
-            return 0
-        # Opened before the run directory is made, so a missing package or a bad MLflow URI writes nothing.
-        loggers += loggers_from_args(args, run_dir, carbon_g_per_kwh=experiment.carbon.intensity_g_per_kwh,
-                                     pue=experiment.carbon.pue)
-        status = "failed"
-        try:
-            if not args.resume:
-                decide_on_main(ctx, lambda: prepare_run_dir(run_dir))
-            for logger in loggers:
-                logger.log_config({**cfg.to_dict(), "layer_kinds": list(experiment.layer_kinds)})
-            print_header(cfg, run_dir, resumed=bool(args.resume), layer_kinds=experiment.layer_kinds,
-                         coverage=experiment.layer_coverage)
-            if ctx.distributed:
-                print(f"  distributed: {ctx.world_size} process(es) on {ctx.nodes} node(s), backend {ctx.backend}; "
-                      f"global batch {cfg.batch_size} = {cfg.batch_size // ctx.world_size} per process")
-            progress.started = True
-            try:
-                summary = experiment.run()  # opens and closes the run's audit-ledger row itself
-            except RunInterrupted:
-                status = "interrupted"
-                _write_report(run_dir)
-                for logger in loggers:
-                    logger.on_run_end(run_dir)
-                raise
-            except SSPropEnergyError:
-                if not (run_dir / SUMMARY_FILE).exists() and created:  # refused before its first record
-                    _remove_run_dir_if_bare(run_dir)
-                raise
-            progress.complete = True
-            print_results(summary)
-            print(f"run record: {run_dir}", flush=True)
-            report = _write_report(run_dir)
-            for logger in loggers:  # after summary.json and report.html exist: they are the artifacts
-                logger.on_run_end(run_dir)
-            status = "complete"
-            if report is not None:
-                print(f"report: {report}")
-            for logger in loggers:
-                if logger.name == "tensorboard":
-                    print(f"tensorboard: tensorboard --logdir {logger.log_dir}")
-            return 0
-        finally:
-            for logger in loggers:
-                logger.close(status)
-
-    return run_with_signals(body, run_dir, kind, created=created, main=main, distributed=bool(ctx.distributed))
+    return run_with_signals(body, progress, kind, created=not args.resume)
 
 
-def _remove_run_dir_if_bare(run_dir: Path) -> None:
-    """Remove a run directory this invocation made when it holds nothing but the lock file (and an empty
-    ``runs/``): a run stopped or refused before its first record leaves nothing behind."""
-    from ssprop_energy.experiment.lock import LOCK_FILE
+def _execute(args: argparse.Namespace, cfg: ExperimentConfig, tracking: Any, stop: StopFlag,
+             progress: _Progress) -> int:
+    from ssprop_energy.cli.progress import RichProgress
+    from ssprop_energy.experiment.execute import out_of_memory_error
+    from ssprop_energy.experiment.runner import Experiment, ExperimentHooks
 
+    def callbacks(arm: Any, seed: int, repeat: int) -> list[Any]:
+        if args.quiet or not progress.main:
+            return []
+        return [RichProgress(f"{arm.name} s{seed}" + (f" r{repeat}" if cfg.repeats > 1 else ""), cfg.epochs)]
+
+    hooks = ExperimentHooks(callbacks=callbacks, stop_requested=stop, command=sys.argv, tracking=tracking)
     try:
-        if {p.name for p in run_dir.iterdir()} <= {LOCK_FILE, "runs", CONFIG_FILE}:
-            (run_dir / LOCK_FILE).unlink(missing_ok=True)
-            (run_dir / CONFIG_FILE).unlink(missing_ok=True)  # no summary beside it: not a resumable run
-            if (run_dir / "runs").is_dir():
-                (run_dir / "runs").rmdir()
-            run_dir.rmdir()
-    except OSError:
-        pass
+        experiment = Experiment(cfg, progress.run_dir, hooks, resume=bool(args.resume))
+    except (MemoryError, RuntimeError) as exc:
+        oom = out_of_memory_error(exc, cfg)
+        if oom is None:
+            raise
+        raise oom from None
+    run_dir = progress.run_dir = stop.run_dir = experiment.run_dir
+    progress.main = main = experiment.ranks.is_main
+    if main:
+        print_header(cfg, run_dir, resumed=bool(args.resume), layer_kinds=experiment.layer_kinds,
+                     coverage=experiment.layer_coverage)
+        if experiment.ranks.distributed:
+            ctx = experiment.dist
+            print(f"  distributed: {ctx.world_size} process(es) on {ctx.nodes} node(s), backend {ctx.backend}; "
+                  f"global batch {cfg.batch_size} = {cfg.batch_size // ctx.world_size} per process")
+    progress.started = True
+    # the loggers, the audit-ledger row, report.html and the process group are the run's own (runner hooks)
+    summary = experiment.run()
+    progress.complete = True
+    if not main:  # only global rank 0 prints
+        return 0
+    print_results(summary)
+    print(f"run record: {run_dir}", flush=True)
+    if experiment.report is not None and experiment.report.path is not None:
+        print(f"report: {experiment.report.path}")
+    for logger in experiment.tracking.loggers if experiment.tracking else ():
+        if logger.name == "tensorboard":
+            print(f"tensorboard: tensorboard --logdir {logger.log_dir}")
+    return 0

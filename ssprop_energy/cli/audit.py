@@ -30,14 +30,13 @@ import psutil
 
 from ssprop_energy.energy import KINDS
 from ssprop_energy.errors import ConfigError
+from ssprop_energy.fmt import fmt_co2_compact as _fmt_co2
+from ssprop_energy.fmt import fmt_energy_compact as _fmt_energy
+from ssprop_energy.fmt import fmt_wall_compact as _fmt_wall
 from ssprop_energy.ledger.db import LedgerLocation, locate, pending_dir, require_driver
 from ssprop_energy.ledger.entries import import_fallback, pending_rows, sync_pending
 from ssprop_energy.ledger.summary import GROUP_KEYS, export_csv, load_entries, parse_since, summarize
 from ssprop_energy.records import write_text_atomic
-from ssprop_energy.fmt import fmt_co2_compact as _fmt_co2
-from ssprop_energy.fmt import fmt_energy_compact as _fmt_energy
-from ssprop_energy.fmt import fmt_wall_compact as _fmt_wall
-
 
 
 def _since(text: str) -> Any:
@@ -58,6 +57,7 @@ def _positive_float(text: str) -> float:
 
 
 def register(sub: Any) -> argparse.ArgumentParser:
+    """Add the ``audit`` subcommand and its own subcommands to the CLI's subparsers."""
     p = sub.add_parser("audit", help="the lab's carbon-audit ledger: record any command's energy and CO2, summarise",
                        description="Carbon-audit ledger: an SQLite file or a PostgreSQL server "
                                    "($SSPROP_ENERGY_LEDGER, --ledger, or a file in the user data directory).")
@@ -200,6 +200,7 @@ def _print_table(header: list[str], rows: list[list[str]], left: int = 1) -> Non
 
 
 def run_command(args: argparse.Namespace) -> int:
+    """``audit run``: run a command under the ledger and record its energy; returns the exit code."""
     from ssprop_energy.ledger.wrap import run_wrapped
 
     cmd = list(args.cmd)
@@ -236,6 +237,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def list_command(args: argparse.Namespace) -> int:
+    """``audit list``: list the ledger rows; returns the exit code."""
     ledger = _ledger(args)
     df = load_entries(ledger, since=args.since, project=args.project)
     if args.limit > 0:
@@ -268,6 +270,7 @@ def list_command(args: argparse.Namespace) -> int:
 
 
 def summary_command(args: argparse.Namespace) -> int:
+    """``audit summary``: total the ledger per project and month; returns the exit code."""
     ledger = _ledger(args)
     df = load_entries(ledger, since=args.since, project=args.project)
     if df.empty:
@@ -280,7 +283,8 @@ def summary_command(args: argparse.Namespace) -> int:
     def cells(key: Any, r: Any) -> list[str]:
         key = key if isinstance(key, tuple) else (key,) + ("",) * (len(keys) - 1)
         return [*map(str, key), str(r["runs"]), str(r["complete"]), str(r["failed"]), str(r["interrupted"]),
-                str(r["partial"]), str(r["running"]), _fmt_energy(r["energy_j"]), r["energy_source"] or "-", _fmt_co2(r["co2_g"]),
+                str(r["partial"]), str(r["running"]), _fmt_energy(r["energy_j"]), r["energy_source"] or "-",
+                _fmt_co2(r["co2_g"]),
                 _fmt_wall(r["wall_s"]), str(r["unmeasured"])]
 
     table = summarize(df, keys)
@@ -297,6 +301,7 @@ def summary_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
+    """``audit export``: write the ledger rows as CSV or JSON; returns the exit code."""
     ledger = _ledger(args)
     df = load_entries(ledger, since=args.since, project=args.project)
     try:
@@ -309,6 +314,7 @@ def export_command(args: argparse.Namespace) -> int:
 
 
 def report_command(args: argparse.Namespace) -> int:
+    """``audit report``: render the ledger's HTML report; returns the exit code."""
     from ssprop_energy.ledger.html import render_ledger_html
 
     ledger = _ledger(args)
@@ -324,6 +330,7 @@ def report_command(args: argparse.Namespace) -> int:
 
 
 def import_command(args: argparse.Namespace) -> int:
+    """``audit import``: import rows from another ledger or a CodeCarbon CSV; returns the exit code."""
     ledger = _ledger(args)
     if args.codecarbon is not None:
         from ssprop_energy.ledger.codecarbon import import_codecarbon
@@ -346,6 +353,7 @@ def import_command(args: argparse.Namespace) -> int:
 
 
 def sync_command(args: argparse.Namespace) -> int:
+    """``audit sync``: copy local rows to the ledger server; returns the exit code."""
     ledger = _ledger(args)
     waiting = len(pending_rows(ledger))
     sent, skipped = sync_pending(ledger)
@@ -355,6 +363,7 @@ def sync_command(args: argparse.Namespace) -> int:
 
 
 def migrate_command(args: argparse.Namespace) -> int:
+    """``audit migrate``: bring a ledger's schema up to date; returns the exit code."""
     from ssprop_energy.ledger.migrate import copy_ledger
 
     source = _ledger(args)

@@ -11,13 +11,15 @@ from ssprop_energy.experiment.config import SCHEDULES, ExperimentConfig
 
 
 def register(sub: Any) -> argparse.ArgumentParser:
+    """Add the ``compare`` subcommand to the CLI's subparsers."""
     p = sub.add_parser(
         "compare", help="train dense and ssProp arms side by side and compare FLOPs, energy, CO2 and accuracy",
         description="Paired dense-vs-ssProp training run. Defaults are the paper's headline setting "
         "(bar schedule: dense and 80%%-drop epochs alternate) on the embedded digits dataset.",
     )
     add_common_flags(p, ExperimentConfig())
-    p.add_argument("--drop-rate", type=float, help="ssProp drop rate in [0, 1) (default 0.8): what bar / constant apply, where "
+    p.add_argument("--drop-rate", type=float,
+                   help="ssProp drop rate in [0, 1) (default 0.8): what bar / constant apply, where "
                    "linear / cosine / halves end")
     p.add_argument("--schedule", choices=SCHEDULES, help=SCHEDULE_HELP)
     p.add_argument("--dropout", type=float, help="dropout after conv blocks, both arms (default 0)")
@@ -29,6 +31,7 @@ def register(sub: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the subcommand from parsed flags; returns the exit code."""
     return execute(
         args, "compare",
         drop_rates=[args.drop_rate] if args.drop_rate is not None else None,

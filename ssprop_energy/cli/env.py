@@ -9,6 +9,7 @@ from typing import Any
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``env`` subcommand to the CLI's subparsers."""
     parser = subparsers.add_parser(
         "env",
         help="show the energy sources available here and the carbon intensity that would be used",
@@ -66,6 +67,7 @@ def _print_text(info: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the subcommand from parsed flags; returns the exit code."""
     if args.countries:
         from ssprop_energy.energy.carbon import list_countries
 

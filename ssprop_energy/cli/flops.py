@@ -11,6 +11,7 @@ from ssprop_energy.errors import ConfigError
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``flops`` subcommand to the CLI's subparsers."""
     parser = subparsers.add_parser(
         "flops",
         help="count the FLOPs of one training step (forward, backward, per layer), dense and with ssProp",
@@ -24,7 +25,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "module.sub:factory (default resnet18)",
     )
     parser.add_argument("--input-shape", default=None,
-                        help="one sample's shape C,H,W (default 3,32,32; 1,32,32 for ddpm-unet, the paper's MNIST size)")
+                        help="one sample's shape C,H,W (default 3,32,32; 1,32,32 for ddpm-unet, "
+                        "the paper's MNIST size)")
     parser.add_argument("--num-classes", type=int, default=10, help="number of classes (default 10)")
     parser.add_argument("--drop-rate", type=float, default=0.0, help="ssProp drop rate in [0, 1) (default 0: dense)")
     parser.add_argument(
@@ -57,13 +59,12 @@ def collect(
     batch_size: int,
 ) -> dict[str, Any]:
     """Count the step (and the dense step when ``drop_rate > 0``); a JSON-ready dict."""
+    from ssprop_energy.experiment.runner import task_of
     from ssprop_energy.flops import CONVENTION, CONVENTION_DESCRIPTION, FlopMeter
     from ssprop_energy.layer_coverage import layer_coverage
     from ssprop_energy.models import default_layers_for, get_model
     from ssprop_energy.sparse import sparsify
     from ssprop_energy.sparse.functional import validate_drop_rate
-
-    from ssprop_energy.experiment.runner import task_of
 
     drop_rate = validate_drop_rate(drop_rate)
     task = task_of(model_name)
@@ -164,6 +165,7 @@ def _print_text(info: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the subcommand from parsed flags; returns the exit code."""
     from ssprop_energy.experiment.runner import task_of
 
     default_shape = "1,32,32" if task_of(args.model) == "generation" else "3,32,32"

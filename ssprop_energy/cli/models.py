@@ -9,6 +9,7 @@ from typing import Any
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``models`` subcommand to the CLI's subparsers."""
     parser = subparsers.add_parser(
         "models",
         help="list the models with their parameter counts",
@@ -50,6 +51,7 @@ def collect(num_classes: int, in_channels: int, image_size: int | None) -> list[
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the subcommand from parsed flags; returns the exit code."""
     rows = collect(args.num_classes, args.in_channels, args.image_size)
     if args.json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")

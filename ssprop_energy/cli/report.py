@@ -12,6 +12,7 @@ from ssprop_energy.report import FORMATS, render_report
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``report`` subcommand to the CLI's subparsers."""
     parser = subparsers.add_parser(
         "report",
         help="render a self-contained HTML (or Markdown) report from run directories",
@@ -44,8 +45,8 @@ def _resolve(args: argparse.Namespace) -> tuple[Path, str]:
 def resume_hint(run_dir: str | Path) -> str | None:
     """The line for a run that did not finish (interrupted, failed, or stopped while ``running``), or None."""
     from ssprop_energy.errors import RecordError
-    from ssprop_energy.experiment.lock import run_dir_in_use
     from ssprop_energy.records import SUMMARY_FILE, read_json
+    from ssprop_energy.runlock import run_dir_in_use
 
     try:
         data = read_json(Path(run_dir) / SUMMARY_FILE)
@@ -60,6 +61,7 @@ def resume_hint(run_dir: str | Path) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the subcommand from parsed flags; returns the exit code."""
     out, fmt = _resolve(args)
     for run_dir in args.run_dirs:
         hint = resume_hint(run_dir)

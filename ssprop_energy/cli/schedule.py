@@ -37,6 +37,7 @@ def add_schedule_flags(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: Any) -> argparse.ArgumentParser:
+    """Add the ``schedule`` subcommand to the CLI's subparsers."""
     p = sub.add_parser(
         "schedule", help="print the drop rate a schedule applies at every epoch or iteration (no training)",
         description="What will my run do? Prints the drop rate of every epoch (or, with --schedule-by iteration, "
@@ -55,7 +56,8 @@ def build(args: argparse.Namespace) -> DropSchedule:
     """The schedule the flags describe (the same call ``compare`` makes for its ssProp arm)."""
     return DropSchedule.from_name(
         args.schedule, drop_rate=args.drop_rate, total_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-        by=args.schedule_by, period=args.period, start_drop_rate=args.start_drop_rate, interleave=args.schedule_interleave,
+        by=args.schedule_by, period=args.period, start_drop_rate=args.start_drop_rate,
+        interleave=args.schedule_interleave,
     )
 
 
@@ -109,6 +111,7 @@ def _text(data: dict[str, Any]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the subcommand from parsed flags; returns the exit code."""
     data = table(args)
     if args.json:
         print(json.dumps(data, indent=2))

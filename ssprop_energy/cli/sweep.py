@@ -15,6 +15,7 @@ def _names(text: str) -> list[str]:
 
 
 def register(sub: Any) -> argparse.ArgumentParser:
+    """Add the ``sweep`` subcommand to the CLI's subparsers."""
     p = sub.add_parser(
         "sweep", help="run a grid of drop rates / schedules / dropout against one dense baseline",
         description="Drop-rate sweep: every (schedule, drop rate, dropout) setting is an ssProp arm, all paired "
@@ -23,11 +24,13 @@ def register(sub: Any) -> argparse.ArgumentParser:
     add_common_flags(p, ExperimentConfig())
     p.add_argument("--drop-rates", type=float_list, default=[0.2, 0.4, 0.6, 0.8],
                    help="comma-separated drop rates (default 0.2,0.4,0.6,0.8)")
-    p.add_argument("--schedules", type=_names, default=["bar"], help="comma-separated schedules (default bar); " + SCHEDULE_HELP)
+    p.add_argument("--schedules", type=_names, default=["bar"],
+                   help="comma-separated schedules (default bar); " + SCHEDULE_HELP)
     p.add_argument("--dropout", type=float_list, default=[0.0], help="comma-separated dropout rates (default 0)")
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the subcommand from parsed flags; returns the exit code."""
     return execute(args, "sweep", drop_rates=args.drop_rates, schedules=args.schedules, dropouts=args.dropout)

@@ -140,17 +140,6 @@ class FunctionTrace(Trace):
         return f"function {getattr(self._fn, '__name__', 'callable')}"
 
 
-def as_trace(spec: Trace | Callable[[float], float] | float) -> Trace:
-    """A :class:`Trace` from a trace, a callable of t, or a constant in watts."""
-    if isinstance(spec, Trace):
-        return spec
-    if isinstance(spec, (int, float)):
-        return Constant(float(spec))
-    if callable(spec):
-        return FunctionTrace(spec)
-    raise ConfigError(f"a fake power trace must be a Trace, a function of time or watts, got {spec!r}")
-
-
 @dataclass(frozen=True)
 class FakeChannel:
     """One fake component: a trace, with or without an energy counter."""

@@ -7,8 +7,8 @@ machine unless something else ran in one of its halves; the interference monitor
 The estimate:
 
 1. **Pairs.** Slice ``(seed, repeat, epoch, index)`` of the arm with the same slice of the baseline.
-2. **Clean pairs.** Neither slice saw foreign load: a mean below ``MATERIAL_CORES`` busy cores outside
-   this run and no sampled interval inside it at ``PEAK_CORES`` or more, and no other process on the GPU.
+2. **Clean pairs.** Neither slice saw foreign load: a mean below ``SLICE_CLEAN_MEAN_CORES`` busy cores outside
+   this run and no sampled interval inside it at ``SLICE_CLEAN_PEAK_CORES`` or more (records.py), and no other process on the GPU.
 3. **Phase mix.** The schedule phase of a pair is the arm's drop rate over the slice (rounded to 0.1). The
    per-sample cost of each arm in each phase comes from that phase's clean pairs; the run total of each arm
    is rebuilt with the run's own mix of samples per phase (every slice counts there, clean or not), so a
@@ -37,21 +37,10 @@ import numpy as np
 
 from ssprop_energy.records import HEADLINE_METRICS, ArmRun, Headline, SliceRecord
 
-MATERIAL_CORES = 0.25  # mean foreign busy cores from which a slice is not clean (the monitor's threshold)
-PEAK_CORES = 0.5  # a sampled interval inside the slice with this many foreign busy cores makes it not clean
 MIN_CLEAN_SHARE = 0.30
 RESOLUTION = 0.03
 CONFIDENCE = 0.95
 RESAMPLES = 2000
-
-
-def slice_is_clean(s: SliceRecord) -> bool:
-    """True when the monitor saw no foreign load in the slice (or did not run: nothing to judge by)."""
-    if s.foreign_cpu_cores_mean is None:
-        return True
-    if s.foreign_cpu_cores_mean >= MATERIAL_CORES or (s.foreign_cpu_cores_max or 0.0) >= PEAK_CORES:
-        return False
-    return (s.gpu_foreign_processes_max or 0) == 0
 
 
 def phase_of(s: SliceRecord) -> str:
@@ -87,7 +76,7 @@ def _pairs(base: Sequence[ArmRun], arm: Sequence[ArmRun], metric: str) -> tuple[
                 continue  # not the same batches (a resumed epoch run alone): no pair
             b, a = float(getattr(sb, metric)), float(getattr(sa, metric))
             usable = math.isfinite(a) and math.isfinite(b) and b > 0
-            pairs.append(_Pair(phase, sa.order, sa.samples, b, a, usable and slice_is_clean(sa) and slice_is_clean(sb)))
+            pairs.append(_Pair(phase, sa.order, sa.samples, b, a, usable and sa.clean and sb.clean))
     return pairs, dict(mix)
 
 

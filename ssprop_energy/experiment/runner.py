@@ -10,7 +10,12 @@ The data flows one way through three rooms:
 - **summarize** (``summarize.py``): per-arm means, paired statistics, single-run intervals, interference,
   the CSV tables.
 
-This module ties them to a run directory and to the hooks (progress, stop flag, the audit ledger).
+This module ties them to a run directory and to the hooks: the caller's (progress callbacks, stop flag) and
+the run's resources, each opened and closed by one :class:`contextlib.ExitStack` in :meth:`Experiment.run`:
+the process group, the experiment loggers (:class:`TrackingHook`), ``report.html`` (:class:`ReportHook`), the
+removal of a run directory a refused run left bare, the run lock, the audit-ledger row (:class:`LedgerHook`)
+and the interference monitor. ``Experiment(cfg, run_dir).run()`` from Python therefore writes what the CLI
+writes; the CLI only parses, prints and maps errors.
 
 A generation model (``models.model_info(name).task == "generation"``, the DDPM UNet; external models are
 classifiers) makes a generation run: the data default to 32x32 (the paper's size; the dataset record states
@@ -18,7 +23,8 @@ the resize), and the quality figure's feature extractor is built once before any
 trained on first use and cached), in a meter window of its own that the ledger charges and no arm pays.
 
 Under ``torchrun`` (or ``--nproc-per-node``) every rank constructs and runs the same experiment; only global
-rank 0 touches the run directory and the ledger, and every rank returns rank 0's summary.
+rank 0 touches the run directory, the ledger, the loggers and the report (:mod:`.ranks`), and every rank
+returns rank 0's summary.
 
 Run directory (see ``records.py``): ``config.json``, ``summary.json`` (status ``running`` until the end),
 ``runs/<arm>__s<seed>__r<repeat>.json`` (one finished arm-run each, so ``--resume`` skips them),
@@ -34,10 +40,12 @@ import platform
 import socket
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from types import TracebackType
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -50,13 +58,24 @@ from ssprop_energy.energy.carbon import resolve_intensity
 from ssprop_energy.errors import ConfigError, RecordError, RunInterrupted
 from ssprop_energy.experiment.config import GENERATION_DEFAULTS, ArmSpec, ExperimentConfig
 from ssprop_energy.experiment.execute import Executor, out_of_memory_error
-from ssprop_energy.experiment.lock import RunLock
 from ssprop_energy.experiment.plan import ArmRunKey, Group, all_runs, plan_groups
+from ssprop_energy.experiment.ranks import ranks_for
 from ssprop_energy.experiment.summarize import summarize_arms, write_tables
 from ssprop_energy.records import (
-    CONFIG_FILE, SUMMARY_FILE, ArmRecord, ArmRun, CarbonBlock, EnergyComponent, RunSummary, add_components,
-    read_json, write_json_atomic, write_summary,
+    CONFIG_FILE,
+    SUMMARY_FILE,
+    ArmRecord,
+    ArmRun,
+    CarbonBlock,
+    EnergyComponent,
+    RunSummary,
+    add_components,
+    read_json,
+    write_json_atomic,
+    write_summary,
 )
+from ssprop_energy.runlock import LOCK_FILE, RunLock
+from ssprop_energy.tracking import TrackingConfig
 from ssprop_energy.train import Callback, resolve_device
 
 log = logging.getLogger(__name__)
@@ -76,6 +95,7 @@ def task_of(model: str) -> str:
 
 
 def now_iso() -> str:
+    """The current UTC time, ISO 8601 to the second."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
@@ -98,6 +118,9 @@ class ExperimentHooks:
         ledger: record the run in the audit ledger (a ``running`` row at the start, closed at the end).
         command: the command line stored in the ledger row (default ``sys.argv``).
         monitor: ``monitor(device)`` -> an interference monitor (``start/begin/end/stop``), or None for none.
+        tracking: the experiment loggers to open (TensorBoard, MLflow); none by default.
+        report: write ``RUN_DIR/report.html`` when the run completes or is interrupted (a report failure is a
+            warning: it never costs the run its records).
     """
 
     callbacks: Callable[[ArmSpec, int, int], Sequence[Callback]] = lambda arm, seed, repeat: ()
@@ -105,9 +128,12 @@ class ExperimentHooks:
     ledger: bool = True
     command: Sequence[str] | None = None
     monitor: Callable[[torch.device], Any] | None = field(default=_default_monitor)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    report: bool = True
 
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:
+    """A new run's folder: ``runs/<timestamp>-<model>-<dataset>``."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{stamp}-{cfg.model}-{cfg.dataset.replace(':', '_').replace('/', '_')}"
 
@@ -175,6 +201,53 @@ def load_run_config(run_dir: Path) -> ExperimentConfig:
     return cfg
 
 
+def resume_config(run_dir: Path) -> ExperimentConfig:
+    """The stored configuration of a run to resume, read by rank 0 and given to every rank (under a launcher
+    this joins the process group).
+
+    Raises:
+        ConfigError: not a resumable run directory, or a different number of processes than the run started
+            with (a run's batches are split over its processes: another split would not continue the same
+            computation).
+    """
+    dist = distributed.init()
+
+    def stored() -> dict[str, Any]:
+        cfg = load_run_config(run_dir)
+        started = int(read_json(run_dir / SUMMARY_FILE).get("world_size", 1))
+        if started != dist.world_size:
+            raise ConfigError(f"--resume {run_dir}: the run was started with {started} process(es), this launch "
+                              f"has {dist.world_size}; relaunch with the same number of processes")
+        return cfg.to_dict()
+
+    try:
+        return ExperimentConfig.from_dict(distributed.decide_on_main(dist, stored))
+    except BaseException:
+        distributed.shutdown()
+        raise
+
+
+def remove_run_dir_if_bare(run_dir: Path) -> None:
+    """Remove a run directory when it holds nothing but the lock file, ``config.json`` and an empty ``runs/``:
+    a run stopped or refused before its first record leaves nothing behind."""
+    try:
+        if {p.name for p in run_dir.iterdir()} <= {LOCK_FILE, "runs", CONFIG_FILE}:
+            (run_dir / LOCK_FILE).unlink(missing_ok=True)
+            (run_dir / CONFIG_FILE).unlink(missing_ok=True)  # no summary beside it: not a resumable run
+            if (run_dir / "runs").is_dir():
+                (run_dir / "runs").rmdir()
+            run_dir.rmdir()
+    except OSError:
+        pass
+
+
+class RunHook(Protocol):
+    """A resource of one run, closed with the run's outcome when :meth:`Experiment.run` ends."""
+
+    def close(self, status: str, note: str | None = None) -> None:
+        """Close with ``status`` (``complete``, ``interrupted`` or ``failed``) and the reason, if any."""
+
+
 class LedgerHook:
     """Opens the audit-ledger row when a run starts and closes it with what the meters measured."""
 
@@ -187,9 +260,64 @@ class LedgerHook:
                                         run_dir=experiment.run_dir)
 
     def close(self, status: str, note: str | None = None) -> None:
+        """Close the row with ``status`` and the energy every meter of this process measured."""
         c = self.experiment.carbon
         self.entry.finish(status, self.experiment.spent_components(), co2_g=None,
                           intensity_g_per_kwh=c.intensity_g_per_kwh, pue=c.pue, intensity_source=c.source, note=note)
+
+
+class TrackingHook:
+    """The experiment loggers (TensorBoard, MLflow) of one run: opened before the run directory is made (a
+    missing package or a bad MLflow URI then writes nothing), given each arm-run's callbacks, and handed the
+    finished run directory's artifacts at the end.
+
+    Raises:
+        ConfigError: a logger cannot be opened (see :func:`ssprop_energy.tracking.open_loggers`).
+    """
+
+    def __init__(self, experiment: Experiment, tracking: TrackingConfig) -> None:
+        self.run_dir = experiment.run_dir
+        self.loggers = tracking.open(experiment.run_dir, carbon_g_per_kwh=experiment.carbon.intensity_g_per_kwh,
+                                     pue=experiment.carbon.pue)
+
+    def log_config(self, config: dict[str, Any]) -> None:
+        """Record the run's configuration in every logger."""
+        for logger in self.loggers:
+            logger.log_config(config)
+
+    def callbacks(self, arm: ArmSpec, seed: int, repeat: int) -> list[Callback]:
+        """One trainer callback per logger for this arm-run."""
+        return [logger.callback(arm.name, seed, repeat) for logger in self.loggers]
+
+    def close(self, status: str, note: str | None = None) -> None:
+        """Attach ``summary.json`` and ``report.html`` (a complete or interrupted run), then close every logger."""
+        try:
+            if status in ("complete", "interrupted"):
+                for logger in self.loggers:
+                    logger.on_run_end(self.run_dir)
+        finally:
+            for logger in self.loggers:
+                logger.close(status)
+
+
+class ReportHook:
+    """Writes ``RUN_DIR/report.html`` when the run completes or is interrupted (a partial report)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.path: Path | None = None
+
+    def close(self, status: str, note: str | None = None) -> None:
+        """Render the report; a report failure is a warning, never a lost run."""
+        if status not in ("complete", "interrupted"):
+            return
+        from ssprop_energy.errors import SSPropEnergyError
+        from ssprop_energy.report import render_report
+
+        try:
+            self.path = render_report([self.run_dir], self.run_dir / "report.html")
+        except (SSPropEnergyError, OSError) as exc:
+            log.warning("report not written: %s (the run's records are in %s)", exc, self.run_dir)
 
 
 class Experiment:
@@ -199,11 +327,40 @@ class Experiment:
     checked in the constructor, before the run directory is touched.
     """
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path, hooks: ExperimentHooks | None = None) -> None:
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path | None = None, hooks: ExperimentHooks | None = None,
+                 resume: bool | None = None) -> None:
+        """Check everything and prepare the run (nothing is written yet).
+
+        Args:
+            cfg: the validated configuration.
+            run_dir: the run directory (None: ``cfg.out``, else a new timestamped folder under ``runs/``; in a
+                distributed run rank 0's choice).
+            hooks: what the caller plugs in (progress callbacks, stop flag, ledger, monitor, loggers, report).
+            resume: True continues the run in ``run_dir``; False starts a new one (the directory must be absent
+                or empty); None resumes when ``run_dir`` holds a ``summary.json``.
+        """
+        try:
+            self._construct(cfg, run_dir, hooks, resume)
+        except BaseException:
+            distributed.shutdown()  # a refused run leaves the process group it joined
+            raise
+
+    def _construct(self, cfg: ExperimentConfig, run_dir: Path | None, hooks: ExperimentHooks | None,
+                   resume: bool | None) -> None:
         self.cfg = cfg
-        self.run_dir = run_dir
-        self.hooks = hooks or ExperimentHooks()
         self.dist = distributed.init()
+        self.ranks = ranks_for(self.dist)
+        self.run_dir = Path(self.ranks.share(str(run_dir or cfg.out or default_run_dir(cfg))))
+        if cfg.out is None:
+            cfg.out = str(self.run_dir)
+        run_dir = self.run_dir
+        self.resume = resume
+        user = hooks or ExperimentHooks()
+        self.tracking: TrackingHook | None = None
+        self.report: ReportHook | None = None
+        # the loggers' callbacks join the caller's; the loggers themselves open when the run starts
+        self.hooks = replace(user, callbacks=lambda arm, seed, repeat: [
+            *user.callbacks(arm, seed, repeat), *(self.tracking.callbacks(arm, seed, repeat) if self.tracking else ())])
         self.device = resolve_device(cfg.device)
         if self.dist.distributed and self.device.type == "cuda":
             distributed.check_cuda(self.dist)
@@ -310,126 +467,164 @@ class Experiment:
     def run(self) -> RunSummary:
         """Run (or resume) every arm-run; returns the final summary, also written to the run directory.
 
-        The run directory is locked (:class:`~ssprop_energy.experiment.lock.RunLock`, by rank 0) while this runs.
+        The run's resources are opened in order and closed in reverse, whatever happens: the process group
+        (left at the end), the loggers, ``report.html``, the run directory (made for a new run; removed again if
+        a refused or stopped run left it bare), the lock (:class:`~ssprop_energy.runlock.RunLock`), the torch
+        thread count, the audit-ledger row and the interference monitor. Rank 0 alone holds those that touch
+        files.
 
         Raises:
             RunInterrupted: the stop flag was raised (on any rank), KeyboardInterrupt arrived (a signal, in any
                 phase), or another rank of a distributed run failed; the summary is saved as ``interrupted``.
-            ConfigError: another process holds the run directory, or the run is already complete.
+            ConfigError: another process holds the run directory, the run is already complete, a new run's
+                directory is not empty, or a logger cannot be opened.
         """
-        lock = RunLock(self.run_dir).acquire() if self.dist.is_main else None
-        try:
-            summary_path = self.run_dir / SUMMARY_FILE
-            if lock is not None and summary_path.exists() and read_json(summary_path).get("status") == "complete":
-                raise ConfigError(f"--resume {self.run_dir}: the run is already complete")
-            return self._run_threads()
-        finally:
-            if lock is not None:
-                lock.release()
-
-    def _run_threads(self) -> RunSummary:
-        threads = torch.get_num_threads()
-        if self.cfg.threads is not None:
-            # a process-wide setting: restored when the run ends (on a CPU shared with other work, 1 thread
-            # avoids the pathological slowdown of spinning OpenMP threads; BENCHMARKS.md)
-            torch.set_num_threads(self.cfg.threads)
-        try:
-            return self._run()
-        finally:
-            torch.set_num_threads(threads)
-
-    def _run(self) -> RunSummary:
-        main = self.dist.is_main
-        self.rank_infos = self.dist.all_gather(self.executor.rank_info())
-        ledger: LedgerHook | None = None
-        monitor = None
+        self._outcome: tuple[str, str | None] | None = None  # (status, reason) of a run that did not complete
         self._recorded = False  # a summary exists: from here on, a stop or failure is saved in it
+        with ExitStack() as stack:
+            stack.callback(self.ranks.leave)
+            self.tracking = self.ranks.on_main(lambda: TrackingHook(self, self.hooks.tracking))
+            self._close_with_outcome(stack, self.tracking, "the experiment loggers")
+            if self.hooks.report and self.ranks.is_main:
+                self.report = ReportHook(self.run_dir)
+                self._close_with_outcome(stack, self.report, "report.html")
+            if self.ranks.decide(self._prepare_new_run_dir):
+                stack.push(self._remove_if_bare)
+            lock = self.ranks.on_main(lambda: RunLock(self.run_dir).acquire())
+            if lock is not None:
+                stack.callback(lock.release)
+                summary_path = self.run_dir / SUMMARY_FILE
+                if summary_path.exists() and read_json(summary_path).get("status") == "complete":
+                    raise ConfigError(f"--resume {self.run_dir}: the run is already complete")
+            stack.callback(torch.set_num_threads, torch.get_num_threads())
+            if self.cfg.threads is not None:
+                # a process-wide setting, restored when the run ends (on a CPU shared with other work, 1 thread
+                # avoids the pathological slowdown of spinning OpenMP threads; BENCHMARKS.md)
+                torch.set_num_threads(self.cfg.threads)
+            return self._run(stack)
+
+    def _prepare_new_run_dir(self) -> bool:
+        """Make a new run's directory (rank 0); True when this run created it (it is removed again if bare)."""
+        resuming = self.resume if self.resume is not None else (self.run_dir / SUMMARY_FILE).exists()
+        if resuming:
+            return False
+        existed = self.run_dir.exists()
+        prepare_run_dir(self.run_dir)
+        return not existed
+
+    def _remove_if_bare(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> bool:
+        if exc_type is not None and not (self.run_dir / SUMMARY_FILE).exists():
+            remove_run_dir_if_bare(self.run_dir)
+        return False
+
+    def _close_with_outcome(self, stack: ExitStack, hook: RunHook | None, what: str) -> None:
+        """Close ``hook`` when the stack unwinds: ``complete``, or the outcome the run recorded. Closing after
+        a failure never raises over the original error (a warning)."""
+        if hook is None:
+            return
+
+        def close(exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
+            if exc_type is None:
+                hook.close("complete")
+                return False
+            status, note = self._outcome or (
+                ("interrupted", None) if isinstance(exc, (RunInterrupted, KeyboardInterrupt)) else ("failed", None))
+            try:
+                hook.close(status, note)
+            except Exception as err:  # noqa: BLE001 - the original error is what the user must see
+                log.warning("could not close %s: %s", what, err)
+            return False
+
+        stack.push(close)
+
+    def _run(self, stack: ExitStack) -> RunSummary:
+        ranks = self.ranks
+        self.rank_infos = ranks.gather(self.executor.rank_info())
         try:
-            if self.hooks.ledger and main:
+            if self.hooks.ledger and ranks.is_main:
                 ledger = LedgerHook(self, self.hooks.command or sys.argv)
-            if main:
-                (self.run_dir / "runs").mkdir(parents=True, exist_ok=True)
-                write_json_atomic(self.run_dir / CONFIG_FILE, self.cfg.to_dict())
+                self._close_with_outcome(stack, ledger, "the audit-ledger row")
+            ranks.on_main(self._write_config)
             self.environment = self._environment()
-            if main:
+            if ranks.is_main:
                 self._write_summary("running")
                 self._recorded = True
-            monitor = self.hooks.monitor(self.device) if self.hooks.monitor is not None and main else None
+            if self.tracking is not None:
+                self.tracking.log_config({**self.cfg.to_dict(), "layer_kinds": list(self.layer_kinds)})
+            monitor = ranks.on_main(lambda: self.hooks.monitor(self.device) if self.hooks.monitor else None)
             self.executor.monitor = monitor
             if monitor is not None:
                 monitor.start()
-            if self.cfg.idle_s > 0 and main:
-                meter = open_meter(choice=self.meter_choice, sample_period_s=self.cfg.sample_period_s)
-                try:
-                    self.idle_power_w = dict(meter.measure_idle(self.cfg.idle_s))
-                finally:
-                    meter.close()
+                stack.callback(monitor.stop)
+            if self.cfg.idle_s > 0:
+                ranks.on_main(self._measure_idle)
             if self.generation is not None:
                 self._build_extractor()
-                if main:
-                    self._write_summary("running")
+                ranks.on_main(lambda: self._write_summary("running"))
             for group in self.groups:
-                pending = [key for key in group.runs if not self._result_path(key).exists()] if main else []
-                names = set(self.dist.broadcast([key.name for key in pending]))  # rank 0 has the run directory
-                pending = [key for key in group.runs if key.name in names]
-                if pending:
-                    self.executor.run_group(group, pending, self._save_run)
+                pending = ranks.on_main(lambda: [k.name for k in group.runs if not self._result_path(k).exists()])
+                names = set(ranks.share(pending))  # rank 0 has the run directory
+                pending_keys = [key for key in group.runs if key.name in names]
+                if pending_keys:
+                    self.executor.run_group(group, pending_keys, self._save_run)
             self.executor.gather_metered()
-            if main:
-                # Say "not finished" on disk before finalising: if the tables or the summary cannot be written
-                # (a full disk), the record is never left "running" with every arm-run done; resume finalises.
-                self._write_summary("failed", self._arms(complete=False), failure_reason=(
-                    f"finalisation did not finish; run --resume {self.run_dir} to finish it"))
-            summary = self._finalise() if main else None
+            summary = ranks.on_main(self._finalise_on_disk)
         except (RunInterrupted, KeyboardInterrupt) as exc:
             # a signal in any phase (setup, counting, warm-up, idle, training, evaluation, finalisation): what
             # finished is on disk; the record says interrupted and --resume continues from there
             if isinstance(exc, RunInterrupted):
                 self.executor.gather_metered()  # every rank stopped at the same batch (the flag is agreed)
-            if main:
-                self._close_unfinished("interrupted", ledger)
+            self._outcome = ("interrupted", None)
+            ranks.on_main(lambda: self._save_unfinished("interrupted"))
             if isinstance(exc, RunInterrupted):
                 raise
             raise RunInterrupted("interrupted") from None
         except BaseException as exc:
-            if self.dist.distributed and isinstance(exc, Exception) and distributed.is_peer_failure(exc):
+            if ranks.is_peer_failure(exc):
                 # another rank died: what is saved stays resumable, and this rank stops like the others
                 reason = f"another process of the distributed run failed ({type(exc).__name__}: {exc})"
-                if main:
-                    self._write_summary("interrupted", self._arms(complete=False), failure_reason=reason)
-                    if ledger is not None:
-                        ledger.close("interrupted", note=reason)
+                self._outcome = ("interrupted", reason)
+                ranks.on_main(lambda: self._write_summary("interrupted", self._arms(complete=False),
+                                                          failure_reason=reason))
                 raise RunInterrupted(reason) from None
             oom = out_of_memory_error(exc, self.cfg, self.data.image_size)
             reason = str(oom) if oom is not None else f"{type(exc).__name__}: {exc}"
-            if main:
-                self._close_unfinished("failed", ledger, reason)
+            self._outcome = ("failed", reason)
+            ranks.on_main(lambda: self._save_unfinished("failed", reason))
             if oom is not None:
                 raise oom from None
             raise
-        finally:
-            if monitor is not None:
-                monitor.stop()
-        if ledger is not None:
-            ledger.close("complete")
-        if main:
-            try:
-                (self.run_dir / "checkpoints").rmdir()  # empty once every arm-run finished
-            except OSError:
-                pass
-        return self.dist.broadcast(summary) if self.dist.distributed else summary
+        return ranks.share(summary)
 
-    def _close_unfinished(self, status: str, ledger: LedgerHook | None, reason: str | None = None) -> None:
-        """Save the summary of the finished arm-runs (and their tables, for a partial report) with ``status``
-        and close the ledger row. A failure here (a full disk) is logged, never raised over the original
-        error: the summary then stays ``running``, which readers treat as stopped once no process holds the
-        run's lock."""
+    def _write_config(self) -> None:
+        (self.run_dir / "runs").mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.run_dir / CONFIG_FILE, self.cfg.to_dict())
+
+    def _measure_idle(self) -> None:
+        meter = open_meter(choice=self.meter_choice, sample_period_s=self.cfg.sample_period_s)
+        try:
+            self.idle_power_w = dict(meter.measure_idle(self.cfg.idle_s))
+        finally:
+            meter.close()
+
+    def _finalise_on_disk(self) -> RunSummary:
+        # Say "not finished" on disk before finalising: if the tables or the summary cannot be written (a full
+        # disk), the record is never left "running" with every arm-run done; resume finalises.
+        self._write_summary("failed", self._arms(complete=False), failure_reason=(
+            f"finalisation did not finish; run --resume {self.run_dir} to finish it"))
+        summary = self._finalise()
+        try:
+            (self.run_dir / "checkpoints").rmdir()  # empty once every arm-run finished
+        except OSError:
+            pass
+        return summary
+
+    def _save_unfinished(self, status: str, reason: str | None = None) -> None:
+        """Save the summary of the finished arm-runs (and their tables, for a partial report) with ``status``.
+        A failure here (a full disk) is logged, never raised over the original error: the summary then stays
+        ``running``, which readers treat as stopped once no process holds the run's lock."""
         if not self._recorded:  # stopped before the run wrote anything: nothing to save
-            if ledger is not None:
-                try:
-                    ledger.close(status, note=reason)
-                except Exception as exc:  # noqa: BLE001
-                    log.warning("could not close the audit-ledger row: %s", exc)
             return
         try:
             arms = self._arms(complete=False)
@@ -437,11 +632,6 @@ class Experiment:
             write_tables(self.run_dir, self._runs_by_arm())
         except Exception as exc:  # noqa: BLE001 - the original error is what the user must see
             log.warning("could not save the %s run record in %s: %s", status, self.run_dir, exc)
-        if ledger is not None:
-            try:
-                ledger.close(status, note=reason)
-            except Exception as exc:  # noqa: BLE001
-                log.warning("could not close the audit-ledger row: %s", exc)
 
     def spent_components(self) -> list[EnergyComponent]:
         """Energy every meter of this process measured (training, evaluation and the gaps between windows,
@@ -468,7 +658,8 @@ class Experiment:
             "platform": platform.platform(),
             "hostname": socket.gethostname(),
             "device": str(self.device),
-            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or platform.machine(),
+            "device_name": (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+                            else platform.processor() or platform.machine()),
             "torch_threads": torch.get_num_threads(),
             "meter": {"kind": self.meter_choice.kind, "sources": list(self.meter_choice.sources),
                       "unavailable": dict(self.meter_choice.unavailable)},

@@ -20,7 +20,7 @@ import pandas as pd
 from ssprop_energy import __version__
 from ssprop_energy.energy.carbon import J_PER_KWH
 from ssprop_energy.ledger.summary import summarize
-from ssprop_energy.report.figures import FigureData, _new, _render, PHASE_COLOURS
+from ssprop_energy.report.figures import PHASE_COLOURS, FigureData, new_figure, render_figure
 from ssprop_energy.report.text import SOURCE_WORDS, fmt_co2, fmt_energy, fmt_seconds, fmt_si
 
 STYLE_FILE = Path(__file__).resolve().parent.parent / "report" / "style.css"
@@ -128,7 +128,7 @@ def monthly_chart(entries: pd.DataFrame) -> FigureData | None:
     if energy.empty:
         return None
     months, order = list(energy.index), list(energy.columns)
-    fig, (ax_e, ax_c) = _new(4.6, nrows=2, sharex=True)
+    fig, (ax_e, ax_c) = new_figure(4.6, nrows=2, sharex=True)
     x = range(len(months))
     for ax, col, scale, unit in ((ax_e, "energy_j", J_PER_KWH, "energy (kWh)"), (ax_c, "co2_g", 1000.0, "CO2e (kg)")):
         table = monthly_table(entries, col) / scale
@@ -141,7 +141,7 @@ def monthly_chart(entries: pd.DataFrame) -> FigureData | None:
     ax_c.set_xticks(list(x), months, rotation=45 if len(months) > 8 else 0)
     ax_e.legend(loc="upper left", ncols=min(4, len(order)))
     sources = sorted(set(entries.loc[entries["energy_j"].notna(), "energy_source"].dropna()))
-    return _render(fig, "monthly", "Energy and CO2e per month and project",
+    return render_figure(fig, "monthly", "Energy and CO2e per month and project",
                    f"Sum over runs started in each UTC month (energy sources: {', '.join(sources)}); "
                    "runs without an energy figure add nothing.")
 
@@ -178,7 +178,8 @@ def render_ledger_html(
     Args:
         entries: rows from :func:`summary.load_entries` (already filtered by ``since``/``project``).
         ledger_path: the ledger file, named in the page.
-        since, project: the filters applied, stated in the page.
+        since: the start of the period shown (named in the page), or None for all time.
+        project: the project shown (named in the page), or None for every project.
         pending: JSON fallback rows not yet imported, mentioned so that nobody reads the totals as complete.
     """
     css = STYLE_FILE.read_text(encoding="utf-8") + _EXTRA_CSS
@@ -203,7 +204,8 @@ def render_ledger_html(
         body.append("<div class='cards'>"
                     + _card("runs", f"{int(t['runs'])}",
                             f"{int(t['complete'])} complete, {int(t['failed'])} failed, "
-                            f"{int(t['interrupted'])} interrupted, {int(t['partial'])} partial, {int(t['running'])} running")
+                            f"{int(t['interrupted'])} interrupted, {int(t['partial'])} partial, "
+                            f"{int(t['running'])} running")
                     + _card("energy", fmt_energy(_num(t["energy_j"])), SOURCE_WORDS.get(source, source))
                     + _card("CO2e", fmt_co2(_num(t["co2_g"])), "energy x grid intensity x PUE, per run")
                     + _card("run time", fmt_seconds(_num(t["wall_s"])), f"{int(t['unmeasured'])} run(s) unmeasured")

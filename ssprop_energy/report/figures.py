@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from ssprop_energy.records import SLICE_CLEAN_MEAN_CORES, SLICE_CLEAN_PEAK_CORES
 from ssprop_energy.report.load import Run
 from ssprop_energy.report.savings import ArmComparison, pareto_front
 from ssprop_energy.report.text import provenance_line
@@ -54,7 +55,9 @@ class FigureData:
     height_px: int
 
 
-def _render(fig: Figure, key: str, title: str, caption: str, fmt: str = "svg") -> FigureData:
+def render_figure(fig: Figure, key: str, title: str, caption: str, fmt: str = "svg") -> FigureData:
+    """Render ``fig`` into a self-contained data URI (``svg`` or ``png``, no timestamp in the file, so the same
+    records give the same bytes); the size is stated in CSS pixels (96 per inch)."""
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     with matplotlib.rc_context(_RC):
@@ -69,7 +72,9 @@ def _metadata(fmt: str) -> dict[str, None]:
     return {"Date": None} if fmt == "svg" else {"Software": None}
 
 
-def _new(height_in: float, ncols: int = 1, nrows: int = 1, sharex: bool = False) -> tuple[Figure, list]:
+def new_figure(height_in: float, ncols: int = 1, nrows: int = 1, sharex: bool = False) -> tuple[Figure, list]:
+    """A figure of the report's width and ``height_in`` inches in the report's style, with its axes flattened
+    row by row (shared by the run report and the ledger report)."""
     with matplotlib.rc_context(_RC):
         fig = Figure(figsize=(WIDTH_IN, height_in), layout="constrained")
         axes = fig.subplots(nrows, ncols, sharex=sharex, squeeze=False)
@@ -110,7 +115,7 @@ def accuracy_loss(run: Run) -> FigureData:
     if run.is_generation:
         return _generation_loss(run)
     with matplotlib.rc_context(_RC):
-        fig, (ax_acc, ax_loss) = _new(3.0, ncols=2)
+        fig, (ax_acc, ax_loss) = new_figure(3.0, ncols=2)
         colours = _colours(run)
         for name in run.arms:
             df = run.epochs[run.epochs["arm"] == name]
@@ -133,12 +138,12 @@ def accuracy_loss(run: Run) -> FigureData:
         _legend(ax_acc)
     reps = int(run.epochs["repeat"].nunique()) if len(run.epochs) else 0
     band = f" Mean of {reps} repeats; shaded: min to max." if reps > 1 else ""
-    return _render(fig, "accuracy_loss", "Accuracy and loss per epoch", f"From epochs.csv.{band}")
+    return render_figure(fig, "accuracy_loss", "Accuracy and loss per epoch", f"From epochs.csv.{band}")
 
 
 def _generation_loss(run: Run) -> FigureData:
     with matplotlib.rc_context(_RC):
-        fig, (ax,) = _new(3.0)
+        fig, (ax,) = new_figure(3.0)
         colours = _colours(run)
         for name in run.arms:
             df = run.epochs[run.epochs["arm"] == name]
@@ -157,13 +162,13 @@ def _generation_loss(run: Run) -> FigureData:
         _legend(ax)
     reps = int(run.epochs["repeat"].nunique()) if len(run.epochs) else 0
     band = f" Mean of {reps} repeats; shaded: min to max." if reps > 1 else ""
-    return _render(fig, "accuracy_loss", "Loss per epoch (noise-prediction MSE)", f"From epochs.csv.{band}")
+    return render_figure(fig, "accuracy_loss", "Loss per epoch (noise-prediction MSE)", f"From epochs.csv.{band}")
 
 
 def drop_rate(run: Run) -> FigureData:
     """The drop-rate schedule each arm actually ran, per epoch."""
     with matplotlib.rc_context(_RC):
-        fig, (ax,) = _new(2.4)
+        fig, (ax,) = new_figure(2.4)
         colours = _colours(run)
         n = max(1, len(run.arms))
         for i, (name, arm) in enumerate(run.arms.items()):
@@ -177,13 +182,13 @@ def drop_rate(run: Run) -> FigureData:
         ax.set(xlabel="epoch", ylabel="drop rate", ylim=(-0.05, 1.0), title="Drop rate per epoch (the schedule)")
         _integer_epochs(ax)
         _legend(ax)
-    return _render(fig, "drop_rate", "Drop rate per epoch", "Drop rate of each epoch as recorded in summary.json.")
+    return render_figure(fig, "drop_rate", "Drop rate per epoch", "Drop rate of each epoch as recorded in summary.json.")
 
 
 def energy_per_epoch(run: Run) -> FigureData:
     """Training energy per epoch and cumulative, per arm (means over repeats)."""
     with matplotlib.rc_context(_RC):
-        fig, (ax_e, ax_c) = _new(3.0, ncols=2)
+        fig, (ax_e, ax_c) = new_figure(3.0, ncols=2)
         colours = _colours(run)
         for name, arm in run.arms.items():
             if not arm.epochs:
@@ -199,7 +204,7 @@ def energy_per_epoch(run: Run) -> FigureData:
         ax_c.set_ylim(bottom=0)
         _integer_epochs(ax_e, ax_c)
         _legend(ax_c)
-    return _render(fig, "energy_per_epoch", "Energy per epoch", provenance_line(run))
+    return render_figure(fig, "energy_per_epoch", "Energy per epoch", provenance_line(run))
 
 
 def power_trace(run: Run) -> FigureData | None:
@@ -214,7 +219,7 @@ def power_trace(run: Run) -> FigureData | None:
     comp_col = {c: PHASE_COLOURS[i % len(PHASE_COLOURS)] for i, c in enumerate(components)}
     legend: dict[str, object] = {}
     with matplotlib.rc_context(_RC):
-        fig, axes = _new(1.7 * len(arms) + 0.6, nrows=len(arms), sharex=True)
+        fig, axes = new_figure(1.7 * len(arms) + 0.6, nrows=len(arms), sharex=True)
         for ax, name in zip(axes, arms):
             df = trace[trace["arm"] == name]
             df = df[df["repeat"] == df["repeat"].iloc[0]].sort_values("t_s", kind="stable")
@@ -235,7 +240,7 @@ def power_trace(run: Run) -> FigureData | None:
         f" First {MAX_TRACE_ARMS} arms shown."
     )
     caption = f"From power_trace.csv, first repeat of each arm.{shown} {provenance_line(run)}"
-    return _render(fig, "power_trace", "Power trace", caption, fmt="png")
+    return render_figure(fig, "power_trace", "Power trace", caption, fmt="png")
 
 
 def _shade_phases(ax, df, phase_col: dict[str, str]) -> None:
@@ -257,7 +262,7 @@ def flops_per_arm(run: Run) -> FigureData:
     """Forward and backward FLOPs (whole run) per arm; conv backward hatched inside backward."""
     with matplotlib.rc_context(_RC):
         names = list(run.arms)
-        fig, (ax,) = _new(0.45 * len(names) + 1.3)
+        fig, (ax,) = new_figure(0.45 * len(names) + 1.3)
         y = list(range(len(names)))
         fwd = [run.arms[n].flops_forward for n in names]
         bwd = [run.arms[n].flops_backward for n in names]
@@ -269,7 +274,7 @@ def flops_per_arm(run: Run) -> FigureData:
         ax.invert_yaxis()
         ax.set(xlabel="FLOPs (whole run, training steps)", title="Counted FLOPs per arm")
         ax.legend(loc="lower right")
-    return _render(fig, "flops", "FLOPs per arm", "Counted at dispatch (summary.json, flops_* fields).")
+    return render_figure(fig, "flops", "FLOPs per arm", "Counted at dispatch (summary.json, flops_* fields).")
 
 
 # ------------------------------------------------------------------------------------------ sweep figures
@@ -302,7 +307,7 @@ def sweep_figures(run: Run, comps: list[ArmComparison]) -> list[FigureData]:
         else ("test_accuracy", "test accuracy (%)", 100.0, "accuracy"),
     ]
     with matplotlib.rc_context(_RC):
-        fig, axes = _new(2.8, ncols=3)
+        fig, axes = new_figure(2.8, ncols=3)
         for ax, (metric, label, scale, key) in zip(axes, panels):
             ax.axhline(scale * getattr(base, metric), color="#222222", ls="--", lw=1, label=f"{run.baseline_name}")
             for glabel, cs in groups.items():
@@ -318,7 +323,7 @@ def sweep_figures(run: Run, comps: list[ArmComparison]) -> list[FigureData]:
         axes[2].set_title("Sample quality" if quality else "Test accuracy")
         _legend(axes[2])
     out.append(
-        _render(
+        render_figure(
             fig,
             "sweep_drop_rate",
             "Drop rate vs energy, CO2 and accuracy",
@@ -366,7 +371,7 @@ def pareto(run: Run) -> FigureData:
     ]
     front = pareto_front(points)
     with matplotlib.rc_context(_RC):
-        fig, (ax,) = _new(3.2)
+        fig, (ax,) = new_figure(3.2)
         colours = _colours(run)
         for name, e, a in points:
             on = name in front
@@ -378,25 +383,24 @@ def pareto(run: Run) -> FigureData:
         ax.set(xlabel="training energy (J)", ylabel="test accuracy (%)", title="Energy vs accuracy")
         _legend(ax)
     caption = f"Pareto front (no arm uses less energy with higher accuracy): {', '.join(front)}. " + provenance_line(run)
-    return _render(fig, "pareto", "Energy-accuracy Pareto front", caption)
+    return render_figure(fig, "pareto", "Energy-accuracy Pareto front", caption)
 
 
 def slice_times(run: Run) -> FigureData | None:
     """Training time per batch of every slice of the first (seed, repeat), both arms over the run's clock,
     with the slices that saw foreign load shaded: where the headline's clean pairs come from. None for a
     run without slice records (or with one slice per epoch only, when the epoch figures say it all)."""
-    from ssprop_energy.experiment.headline import MATERIAL_CORES, PEAK_CORES
-
     df = run.slices
     if df is None or df.empty or run.summary.interleave != "slice":
         return None
     seed, repeat = min(zip(df["seed"], df["repeat"]))
     first = df[(df["seed"] == seed) & (df["repeat"] == repeat)]
     with matplotlib.rc_context(_RC):
-        fig, (ax,) = _new(2.6)
+        fig, (ax,) = new_figure(2.6)
         colours = _colours(run)
-        busy = first[(first["foreign_cpu_cores_mean"].fillna(0) >= MATERIAL_CORES)
-                     | (first["foreign_cpu_cores_max"].fillna(0) >= PEAK_CORES)]
+        busy = first[(first["foreign_cpu_cores_mean"].fillna(0) >= SLICE_CLEAN_MEAN_CORES)
+                     | (first["foreign_cpu_cores_max"].fillna(0) >= SLICE_CLEAN_PEAK_CORES)
+                     | (first["gpu_foreign_processes_max"].fillna(0) > 0)]
         for _, row in busy.iterrows():
             ax.axvspan(row["t_start_s"], row["t_start_s"] + row["wall_s"], color="#c44e52", alpha=0.18, lw=0)
         for name in run.arms:
@@ -416,7 +420,7 @@ def slice_times(run: Run) -> FigureData | None:
     caption = ("Each point is one slice (consecutive batches of one arm); the arms took turns slice by slice. "
                "Shaded: slices in which other work loaded the machine; the headline uses only pairs of adjacent "
                "slices with no shading. First run (seed, repeat) shown.")
-    return _render(fig, "slices", "Time per batch, slice by slice", caption)
+    return render_figure(fig, "slices", "Time per batch, slice by slice", caption)
 
 
 def run_figures(run: Run, comps: list[ArmComparison]) -> list[FigureData]:

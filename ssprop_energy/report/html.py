@@ -18,8 +18,8 @@ import pandas as pd
 
 from ssprop_energy import __version__
 from ssprop_energy.records import CONFIG_FILE, EPOCHS_FILE, LAYERS_FILE, SUMMARY_FILE, TRACE_FILE
-from ssprop_energy.report import distributed as D
-from ssprop_energy.report import text as T
+from ssprop_energy.report import distributed as report_distributed
+from ssprop_energy.report import text as report_text
 from ssprop_energy.report.figures import FigureData, run_figures
 from ssprop_energy.report.load import Run, arm_table, repeat_count
 from ssprop_energy.report.savings import ArmComparison, Saving, comparisons, estimated_fraction, pareto_front
@@ -69,10 +69,10 @@ def _saving_class(s: Saving) -> str:
 
 def _ci_detail(s: Saving) -> str:
     if s.headline is not None:
-        return T.headline_detail(s)
+        return report_text.headline_detail(s)
     if s.ci_frac is not None:
         note = " (includes 0: noise)" if s.ci_spans_zero else ""
-        return f"{T.fmt_ci_pct(s.ci_frac, s.ci_level)}{note}, {s.n_pairs} pairs"
+        return f"{report_text.fmt_ci_pct(s.ci_frac, s.ci_level)}{note}, {s.n_pairs} pairs"
     if s.source == "counted":
         return "counted, exact"
     return "single pair: no interval"
@@ -85,7 +85,7 @@ def _saving_card(label: str, s: Saving, fmt: Callable[[float], str], metric: str
     if s.source not in ("counted", "measured"):
         detail += f"<br>source: <b>{_e(s.source)}</b>"
     detail += extra
-    value = "inconclusive" if s.inconclusive else T.less_or_more(s.saved_frac)
+    value = "inconclusive" if s.inconclusive else report_text.less_or_more(s.saved_frac)
     verdict = f' data-verdict-{metric.removesuffix("_saved_frac")}="{_e(s.headline.verdict)}"' if s.headline else ""
     return _card(label, value, detail, _saving_class(s), metric, s.saved_frac, s.ci_frac, arm).replace(
         '<div class="card">', f'<div class="card"{verdict}>', 1)
@@ -99,9 +99,9 @@ def _accuracy_card(c: ArmComparison) -> str:
         cls, ci_text = "", f"identical in all {a.n_pairs} pairs (one seed): no interval"
     else:
         cls = "noise" if a.ci_spans_zero else ("good" if a.diff > 0 else "bad")
-        ci_text = f"{T.fmt_ci_pp(a.ci, a.ci_level, 2)}{' (includes 0: noise)' if a.ci_spans_zero else ''}, {a.n_pairs} pairs"
-    detail = f"{_e(T.fmt_pct(a.baseline, 2))} &rarr; {_e(T.fmt_pct(a.value, 2))}<br>{_e(ci_text)}"
-    return _card("Test accuracy difference", T.fmt_pp(a.diff, 2), detail, cls, "accuracy_diff", a.diff, a.ci, c.arm)
+        ci_text = f"{report_text.fmt_ci_pp(a.ci, a.ci_level, 2)}{' (includes 0: noise)' if a.ci_spans_zero else ''}, {a.n_pairs} pairs"
+    detail = f"{_e(report_text.fmt_pct(a.baseline, 2))} &rarr; {_e(report_text.fmt_pct(a.value, 2))}<br>{_e(ci_text)}"
+    return _card("Test accuracy difference", report_text.fmt_pp(a.diff, 2), detail, cls, "accuracy_diff", a.diff, a.ci, c.arm)
 
 
 def _quality_card(c: ArmComparison) -> str:
@@ -114,9 +114,9 @@ def _quality_card(c: ArmComparison) -> str:
         cls, ci_text = "", f"identical in all {q.n_pairs} pairs (one seed): no interval"
     else:
         cls = "noise" if q.ci_spans_zero else ("good" if q.diff < 0 else "bad")
-        ci_text = (f"{q.ci_level:.0%} CI of the difference [{T.fmt_number(q.ci[0])}, {T.fmt_number(q.ci[1])}]"
+        ci_text = (f"{q.ci_level:.0%} CI of the difference [{report_text.fmt_number(q.ci[0])}, {report_text.fmt_number(q.ci[1])}]"
                    f"{' (includes 0: noise)' if q.ci_spans_zero else ''}, {q.n_pairs} pairs")
-    rel = f" ({T.fmt_pct(q.rel_change)})" if math.isfinite(q.rel_change) else ""
+    rel = f" ({report_text.fmt_pct(q.rel_change)})" if math.isfinite(q.rel_change) else ""
     detail = (f"{_e(f'{q.baseline:.4g}')} &rarr; {_e(f'{q.value:.4g}')} (lower is better)<br>{_e(ci_text)}<br>"
               f"extractor: <b>{_e(q.extractor)}</b>, {_e(q.n_generated)} samples")
     return _card(f"Sample quality: {q.metric} difference", f"{q.diff:+.4g}{rel}", detail, cls, "quality_diff",
@@ -129,10 +129,10 @@ def _measured_extra(run: Run, c: ArmComparison, metric: str | None) -> str:
     arm = run.arms.get(c.arm)
     # a clean-pair headline carries its own interval: the epoch interval beside it would be a second one
     if metric is not None and arm is not None and metric not in arm.headline:
-        text = T.epoch_interval_text(arm, metric)
+        text = report_text.epoch_interval_text(arm, metric)
         if text:
             out += f'<br><span class="within-run" data-interval="{metric}">{_e(text)}</span>'
-    epochs = ", ".join(T.affected_epochs(run, [n for n in (run.baseline_name, c.arm) if n]))
+    epochs = ", ".join(report_text.affected_epochs(run, [n for n in (run.baseline_name, c.arm) if n]))
     if epochs:
         out += (f'<br><span class="badge interference" data-interference="{_e(epochs)}" title="other processes used '
                 f'CPU (or the GPU) during these epochs; see the warning above">busy machine: {_e(epochs)}</span>')
@@ -140,12 +140,12 @@ def _measured_extra(run: Run, c: ArmComparison, metric: str | None) -> str:
 
 
 def _cards(c: ArmComparison, run: Run) -> str:
-    flops = lambda v: T.fmt_si(v, "FLOP")  # noqa: E731 - a formatter, named for reading
+    flops = lambda v: report_text.fmt_si(v, "FLOP")  # noqa: E731 - a formatter, named for reading
     return '<div class="cards">' + "".join([
-        _saving_card("Energy saved", c.energy, T.fmt_energy, "energy_saved_frac", c.arm,
+        _saving_card("Energy saved", c.energy, report_text.fmt_energy, "energy_saved_frac", c.arm,
                      _measured_extra(run, c, "energy_j")),
-        _saving_card("CO2 saved", c.co2, T.fmt_co2, "co2_saved_frac", c.arm, _measured_extra(run, c, None)),
-        _saving_card("Time saved", c.time, T.fmt_seconds, "time_saved_frac", c.arm,
+        _saving_card("CO2 saved", c.co2, report_text.fmt_co2, "co2_saved_frac", c.arm, _measured_extra(run, c, None)),
+        _saving_card("Time saved", c.time, report_text.fmt_seconds, "time_saved_frac", c.arm,
                      _measured_extra(run, c, "wall_s")),
         _saving_card("Backward FLOPs saved", c.flops_backward, flops, "flops_backward_saved_frac", c.arm),
         _quality_card(c) if c.quality is not None else _accuracy_card(c),
@@ -160,9 +160,9 @@ def _cell(text: str, metric: str, arm: str, number: float, cls: str = "") -> str
 def _with_ci(s: Saving) -> str:
     if s.inconclusive:
         return "inconclusive"
-    text = T.less_or_more(s.saved_frac)
+    text = report_text.less_or_more(s.saved_frac)
     if s.ci_frac is not None:
-        text += f" [{T.fmt_pct(s.ci_frac[0])}, {T.fmt_pct(s.ci_frac[1])}]"
+        text += f" [{report_text.fmt_pct(s.ci_frac[0])}, {report_text.fmt_pct(s.ci_frac[1])}]"
     return text
 
 
@@ -174,9 +174,9 @@ def _sweep_table(run: Run, comps: list[ArmComparison]) -> str:
     rows = []
     for c in comps:
         arm = run.arms[c.arm]
-        acc = T.fmt_pp(c.accuracy.diff, 2)
+        acc = report_text.fmt_pp(c.accuracy.diff, 2)
         if c.accuracy.ci is not None:
-            acc += f" [{T.fmt_pp(c.accuracy.ci[0], 2)}, {T.fmt_pp(c.accuracy.ci[1], 2)}]"
+            acc += f" [{report_text.fmt_pp(c.accuracy.ci[0], 2)}, {report_text.fmt_pp(c.accuracy.ci[1], 2)}]"
         metric, number = "accuracy_diff", c.accuracy.diff
         if c.quality is not None:
             q = c.quality
@@ -187,7 +187,7 @@ def _sweep_table(run: Run, comps: list[ArmComparison]) -> str:
             + _cell(_with_ci(c.energy), "energy_saved_frac", c.arm, c.energy.saved_frac, _saving_class(c.energy))
             + _cell(_with_ci(c.co2), "co2_saved_frac", c.arm, c.co2.saved_frac, _saving_class(c.co2))
             + _cell(_with_ci(c.time), "time_saved_frac", c.arm, c.time.saved_frac, _saving_class(c.time))
-            + _cell(T.less_or_more(c.flops_backward.saved_frac), "flops_backward_saved_frac", c.arm,
+            + _cell(report_text.less_or_more(c.flops_backward.saved_frac), "flops_backward_saved_frac", c.arm,
                     c.flops_backward.saved_frac)
             + _cell(acc, metric, c.arm, number)
             + "</tr>"
@@ -206,10 +206,10 @@ def _headline(run: Run, comps: list[ArmComparison]) -> str:
     est = estimated_fraction(run.arms)
     if len(comps) == 1:
         c = comps[0]
-        return (_cards(c, run) + f'<p class="verdict" data-verdict="{_e(c.arm)}">{_e(T.verdict(c, est))}</p>'
+        return (_cards(c, run) + f'<p class="verdict" data-verdict="{_e(c.arm)}">{_e(report_text.verdict(c, est))}</p>'
                 + _few_pairs(comps))
     verdicts = "".join(
-        f'<li data-verdict="{_e(c.arm)}">{_e(T.verdict(c, est))}</li>' for c in comps
+        f'<li data-verdict="{_e(c.arm)}">{_e(report_text.verdict(c, est))}</li>' for c in comps
     )
     if run.is_generation:
         # lower Frechet distance is better: negated, it ranks like an accuracy
@@ -227,7 +227,7 @@ def _headline(run: Run, comps: list[ArmComparison]) -> str:
 
 
 def _few_pairs(comps: list[ArmComparison]) -> str:
-    note = T.few_pairs_note(comps)
+    note = report_text.few_pairs_note(comps)
     return f'<p class="note">{_e(note)}</p>' if note else ""
 
 
@@ -245,14 +245,14 @@ def _paper_table(run: Run, comps: list[ArmComparison]) -> str:
     for c in comps:
         rows.append(
             f'<tr class="paper"><td>Paper\'s FLOP model for {_e(c.arm)}</td><td>{c.average_drop_rate:.2f}</td>'
-            f"<td>{T.fmt_pct(c.paper_conv_backward_frac)}</td><td>{T.fmt_pct(c.paper_whole_step_frac)}</td>"
+            f"<td>{report_text.fmt_pct(c.paper_conv_backward_frac)}</td><td>{report_text.fmt_pct(c.paper_whole_step_frac)}</td>"
             "<td>&ndash;</td><td>&ndash;</td></tr>"
         )
         rows.append(
             f"<tr><td><b>This run: {_e(c.arm)}</b></td><td>{c.average_drop_rate:.2f}</td>"
-            + _cell(T.fmt_pct(c.flops_backward_conv.saved_frac) + " (counted)", "conv_backward_saved_frac", c.arm,
+            + _cell(report_text.fmt_pct(c.flops_backward_conv.saved_frac) + " (counted)", "conv_backward_saved_frac", c.arm,
                     c.flops_backward_conv.saved_frac)
-            + _cell(T.fmt_pct(c.flops_total.saved_frac) + " (counted)", "whole_step_saved_frac", c.arm,
+            + _cell(report_text.fmt_pct(c.flops_total.saved_frac) + " (counted)", "whole_step_saved_frac", c.arm,
                     c.flops_total.saved_frac)
             + _cell(_with_ci(c.time) + " (measured)", "time_saved_frac", c.arm, c.time.saved_frac)
             + _cell(f"{_with_ci(c.energy)} ({c.energy.source})", "energy_saved_frac", c.arm, c.energy.saved_frac)
@@ -279,7 +279,7 @@ def _fmt_float(digits: int) -> Callable[[Any], str]:
 
 
 def _pct_fmt(v: Any) -> str:
-    return T.fmt_pct(v, 2) if isinstance(v, float) else str(v)
+    return report_text.fmt_pct(v, 2) if isinstance(v, float) else str(v)
 
 
 def _table(df: pd.DataFrame, pct: Iterable[str] = (), scroll: bool = False, digits: int = 4) -> str:
@@ -383,17 +383,17 @@ def _phase_table(run: Run) -> str:
 
 def _distributed_section(run: Run) -> str:
     """Energy per rank and per node, and the communication share (distributed runs only)."""
-    if not D.is_distributed(run.summary):
+    if not report_distributed.is_distributed(run.summary):
         return ""
-    table = _table(pd.DataFrame(D.energy_rows(run.summary)), pct=["share"])
-    comm = D.comm_text(run.summary)
-    return (f'<h3>Per process and per node</h3><p class="sub">{_e(D.header_text(run.summary))}</p>{table}'
+    table = _table(pd.DataFrame(report_distributed.energy_rows(run.summary)), pct=["share"])
+    comm = report_distributed.comm_text(run.summary)
+    return (f'<h3>Per process and per node</h3><p class="sub">{_e(report_distributed.header_text(run.summary))}</p>{table}'
             + (f'<p class="sub" data-metric="comm_share">{_e(comm)}</p>' if comm else ""))
 
 
 def _components_table(run: Run) -> str:
     rows = []
-    dist = D.is_distributed(run.summary)
+    dist = report_distributed.is_distributed(run.summary)
     for name, arm in run.arms.items():
         for c in arm.energy_components:
             agree = (c.sampled_energy_j / c.energy_j - 1.0) if c.sampled_energy_j is not None and c.energy_j > 0 else math.nan
@@ -446,7 +446,7 @@ def _samples_section(run: Run) -> str:
     facts: dict[str, Any] = {
         "quality figure": f"{q.get('metric')} (Frechet distance; lower is better)",
         "feature extractor": q.get("extractor"),
-        "extractor's own test accuracy": T.fmt_pct(info["test_accuracy"], 1) if "test_accuracy" in info else "n/a",
+        "extractor's own test accuracy": report_text.fmt_pct(info["test_accuracy"], 1) if "test_accuracy" in info else "n/a",
         "generated / real images": f"{q.get('n_generated')} / {q.get('n_real')} (real: the test split)",
         "comparability": q.get("note"),
         "sampler": f"{sampling.get('sampler')}, {sampling.get('timesteps')} steps, noise seed {sampling.get('seed')} "
@@ -455,7 +455,7 @@ def _samples_section(run: Run) -> str:
     }
     setup = (run.summary.generation or {}).get("extractor_setup")
     if setup:
-        facts["extractor setup"] = (f"{T.fmt_seconds(setup['wall_s'])}, {T.fmt_energy(setup['energy_j'])} "
+        facts["extractor setup"] = (f"{report_text.fmt_seconds(setup['wall_s'])}, {report_text.fmt_energy(setup['energy_j'])} "
                                     f"({setup['energy_source']}): {setup['note']}")
     rows = [{"arm": name, str(a.quality_metric or "quality"): a.quality_value if a.quality_value is not None else math.nan,
              "sampling wall_s": a.sample_wall_s if a.sample_wall_s is not None else math.nan,
@@ -486,13 +486,13 @@ def _figure(fig: FigureData) -> str:
 
 
 def _provenance(run: Run) -> str:
-    ci = T.carbon_info(run)
+    ci = report_text.carbon_info(run)
     carbon = {
-        "carbon intensity": f"{T.fmt_number(ci['g_per_kwh'])} g CO2e/kWh",
+        "carbon intensity": f"{report_text.fmt_number(ci['g_per_kwh'])} g CO2e/kWh",
         "intensity source": ci["source"] + (f" ({ci['region']})" if ci["region"] else ""),
-        "PUE": T.fmt_number(ci["pue"]),
+        "PUE": report_text.fmt_number(ci["pue"]),
         "PUE source": ci["pue_source"],
-        "estimated share of energy": T.fmt_pct(estimated_fraction(run.arms)),
+        "estimated share of energy": report_text.fmt_pct(estimated_fraction(run.arms)),
     }
     files = {
         name: ("present" if name not in run.missing else "absent")
@@ -509,7 +509,7 @@ def _provenance(run: Run) -> str:
 
 def _coverage(run: Run) -> str:
     """The layers ssProp replaced and their share of the backward FLOPs, with the share as a data attribute."""
-    text = T.layer_coverage_text(run)
+    text = report_text.layer_coverage_text(run)
     if text is None:
         return ""
     shares = {a.layer_coverage.share for a in run.arms.values() if a.layer_coverage is not None}
@@ -523,10 +523,10 @@ def _run_article(run: Run, idx: int, multi: bool) -> str:
     anchor = f"run{idx}"
     tag = "h2" if multi else "h1"
     banners = []
-    status = T.status_banner(run)
+    status = report_text.status_banner(run)
     if status:
         banners.append(f'<div class="banner status" data-status="{_e(s.status)}">{_e(status)}</div>')
-    banners += [f'<div class="banner" data-warning="{kind}">{_e(text)}</div>' for kind, text in T.run_warnings(run)]
+    banners += [f'<div class="banner" data-warning="{kind}">{_e(text)}</div>' for kind, text in report_text.run_warnings(run)]
     reps = max((repeat_count(a) for a in run.arms.values()), default=1)
     seeds = len(s.config.get("seeds") or [0])
     runs_per_arm = f"{reps} run{'s' if reps != 1 else ''} per arm" + (f" ({seeds} seeds)" if seeds > 1 else "")
@@ -548,7 +548,7 @@ def _run_article(run: Run, idx: int, multi: bool) -> str:
         *banners,
         f'<nav class="toc">{toc}</nav>',
         f'<section id="{sec("headline")}"><{h}>Headline</{h}>{_headline(run, comps)}',
-        f'<p class="sub">{_e(T.provenance_line(run))}</p>{_coverage(run)}</section>',
+        f'<p class="sub">{_e(report_text.provenance_line(run))}</p>{_coverage(run)}</section>',
     ]
     if run.is_generation:
         body.append(f'<section id="{sec("samples")}" data-section="samples"><{h}>Samples and quality</{h}>'
@@ -565,7 +565,7 @@ def _run_article(run: Run, idx: int, multi: bool) -> str:
         f'<section id="{sec("provenance")}"><{h}>Provenance</{h}>{_provenance(run)}</section>',
         f'<section id="{sec("statement")}"><{h}>Carbon statement</{h}>',
         '<p class="sub">A paragraph to paste into a paper\'s compute and carbon statement.</p>',
-        f'<blockquote class="statement">{_e(T.carbon_statement(run, comps))}</blockquote></section>',
+        f'<blockquote class="statement">{_e(report_text.carbon_statement(run, comps))}</blockquote></section>',
         "</article>",
     ]
     return "\n".join(body)
@@ -579,7 +579,7 @@ def _overview(runs: list[Run]) -> str:
         rows.append(
             f'<tr><td><a href="#run{i}">{_e(run.title)}</a></td><td>{_e(run.summary.kind)}</td>'
             f"<td>{_e(run.summary.status)}</td><td>{len(run.arms)}</td>"
-            f"<td>{_e(T.less_or_more(best.energy.saved_frac) + ' (' + best.arm + ')') if best else 'n/a'}</td>"
+            f"<td>{_e(report_text.less_or_more(best.energy.saved_frac) + ' (' + best.arm + ')') if best else 'n/a'}</td>"
             f"<td>{_e(_effect_text(best)) if best else 'n/a'}</td></tr>"
         )
     return ("<h1>ssProp energy report</h1><p class=\"sub\">" + str(len(runs)) + " runs. Largest energy saving per run "
@@ -592,7 +592,7 @@ def _effect_text(c: ArmComparison) -> str:
     """Accuracy difference, or a generation arm's Frechet-distance difference (lower is better)."""
     if c.quality is not None:
         return f"{c.quality.metric} {c.quality.diff:+.4g} (lower = better)"
-    return T.fmt_pp(c.accuracy.diff, 2)
+    return report_text.fmt_pp(c.accuracy.diff, 2)
 
 
 def render_html(runs: list[Run]) -> str:

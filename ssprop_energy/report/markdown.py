@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from ssprop_energy.report import distributed as D
-from ssprop_energy.report import text as T
+from ssprop_energy.report import distributed as report_distributed
+from ssprop_energy.report import text as report_text
 from ssprop_energy.report.load import Run, repeat_count
 from ssprop_energy.report.savings import ArmComparison, Saving, comparisons, estimated_fraction, pareto_front
 
@@ -28,18 +28,18 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def _saving_text(s: Saving) -> str:
     if s.inconclusive:
         return "inconclusive"
-    text = T.less_or_more(s.saved_frac)
+    text = report_text.less_or_more(s.saved_frac)
     if s.ci_frac is not None:
-        text += f" ({T.fmt_ci_pct(s.ci_frac, s.ci_level)}{', includes 0: noise' if s.ci_spans_zero else ''})"
+        text += f" ({report_text.fmt_ci_pct(s.ci_frac, s.ci_level)}{', includes 0: noise' if s.ci_spans_zero else ''})"
     return text
 
 
 def _bracketed(s: Saving) -> str:
     if s.inconclusive:
         return "inconclusive"
-    text = T.less_or_more(s.saved_frac)
+    text = report_text.less_or_more(s.saved_frac)
     if s.ci_frac is not None:
-        text += f" [{T.fmt_pct(s.ci_frac[0])}, {T.fmt_pct(s.ci_frac[1])}]"
+        text += f" [{report_text.fmt_pct(s.ci_frac[0])}, {report_text.fmt_pct(s.ci_frac[1])}]"
     return text
 
 
@@ -51,9 +51,9 @@ def _acc_text(c: ArmComparison) -> str:
             text += f" ({q.ci_level:.0%} CI {q.ci[0]:+.4g} to {q.ci[1]:+.4g}{', includes 0: noise' if q.ci_spans_zero else ''})"
         return text
     a = c.accuracy
-    text = T.fmt_pp(a.diff, 2)
+    text = report_text.fmt_pp(a.diff, 2)
     if a.ci is not None:
-        text += f" ({T.fmt_ci_pp(a.ci, a.ci_level, 2)}{', includes 0: noise' if a.ci_spans_zero else ''})"
+        text += f" ({report_text.fmt_ci_pp(a.ci, a.ci_level, 2)}{', includes 0: noise' if a.ci_spans_zero else ''})"
     return text
 
 
@@ -65,26 +65,26 @@ def _headline(run: Run, comps: list[ArmComparison]) -> list[str]:
     if len(comps) == 1:
         c = comps[0]
         rows = [
-            ["Energy saved", _saving_text(c.energy), f"{T.fmt_energy(c.energy.baseline)} -> {T.fmt_energy(c.energy.value)}", c.energy.source],
-            ["CO2 saved", _saving_text(c.co2), f"{T.fmt_co2(c.co2.baseline)} -> {T.fmt_co2(c.co2.value)}", c.co2.source],
-            ["Time saved", _saving_text(c.time), f"{T.fmt_seconds(c.time.baseline)} -> {T.fmt_seconds(c.time.value)}", "measured"],
+            ["Energy saved", _saving_text(c.energy), f"{report_text.fmt_energy(c.energy.baseline)} -> {report_text.fmt_energy(c.energy.value)}", c.energy.source],
+            ["CO2 saved", _saving_text(c.co2), f"{report_text.fmt_co2(c.co2.baseline)} -> {report_text.fmt_co2(c.co2.value)}", c.co2.source],
+            ["Time saved", _saving_text(c.time), f"{report_text.fmt_seconds(c.time.baseline)} -> {report_text.fmt_seconds(c.time.value)}", "measured"],
             ["Backward FLOPs saved", _saving_text(c.flops_backward),
-             f"{T.fmt_si(c.flops_backward.baseline, 'FLOP')} -> {T.fmt_si(c.flops_backward.value, 'FLOP')}", "counted"],
+             f"{report_text.fmt_si(c.flops_backward.baseline, 'FLOP')} -> {report_text.fmt_si(c.flops_backward.value, 'FLOP')}", "counted"],
             ["Test accuracy difference", _acc_text(c),
-             f"{T.fmt_pct(c.accuracy.baseline, 2)} -> {T.fmt_pct(c.accuracy.value, 2)}", "measured"]
+             f"{report_text.fmt_pct(c.accuracy.baseline, 2)} -> {report_text.fmt_pct(c.accuracy.value, 2)}", "measured"]
             if c.quality is None else
             [f"Sample quality ({c.quality.metric}, lower is better)", _acc_text(c),
              f"{c.quality.baseline:.4g} -> {c.quality.value:.4g}",
              f"{c.quality.extractor} features, {c.quality.n_generated} samples"],
         ]
         out.append(md_table(["", f"{c.arm} vs {c.baseline_arm}", "values", "source"], rows))
-        out.append(f"**Verdict.** {T.verdict(c, est)}")
+        out.append(f"**Verdict.** {report_text.verdict(c, est)}")
         return out + _few_pairs(comps)
     rows = []
     for c in comps:
         arm = run.arms[c.arm]
         rows.append([c.arm, f"{arm.drop_rate:g} ({arm.schedule})", f"{c.average_drop_rate:.2f}", _saving_text(c.energy),
-                     _saving_text(c.co2), _saving_text(c.time), T.less_or_more(c.flops_backward.saved_frac), _acc_text(c)])
+                     _saving_text(c.co2), _saving_text(c.time), report_text.less_or_more(c.flops_backward.saved_frac), _acc_text(c)])
     last = "quality (lower = better)" if run.is_generation else "test accuracy"
     out.append(md_table(["arm", "drop rate", "avg drop", "energy", "CO2", "time", "backward FLOPs", last], rows))
     if run.is_generation:
@@ -93,12 +93,12 @@ def _headline(run: Run, comps: list[ArmComparison]) -> list[str]:
     else:
         points = [(n, a.energy_j, a.test_accuracy) for n, a in run.arms.items() if math.isfinite(a.test_accuracy)]
         out.append(f"Energy-accuracy Pareto front: **{', '.join(pareto_front(points))}**.")
-    out.append("\n".join(f"- {T.verdict(c, est)}" for c in comps))
+    out.append("\n".join(f"- {report_text.verdict(c, est)}" for c in comps))
     return out + _few_pairs(comps)
 
 
 def _few_pairs(comps: list[ArmComparison]) -> list[str]:
-    note = T.few_pairs_note(comps)
+    note = report_text.few_pairs_note(comps)
     return [f"_{note}_"] if note else []
 
 
@@ -106,11 +106,11 @@ def _paper(comps: list[ArmComparison]) -> str:
     rows: list[list[Any]] = [[f"Paper headline: {PAPER_SETTING}", "0.40", "~40% (FLOP model)", "~27% (FLOP model)",
                               "not reported", "not reported"]]
     for c in comps:
-        rows.append([f"Paper's FLOP model for {c.arm}", f"{c.average_drop_rate:.2f}", T.fmt_pct(c.paper_conv_backward_frac),
-                     T.fmt_pct(c.paper_whole_step_frac), "-", "-"])
+        rows.append([f"Paper's FLOP model for {c.arm}", f"{c.average_drop_rate:.2f}", report_text.fmt_pct(c.paper_conv_backward_frac),
+                     report_text.fmt_pct(c.paper_whole_step_frac), "-", "-"])
         rows.append([f"**This run: {c.arm}**", f"{c.average_drop_rate:.2f}",
-                     T.fmt_pct(c.flops_backward_conv.saved_frac) + " (counted)",
-                     T.fmt_pct(c.flops_total.saved_frac) + " (counted)", _bracketed(c.time) + " (measured)",
+                     report_text.fmt_pct(c.flops_backward_conv.saved_frac) + " (counted)",
+                     report_text.fmt_pct(c.flops_total.saved_frac) + " (counted)", _bracketed(c.time) + " (measured)",
                      f"{_bracketed(c.energy)} ({c.energy.source})"])
     return md_table(["setting", "average drop", "conv-backward FLOPs saved", "whole-step FLOPs saved",
                      "wall time saved", "energy saved"], rows)
@@ -121,10 +121,10 @@ def _arms(run: Run) -> str:
         return "No arm recorded."
     rows = []
     for name, a in run.arms.items():
-        quality = T.fmt_pct(a.test_accuracy, 2) if a.quality_value is None else f"{a.quality_metric} {a.quality_value:.4g}"
+        quality = report_text.fmt_pct(a.test_accuracy, 2) if a.quality_value is None else f"{a.quality_metric} {a.quality_value:.4g}"
         rows.append([name, f"{a.drop_rate:g}", a.schedule, f"{a.average_drop_rate:.2f}", quality,
-                     T.fmt_seconds(a.wall_s), T.fmt_si(a.flops_forward, "FLOP"), T.fmt_si(a.flops_backward, "FLOP"),
-                     T.fmt_energy(a.energy_j), a.energy_source, T.fmt_co2(a.co2_g), repeat_count(a), a.status])
+                     report_text.fmt_seconds(a.wall_s), report_text.fmt_si(a.flops_forward, "FLOP"), report_text.fmt_si(a.flops_backward, "FLOP"),
+                     report_text.fmt_energy(a.energy_j), a.energy_source, report_text.fmt_co2(a.co2_g), repeat_count(a), a.status])
     return md_table(["arm", "drop rate", "schedule", "avg drop", "test acc / quality", "wall", "fwd FLOPs", "bwd FLOPs", "energy",
                      "source", "CO2", "repeats", "status"], rows)
 
@@ -142,11 +142,11 @@ def _samples(run: Run) -> str:
     lines.append(
         f"Quality figure: {q.get('metric')} (Frechet distance, lower is better) of {q.get('n_generated')} samples "
         f"against {q.get('n_real')} test images, in the features of {q.get('extractor')}"
-        + (f" (its own test accuracy {T.fmt_pct(acc, 1)})" if acc is not None else "") + f". {q.get('note', '')}."
+        + (f" (its own test accuracy {report_text.fmt_pct(acc, 1)})" if acc is not None else "") + f". {q.get('note', '')}."
     )
     rows = [[name, f"{a.quality_value:.4g}" if a.quality_value is not None else "n/a",
-             T.fmt_seconds(a.sample_wall_s) if a.sample_wall_s is not None else "n/a",
-             T.fmt_energy(a.sample_energy_j) if a.sample_energy_j is not None else "n/a",
+             report_text.fmt_seconds(a.sample_wall_s) if a.sample_wall_s is not None else "n/a",
+             report_text.fmt_energy(a.sample_energy_j) if a.sample_energy_j is not None else "n/a",
              a.sample_energy_source or "n/a"] for name, a in run.arms.items()]
     lines.append(md_table(["arm", str(q.get("metric")), "sampling time", "sampling energy", "source"], rows))
     lines.append("Sampling is metered in its own window: its time and energy are not in the training figures.")
@@ -154,12 +154,12 @@ def _samples(run: Run) -> str:
 
 
 def _components(run: Run) -> str:
-    if D.is_distributed(run.summary):
+    if report_distributed.is_distributed(run.summary):
         rows = [[name, c.component, "" if c.rank is None else c.rank, "" if c.node is None else c.node,
-                 c.device or "unnamed", c.source, T.fmt_energy(c.energy_j)]
+                 c.device or "unnamed", c.source, report_text.fmt_energy(c.energy_j)]
                 for name, a in run.arms.items() for c in a.energy_components]
         return md_table(["arm", "component", "rank", "node", "device", "source", "energy"], rows)
-    rows = [[name, c.component, c.device or "unnamed", c.source, T.fmt_energy(c.energy_j)]
+    rows = [[name, c.component, c.device or "unnamed", c.source, report_text.fmt_energy(c.energy_j)]
             for name, a in run.arms.items() for c in a.energy_components]
     if not rows:
         return "No energy components recorded."
@@ -168,12 +168,12 @@ def _components(run: Run) -> str:
 
 def _distributed(run: Run) -> list[str]:
     """The per-rank / per-node energy table and the communication share (distributed runs only)."""
-    if not D.is_distributed(run.summary):
+    if not report_distributed.is_distributed(run.summary):
         return []
-    rows = [[r["arm"], r["scope"], r["host"], T.fmt_energy(r["energy_j"]), r["source"], T.fmt_pct(r["share"])]
-            for r in D.energy_rows(run.summary)]
-    parts = [D.header_text(run.summary), md_table(["arm", "scope", "host", "energy", "source", "share of arm"], rows)]
-    comm = D.comm_text(run.summary)
+    rows = [[r["arm"], r["scope"], r["host"], report_text.fmt_energy(r["energy_j"]), r["source"], report_text.fmt_pct(r["share"])]
+            for r in report_distributed.energy_rows(run.summary)]
+    parts = [report_distributed.header_text(run.summary), md_table(["arm", "scope", "host", "energy", "source", "share of arm"], rows)]
+    comm = report_distributed.comm_text(run.summary)
     return parts + ([comm] if comm else [])
 
 
@@ -182,7 +182,7 @@ def _phases(run: Run) -> str:
     for name, a in run.arms.items():
         for phase, vals in a.phases.items():
             e = vals.get("energy_j", math.nan)
-            rows.append([name, phase, T.fmt_energy(e), T.fmt_pct(e / a.energy_j if a.energy_j > 0 else math.nan)])
+            rows.append([name, phase, report_text.fmt_energy(e), report_text.fmt_pct(e / a.energy_j if a.energy_j > 0 else math.nan)])
     if not rows:
         return "No per-phase energy recorded."
     return md_table(["arm", "phase", "energy", "share of training energy"], rows)
@@ -196,18 +196,18 @@ def _run_md(run: Run, multi: bool) -> str:
     parts = [f"{h} ssProp energy report: {run.title}",
              f"{s.kind} run, {len(run.arms)} arms, {reps} repeat{'s' if reps != 1 else ''}, status **{s.status}**; "
              f"created {s.created_at}; `{run.path}`"]
-    status = T.status_banner(run)
+    status = report_text.status_banner(run)
     if status:
         parts.append(f"> **{status}**")
-    for kind, text in T.run_warnings(run):
+    for kind, text in report_text.run_warnings(run):
         parts.append(f"> **Warning:** {text}" + ("." if kind == "interference" else ""))
-    parts += [f"{h2} Headline", *_headline(run, comps), T.provenance_line(run)]
-    coverage = T.layer_coverage_text(run)
+    parts += [f"{h2} Headline", *_headline(run, comps), report_text.provenance_line(run)]
+    coverage = report_text.layer_coverage_text(run)
     if coverage:
         parts.append(coverage)
     for c in comps:
         arm = run.arms.get(c.arm)
-        lines = [T.epoch_interval_text(arm, m) for m in ("wall_s", "energy_j")] if arm is not None else []
+        lines = [report_text.epoch_interval_text(arm, m) for m in ("wall_s", "energy_j")] if arm is not None else []
         for label, line in zip(("Time", "Energy"), lines):
             if line:
                 parts.append(f"{label} ({c.arm}): {line}.")
@@ -218,11 +218,11 @@ def _run_md(run: Run, multi: bool) -> str:
     parts += [
         f"{h2} Per arm", _arms(run),
         f"{h2} Per phase energy", _phases(run),
-        *([f"{h2} Per process and per node"] + _distributed(run) if D.is_distributed(run.summary) else []),
+        *([f"{h2} Per process and per node"] + _distributed(run) if report_distributed.is_distributed(run.summary) else []),
         f"{h2} Provenance", _components(run),
-        f"{T.intensity_text(run)}; "
-        f"estimated share of energy {T.fmt_pct(estimated_fraction(run.arms))}.",
-        f"{h2} Carbon statement", "> " + T.carbon_statement(run, comps),
+        f"{report_text.intensity_text(run)}; "
+        f"estimated share of energy {report_text.fmt_pct(estimated_fraction(run.arms))}.",
+        f"{h2} Carbon statement", "> " + report_text.carbon_statement(run, comps),
         "Figures, per-epoch and per-layer tables: see the HTML report (`ssprop-energy report RUN_DIR`).",
     ]
     return "\n\n".join(parts)

@@ -177,7 +177,7 @@ def status_banner(run: Run) -> str | None:
     if s.status == "failed":
         reason = s.failure_reason or "no reason recorded"
         return f"Failed run ({reason}): numbers cover {progress} and are not a finished result."
-    from ssprop_energy.experiment.lock import run_dir_in_use
+    from ssprop_energy.runlock import run_dir_in_use
 
     if not run_dir_in_use(run.path):
         return (

@@ -1,15 +1,17 @@
 """Experiment loggers for where researchers look: TensorBoard and MLflow (optional extra
 ``pip install 'ssprop-energy[tracking]'``).
 
-``open_loggers(["tensorboard", "mlflow"], ...)`` gives :class:`RunLogger` objects; each hands the trainer one
-callback per arm-run (``logger.callback(arm, seed, repeat)``), takes the configuration
-(``logger.log_config(cfg)``) and, once the run directory is complete, its artifacts
-(``logger.on_run_end(run_dir)``); ``logger.close()`` at the end.
+A :class:`TrackingConfig` says which loggers a run opens (``ExperimentHooks(tracking=...)``; the CLI builds it
+from ``--log-to`` and its companions). ``open_loggers(["tensorboard", "mlflow"], ...)`` gives
+:class:`RunLogger` objects; each hands the trainer one callback per arm-run
+(``logger.callback(arm, seed, repeat)``), takes the configuration (``logger.log_config(cfg)``) and, once the
+run directory is complete, its artifacts (``logger.on_run_end(run_dir)``); ``logger.close()`` at the end.
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -19,8 +21,8 @@ if TYPE_CHECKING:
     from ssprop_energy.tracking.base import EpochScalars, RunLogger, epoch_scalars
 
 __all__ = [
-    "LOG_TARGETS", "EpochScalars", "RunLogger", "add_tracking_arguments", "epoch_scalars", "loggers_from_args",
-    "open_loggers", "parse_targets",
+    "LOG_TARGETS", "EpochScalars", "RunLogger", "TrackingConfig", "add_tracking_arguments", "epoch_scalars",
+    "open_loggers", "parse_targets", "tracking_from_args",
 ]
 
 LOG_TARGETS = ("tensorboard", "mlflow")
@@ -52,6 +54,11 @@ def open_loggers(
         targets: names from :data:`LOG_TARGETS`.
         run_dir: the run directory; TensorBoard writes to ``run_dir/tensorboard`` unless ``tensorboard_dir``
             is given, and the MLflow parent run is named after it.
+        tensorboard_dir: TensorBoard's folder instead of ``run_dir/tensorboard``.
+        mlflow_uri: the MLflow tracking URI (None: ``$MLFLOW_TRACKING_URI``, else MLflow's default).
+        mlflow_experiment: the MLflow experiment name.
+        carbon_g_per_kwh: grid intensity (g CO2e/kWh) to log CO2 per epoch; None logs no CO2.
+        pue: the data centre's power usage effectiveness applied to that CO2.
 
     Raises:
         ConfigError: unknown target, a missing package (naming the ``tracking`` extra), unusable MLflow URI.
@@ -97,13 +104,42 @@ def parse_targets(text: str | Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(targets))
 
 
-def loggers_from_args(args: Any, run_dir: str | Path, carbon_g_per_kwh: float | None = None,
-                      pue: float = 1.0) -> list[RunLogger]:
-    """Open the loggers the ``add_tracking_arguments`` flags ask for (none when ``--log-to`` is empty).
-    Call it after the run directory is prepared (the TensorBoard folder lives inside it)."""
-    return open_loggers(
-        parse_targets(getattr(args, "log_to", None)), run_dir, tensorboard_dir=getattr(args, "tensorboard_dir", None),
-        mlflow_uri=getattr(args, "mlflow_uri", None),
-        mlflow_experiment=getattr(args, "mlflow_experiment", "ssprop-energy"),
-        carbon_g_per_kwh=carbon_g_per_kwh, pue=pue,
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Which experiment loggers a run opens, and where they write.
+
+    Attributes:
+        targets: names from :data:`LOG_TARGETS`, each once (empty: no logger).
+        tensorboard_dir: TensorBoard's folder (None: ``RUN_DIR/tensorboard``).
+        mlflow_uri: the MLflow tracking URI (None: ``$MLFLOW_TRACKING_URI``, else MLflow's default).
+        mlflow_experiment: the MLflow experiment name.
+
+    Raises:
+        ConfigError: an unknown target (at construction, before anything runs).
+    """
+
+    targets: tuple[str, ...] = ()
+    tensorboard_dir: str | None = None
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = "ssprop-energy"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", tuple(parse_targets(list(self.targets))))
+
+    def open(self, run_dir: str | Path, carbon_g_per_kwh: float | None = None, pue: float = 1.0) -> list[RunLogger]:
+        """Open one logger per target (see :func:`open_loggers`); none when :attr:`targets` is empty."""
+        return open_loggers(self.targets, run_dir, tensorboard_dir=self.tensorboard_dir, mlflow_uri=self.mlflow_uri,
+                            mlflow_experiment=self.mlflow_experiment, carbon_g_per_kwh=carbon_g_per_kwh, pue=pue)
+
+
+def tracking_from_args(args: Any) -> TrackingConfig:
+    """The :class:`TrackingConfig` of the flags :func:`add_tracking_arguments` adds (an argparse namespace).
+
+    Raises:
+        ConfigError: an unknown ``--log-to`` target.
+    """
+    return TrackingConfig(
+        targets=tuple(parse_targets(getattr(args, "log_to", None))),
+        tensorboard_dir=getattr(args, "tensorboard_dir", None), mlflow_uri=getattr(args, "mlflow_uri", None),
+        mlflow_experiment=getattr(args, "mlflow_experiment", None) or "ssprop-energy",
     )

@@ -115,6 +115,7 @@ class MlflowLogger(RunLogger):
         return run.info.run_id
 
     def log_config(self, config: Mapping[str, Any]) -> None:
+        """Record the run's configuration as hyperparameters (flattened, see ``base.flat_params``)."""
         for key, value in flat_params(config).items():
             text = str(value)
             if len(text) > _MAX_PARAM_CHARS:
@@ -122,6 +123,7 @@ class MlflowLogger(RunLogger):
             self.client.log_param(self.run_id, key, text)
 
     def callback(self, arm: str, seed: int, repeat: int) -> Callback:
+        """The trainer callback that logs one arm-run's epochs."""
         return _EpochLogger(self, arm, seed, repeat)
 
     def on_run_end(self, run_dir: str | Path) -> None:

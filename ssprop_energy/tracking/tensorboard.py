@@ -71,6 +71,7 @@ class TensorBoardLogger(RunLogger):
         return self._writers[name]
 
     def log_config(self, config: Mapping[str, Any]) -> None:
+        """Record the run's configuration as hyperparameters (flattened, see ``base.flat_params``)."""
         from torch.utils.tensorboard.summary import hparams
 
         params = flat_params(config)
@@ -82,6 +83,7 @@ class TensorBoardLogger(RunLogger):
         root.flush()
 
     def callback(self, arm: str, seed: int, repeat: int) -> Callback:
+        """The trainer callback that logs one arm-run's epochs."""
         return _EpochWriter(self, arm_run_name(arm, seed, repeat))
 
     def on_run_end(self, run_dir: str | Path) -> None:
@@ -109,6 +111,7 @@ class TensorBoardLogger(RunLogger):
         root.flush()
 
     def close(self, status: str = "complete") -> None:
+        """Flush and close every writer; idempotent."""
         for w in self._writers.values():
             w.close()
         self._writers.clear()

@@ -12,9 +12,9 @@ import pytest
 
 from ssprop_energy.cli import main
 from ssprop_energy.experiment.config import ExperimentConfig
-from ssprop_energy.experiment.lock import RunLock, run_dir_in_use
 from ssprop_energy.experiment.runner import Experiment, ExperimentHooks, prepare_run_dir
 from ssprop_energy.records import load_summary
+from ssprop_energy.runlock import RunLock, run_dir_in_use
 
 TINY = ["--model", "mlp", "--layers", "linear", "--dataset", "synthetic:1x8x8:4:64", "--epochs", "2",
         "--batch-size", "32", "--meter", "fake", "--quiet"]

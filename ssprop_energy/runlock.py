@@ -60,12 +60,14 @@ class RunLock:
         return self
 
     def release(self) -> None:
+        """Drop the lock (idempotent)."""
         if self._fh is not None:
             self._fh.close()  # closing the descriptor drops the flock
             self._fh = None
 
     @property
     def held(self) -> bool:
+        """True while this object holds the lock."""
         return self._fh is not None
 
 

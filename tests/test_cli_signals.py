@@ -115,7 +115,7 @@ def test_idle_measurement_stops_on_a_real_signal(tmp_path: Path) -> None:
 def test_a_second_signal_exits_at_once_and_the_run_stays_resumable(tmp_path: Path) -> None:
     # the first signal stops the final evaluation; the second arrives while the record is being saved
     proc, wall_s, out = _run(tmp_path, [("ssprop_energy.train.loop:Trainer", "finish", "SIGINT"),
-                                        ("ssprop_energy.experiment.runner:Experiment", "_close_unfinished", "SIGTERM")])
+                                        ("ssprop_energy.experiment.runner:Experiment", "_save_unfinished", "SIGTERM")])
     assert proc.returncode == 130, proc.stderr
     assert wall_s < SLOW_S - 15
     assert f"SIGTERM again: exiting now; resume with `ssprop-energy compare --resume {out}`" in proc.stderr
