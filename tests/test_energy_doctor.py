@@ -6,8 +6,8 @@ import json
 import sys
 
 import pytest
-
 from energy_fakes import FakeClock, FakeGpu, RaplTree, make_pynvml, sine
+
 from ssprop_energy.cli import main
 from ssprop_energy.energy import doctor
 
@@ -117,4 +117,4 @@ def test_doctor_imports_no_torch():
     import subprocess
 
     code = "import sys, ssprop_energy.energy.doctor; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], check=False, timeout=60).returncode == 0
