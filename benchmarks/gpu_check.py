@@ -40,7 +40,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from ssprop_energy.records import write_json_atomic, write_text_atomic  # noqa: E402
+from ssprop_energy.records import write_json_atomic, write_text_atomic
 
 # Per-part wall budgets (s) on one H100; they sum to 450 s, leaving the rest of 8 minutes to process start-up.
 BUDGET_S = {"grads": 30, "speedup": 150, "nvml": 85, "compare": 110, "ddpm": 75}
@@ -99,8 +99,9 @@ def part_grads(out: Path, dry: bool) -> dict[str, Any]:
                 y.backward(dy)
                 kept = rec.kept.to("cpu")
                 # reference: dense op in float64 on the same rounded inputs, grad_output masked to the kept set
-                cast = (lambda t: t.detach().to("cpu", dt).double()) if dt is not None else (
-                    lambda t: t.detach().to("cpu").double())
+                def cast(t: Any, dt: Any = dt) -> Any:
+                    return t.detach().to("cpu", dt).double() if dt is not None else t.detach().to("cpu").double()
+
                 xr, wr, br = (cast(t).requires_grad_() for t in (x, w, b))
                 mask = torch.zeros(c_out, dtype=torch.float64)
                 mask[kept] = 1.0
@@ -139,11 +140,6 @@ def _cuda_conv_backward_share(model: Any, x: Any, y: Any) -> float:
 
 def part_speedup(out: Path, dry: bool) -> dict[str, Any]:
     import torch
-    import torch.nn.functional as F
-
-    from backward import conv_backward_fraction, conv_backward_share, conv_macs, interleaved, time_ideal_speedup
-    from ssprop_energy.models import get_model
-    from ssprop_energy.sparse import densify, sparsify
 
     dev = torch.device("cpu" if dry else "cuda")
     cases = ([("resnet18", 32, 2), ("resnet50", 16, 2)] if dry else [("resnet18", 32, 128), ("resnet50", 224, 64)])
@@ -157,8 +153,7 @@ def part_speedup(out: Path, dry: bool) -> dict[str, Any]:
                                        "channels_last": channels_last}
                 rows.append(row)
                 try:
-                    _speedup_case(row, dev, dry, repeats, get_model, sparsify, densify, interleaved,
-                                  conv_macs, conv_backward_fraction, conv_backward_share, time_ideal_speedup, F)
+                    _speedup_case(row, dev, repeats)
                 except torch.cuda.OutOfMemoryError as exc:
                     row["error"] = f"out of memory: {str(exc).splitlines()[0]}"
                     torch.cuda.empty_cache()
@@ -166,10 +161,20 @@ def part_speedup(out: Path, dry: bool) -> dict[str, Any]:
     return result
 
 
-def _speedup_case(row: dict[str, Any], dev: Any, dry: bool, repeats: int, get_model: Any, sparsify: Any,
-                  densify: Any, interleaved: Any, conv_macs: Any, conv_backward_fraction: Any,
-                  conv_backward_share: Any, time_ideal_speedup: Any, F: Any) -> None:
+def _speedup_case(row: dict[str, Any], dev: Any, repeats: int) -> None:
+    """Fill ``row`` with the median step times (s), speedups and time-ideals of one configuration."""
     import torch
+    import torch.nn.functional as F
+    from backward import (
+        conv_backward_fraction,
+        conv_backward_share,
+        conv_macs,
+        interleaved,
+        time_ideal_speedup,
+    )
+
+    from ssprop_energy.models import get_model
+    from ssprop_energy.sparse import densify, sparsify
 
     fmt = torch.channels_last if row["channels_last"] else torch.contiguous_format
     model = get_model(row["model"], num_classes=10, image_size=row["image_size"]).to(dev, memory_format=fmt)
@@ -214,7 +219,6 @@ def _speedup_case(row: dict[str, Any], dev: Any, dry: bool, repeats: int, get_mo
         frac = conv_backward_fraction(convs, float(v))
         row[f"speedup_{v}"] = med["dense"] / med[v]
         row[f"time_ideal_{v}"] = time_ideal_speedup(share, frac)
-    del model
 
 
 # --------------------------------------------------------------------------------------------- nvml
@@ -316,7 +320,9 @@ def _collect_sources(obj: Any, out: set[str]) -> None:
 
 
 def part_compare(out: Path, dry: bool) -> dict[str, Any]:
-    base = ["--model", "resnet18", "--epochs", "1", "--batch-size", "16" if dry else "128"]
+    # one epoch at a constant drop 0.8 (bar needs two epochs to reach a sparse one)
+    base = ["--model", "resnet18", "--epochs", "1", "--schedule", "constant",
+            "--batch-size", "16" if dry else "128"]
     if dry:
         base += ["--device", "cpu", "--meter", "fake", "--dataset", "synthetic:3x8x8:10:32", "--threads", "1"]
         want = "fake"
@@ -335,7 +341,7 @@ def part_compare(out: Path, dry: bool) -> dict[str, Any]:
 
 
 def part_ddpm(out: Path, dry: bool) -> dict[str, Any]:
-    args = ["--model", "ddpm-unet", "--epochs", "1"]
+    args = ["--model", "ddpm-unet", "--epochs", "1", "--schedule", "constant"]  # bar needs 2 epochs
     if dry:
         args += ["--device", "cpu", "--meter", "fake", "--dataset", "synthetic:1x8x8:10:16", "--batch-size", "8",
                  "--samples", "4", "--timesteps", "4", "--threads", "1"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from energy_fakes import FakeClock, FakeGpu, make_pynvml, sine
+
 from ssprop_energy.energy import Constant, FakeChannel
 from ssprop_energy.energy.fake import FakeSource
 from ssprop_energy.energy.meter import COUNTER_UPDATE_S, EnergyMeter
