@@ -204,6 +204,8 @@ class EnergyComponent:
         rank: in a distributed run, the global rank whose meter read it (its GPU, its process's CPU
             estimate); None for a node-wide counter or a single-process run.
         node: in a distributed run, the node (torchrun ``GROUP_RANK``) it belongs to; None single-process.
+        below_resolution: the window was shorter than the counter's update period, or held fewer than two
+            power samples: the figure is quantisation or interpolation, not a measurement of that window.
     """
 
     component: str
@@ -213,6 +215,7 @@ class EnergyComponent:
     sampled_energy_j: float | None = None
     rank: int | None = None
     node: int | None = None
+    below_resolution: bool = False
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -242,12 +245,15 @@ def add_components(*groups: Iterable[EnergyComponent], scale: float = 1.0) -> li
     """Sum components over several intervals by (component, source, device, rank, node), each energy x
     ``scale``."""
     sums: dict[tuple[str, str, str, int | None, int | None], float] = {}
+    short: dict[tuple[str, str, str, int | None, int | None], bool] = {}
     for group in groups:
         for c in group:
             key = (c.component, c.source, c.device, c.rank, c.node)
             sums[key] = sums.get(key, 0.0) + c.energy_j * scale
-    return [EnergyComponent(component=k[0], source=k[1], device=k[2], energy_j=v, rank=k[3], node=k[4])
-            for k, v in sums.items()]
+            # a sum is below resolution only when every part was (longer totals average the edge reads out)
+            short[key] = short.get(key, True) and c.below_resolution
+    return [EnergyComponent(component=k[0], source=k[1], device=k[2], energy_j=v, rank=k[3], node=k[4],
+                            below_resolution=short[k]) for k, v in sums.items()]
 
 
 def energy_by(components: Sequence[EnergyComponent], label: str) -> dict[int | None, tuple[float, str]]:

@@ -29,7 +29,8 @@ class NVMLError(Exception):
         self.value = value
 
     def __str__(self) -> str:
-        return {3: "Not Supported", 12: "NVML Shared Library Not Found", 15: "GPU is lost"}.get(self.value, "Unknown")
+        return {3: "Not Supported", 9: "Driver Not Loaded", 12: "NVML Shared Library Not Found", 15: "GPU is lost",
+                18: "RM has detected an NVML/RM version mismatch"}.get(self.value, "Unknown")
 
 
 class NVMLError_NotSupported(NVMLError):  # noqa: N801 - pynvml's spelling
@@ -58,6 +59,8 @@ class FakeGpu:
         self.errors: dict[str, int] = {}
         # Per-process SM utilisation samples as (pid, sm_percent), read at call time; None: not supported.
         self.process_utilisation: Callable[[], list[tuple[int, int]]] | None = None
+        # MIG mode (current, pending) as nvmlDeviceGetMigMode returns it; None: a GPU without MIG (Not Supported).
+        self.mig_mode: tuple[int, int] | None = None
 
 
 def make_pynvml(clock: FakeClock, gpus: list[FakeGpu], init_error: int | None = None) -> types.ModuleType:
@@ -136,11 +139,16 @@ def make_pynvml(clock: FakeClock, gpus: list[FakeGpu], init_error: int | None = 
         return [types.SimpleNamespace(pid=pid, timeStamp=ts, smUtil=sm, memUtil=0, encUtil=0, decUtil=0)
                 for pid, sm in h.process_utilisation()]
 
+    def nvmlDeviceGetMigMode(h: FakeGpu) -> tuple[int, int]:
+        if h.mig_mode is None:
+            raise NVMLError_NotSupported()
+        return h.mig_mode
+
     mod.NVML_TEMPERATURE_GPU = 0
     for fn in (nvmlInit, nvmlShutdown, nvmlSystemGetDriverVersion, nvmlDeviceGetCount, nvmlDeviceGetHandleByIndex,
                nvmlDeviceGetName, nvmlDeviceGetPowerUsage, nvmlDeviceGetTotalEnergyConsumption,
                nvmlDeviceGetComputeRunningProcesses, nvmlDeviceGetGraphicsRunningProcesses, nvmlDeviceGetTemperature,
-               nvmlDeviceGetCurrentClocksEventReasons, nvmlDeviceGetProcessUtilization):
+               nvmlDeviceGetCurrentClocksEventReasons, nvmlDeviceGetProcessUtilization, nvmlDeviceGetMigMode):
         setattr(mod, fn.__name__, fn)
     return mod
 

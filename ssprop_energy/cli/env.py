@@ -23,6 +23,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--sysfs-root", default=None, help="filesystem root holding sys/class/powercap (default /)")
     parser.add_argument("--countries", action="store_true", help="list the country codes with carbon data and exit")
+    parser.add_argument(
+        "--check", action="store_true",
+        help="diagnose every energy source and print the fix for each problem; exit 0 when --meter works, 1 if not",
+    )
+    parser.add_argument("--meter", default="auto", choices=("auto", "nvml", "rapl", "estimate"),
+                        help="the meter --check decides the exit code by (default auto)")
     parser.set_defaults(func=run)
     return parser
 
@@ -78,9 +84,33 @@ def run(args: argparse.Namespace) -> int:
             for row in rows:
                 sys.stdout.write(f"{row['code']}  {row['g_per_kwh']:8.1f} g/kWh  {row['year']}  {row['name']}\n")
         return 0
+    if args.check:
+        return _check(args)
     info = collect(args.country, args.carbon_intensity, args.sysfs_root)
     if args.json:
         sys.stdout.write(json.dumps(info, indent=2) + "\n")
     else:
         _print_text(info)
     return 0
+
+
+_MARK = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
+
+
+def _check(args: argparse.Namespace) -> int:
+    from ssprop_energy.energy.doctor import diagnose
+
+    report = diagnose(args.meter, args.sysfs_root)
+    if args.json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        out = sys.stdout
+        for f in report["findings"]:
+            out.write(f"[{_MARK[f['level']]}] {f['source']:<8} {f['problem']}\n")
+            if f["fix"]:
+                out.write(f"           fix: {f['fix']}\n")
+        if report["meter_works"]:
+            out.write(f"--meter {args.meter} works here: {' + '.join(report['meter_sources'])}\n")
+        else:
+            out.write(f"--meter {args.meter} does not work here: {report['meter_error']}\n")
+    return 0 if report["meter_works"] else 1

@@ -11,6 +11,12 @@ How energy is obtained, per component:
 - a component with both (NVML on Volta and later) gets the counter figure as its energy and the sampled
   integral beside it in ``sampled_energy_j``, so the two can be compared.
 
+A figure below the meter's resolution is labelled, not silently taken: a counter component over a window
+whose total wall time is shorter than that counter's update period (:data:`COUNTER_UPDATE_S`) may read 0 or
+a whole update, and a sampled component over a window holding fewer than two samples is an interpolation
+between samples taken outside it. Such components are listed in ``WindowEnergy.short_components`` and marked
+``below_resolution`` in the records.
+
 The idle baseline (``measure_idle``) is reported beside the energy and never subtracted from it.
 Windows must be opened from one thread (the training loop); the sampler thread only takes samples.
 """
@@ -33,6 +39,12 @@ from ssprop_energy.records import EnergyComponent, total_energy
 logger = logging.getLogger(__name__)
 
 SyncArg = Callable[[], None] | str | None
+
+# How often each source's energy counter advances (s); a source may override it with a
+# ``counter_update_s`` attribute. RAPL: every ~1 ms (Intel SDM, 976 us). NVML total energy: NVIDIA does not
+# document it; 0.1 s is the conservative bound (benchmarks/gpu_check.py measures it on the card). The
+# estimate: CPU times advance in clock ticks (USER_HZ = 100, 10 ms). Fake counters are exact integrals.
+COUNTER_UPDATE_S: dict[str, float | None] = {"rapl": 1e-3, "nvml": 0.1, "estimate": 0.01, "fake": None}
 
 
 @dataclass
@@ -73,6 +85,7 @@ class WindowEnergy:
     components_j: dict[str, float]
     wall_s: float
     count: int
+    short_components: tuple[str, ...] = ()  # components whose figure here is below the meter's resolution
 
     @property
     def energy_j(self) -> float:
@@ -142,6 +155,10 @@ class EnergyMeter:
                     raise MeterError(f"two power sources both measure component {spec.component!r}")
                 self.specs[spec.component] = spec
         self._counter_sources = [s for s in self._sources if any(c.counter for c in s.components())]
+        self._update_s: dict[str, float | None] = {
+            spec.component: getattr(src, "counter_update_s", COUNTER_UPDATE_S.get(src.kind))
+            for src in self._sources for spec in src.components() if spec.counter
+        }
         self._description = self._describe()
 
         self._lock = threading.Lock()
@@ -368,6 +385,21 @@ class EnergyMeter:
             out[comp] = max(0.0, sum(trace.energy_to(b) - trace.energy_to(a) for a, b in tot.intervals))
         return out
 
+    def _short(self, tot: _WindowTotals) -> tuple[str, ...]:
+        """Components whose figure over ``tot`` is below resolution (see the module docstring)."""
+        out = []
+        for comp, spec in self.specs.items():
+            if spec.counter:
+                period = self._update_s.get(comp)
+                if period is not None and tot.wall_s < period:
+                    out.append(comp)
+            else:
+                times = self._traces[comp].times
+                inside = sum(bisect.bisect_right(times, b) - bisect.bisect_left(times, a) for a, b in tot.intervals)
+                if inside < 2:
+                    out.append(comp)
+        return tuple(out)
+
     def scope_energy(self, scope: str) -> dict[str, WindowEnergy]:
         """The closed windows of ``scope`` so far: ``{name: WindowEnergy}`` (J per component, s, count).
 
@@ -383,7 +415,8 @@ class EnergyMeter:
             for (sc, name), tot in self._scoped.items():
                 if sc == scope:
                     comps = self._window_energy(tot)
-                    out[name] = WindowEnergy(components_j=comps, wall_s=tot.wall_s, count=tot.count)
+                    out[name] = WindowEnergy(components_j=comps, wall_s=tot.wall_s, count=tot.count,
+                                             short_components=self._short(tot))
             return out
 
     def component_info(self) -> dict[str, ComponentSpec]:
@@ -396,15 +429,19 @@ class EnergyMeter:
 
     def _report(self, t_end: float) -> EnergyReport:
         components = []
+        whole = _WindowTotals(count=1, wall_s=t_end - self._t0, intervals=[(self._t0, t_end)])
+        short = set(self._short(whole))
         for comp, spec in self.specs.items():
             trace = self._traces.get(comp)
             sampled_j = max(0.0, trace.cum_j[-1]) if trace is not None else None
             if spec.counter:
                 energy_j = self._last_counter[comp] - self._counter0[comp]
-                components.append(EnergyComponent(comp, energy_j, spec.source, spec.device, sampled_j))
+                components.append(EnergyComponent(comp, energy_j, spec.source, spec.device, sampled_j,
+                                                  below_resolution=comp in short))
             else:
                 assert sampled_j is not None, "a component without a counter always has a power trace"
-                components.append(EnergyComponent(comp, sampled_j, spec.source, spec.device, None))
+                components.append(EnergyComponent(comp, sampled_j, spec.source, spec.device, None,
+                                                  below_resolution=comp in short))
         energy_j, source = total_energy(components)
         windows: dict[str, dict[str, float]] = {}
         window_components: dict[str, dict[str, float]] = {}

@@ -714,7 +714,8 @@ class Executor:
         interference = self.monitor.end(token).to_dict() if self.monitor is not None else None
         window = meter.scope_energy(scope)["sample"]
         specs = meter.component_info()
-        components = [EnergyComponent(component=c, energy_j=e, source=specs[c].source, device=specs[c].device)
+        components = [EnergyComponent(component=c, energy_j=e, source=specs[c].source, device=specs[c].device,
+                                      below_resolution=c in window.short_components)
                       for c, e in sorted(window.components_j.items())]
         with meter.window("score", scope=f"{key.name}/score"):
             quality = task.score(samples)
