@@ -76,3 +76,18 @@ def test_summed_components_are_below_resolution_only_when_every_part_is():
     assert add_components([short], [short])[0].below_resolution
     (merged,) = add_components([short], [fine])
     assert not merged.below_resolution and merged.energy_j == 3.0
+
+
+def test_slice_length_floor_follows_the_slowest_reading(monkeypatch):
+    # NVML counter updates every 0.1 s, the sampled cpu component every sample period: the slower one rules
+    from ssprop_energy.experiment.execute import SLICE_MIN_UPDATES, meter_update_period_s
+
+    clock = FakeClock()
+    p, e = sine(200.0, 20.0, 3.0)
+    monkeypatch.setitem(sys.modules, "pynvml", make_pynvml(clock, [FakeGpu("NVIDIA H100 80GB HBM3", p, e)]))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    gpu_only = EnergyMeter([NvmlSource()], clock=clock, background=False, sync=None, sample_period_s=0.02)
+    assert meter_update_period_s(gpu_only) == 0.1
+    both = _meter(monkeypatch, clock)
+    assert meter_update_period_s(both) == max(0.1, both.sample_period_s)
+    assert SLICE_MIN_UPDATES * 0.1 >= 1.0  # ten counter updates per slice at least

@@ -423,6 +423,11 @@ class EnergyMeter:
         """Every component's spec (source, device), for turning window energies into records."""
         return dict(self.specs)
 
+    def counter_update_s(self) -> dict[str, float | None]:
+        """Each counter component's update period (s; None where unknown): a window shorter than it may
+        read 0 or a whole update."""
+        return dict(self._update_s)
+
     def intervals(self) -> dict[tuple[str, str], list[tuple[float, float]]]:
         """``{(scope, name): [(start_s, end_s), ...]}`` of every closed window, in seconds since start."""
         return {key: [(a - self._t0, b - self._t0) for a, b in tot.intervals] for key, tot in self._scoped.items()}

@@ -172,14 +172,13 @@ def _steady(times: Sequence[float]) -> bool:
     return min(times) > 0 and max(times) / min(times) - 1.0 <= WARMUP_TOLERANCE
 
 
-def meter_update_period_s(meter: Any) -> float:
+def meter_update_period_s(meter: EnergyMeter) -> float:
     """The slowest update period (s) among the meter's energy readings: the sampling period for a
     component read as power only, a source's declared counter update period for a counter, else 0."""
     periods = [0.0]
-    for spec in meter.component_info().values():
-        if not spec.counter:
-            periods.append(meter.sample_period_s)
-        periods.append(float(getattr(spec, "update_period_s", 0.0) or 0.0))
+    if any(not spec.counter for spec in meter.component_info().values()):
+        periods.append(meter.sample_period_s)
+    periods += [p for p in meter.counter_update_s().values() if p is not None]
     return max(periods)
 
 
