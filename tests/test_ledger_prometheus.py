@@ -58,3 +58,40 @@ def test_scrape_over_http(tmp_path):
     # 2025-01-03T00:00:00Z = 1735862400 (date -u -d ... +%s)
     assert got[("ssprop_ledger_last_run_timestamp_seconds", ())] == 1735862400.0
     assert _samples(exposition(path)) == got
+
+
+def test_cli_metrics(tmp_path, capsys):
+    from ssprop_energy.cli import main
+
+    path = _ledger(tmp_path)
+    assert main(["audit", "metrics", "--ledger", str(path)]) == 0
+    got = _samples(capsys.readouterr().out)
+    assert got[("ssprop_ledger_runs", (("status", "complete"),))] == 2
+
+
+def test_cli_serve_metrics_scraped(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    path = _ledger(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "ssprop_energy", "audit", "serve-metrics", "--port", str(port),
+                             "--ledger", str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert "serving" in proc.stdout.readline()
+        text = None
+        for _ in range(50):
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert text is not None
+        p1 = (("host", "h1"), ("project", "p1"), ("source", "counter"), ("user", "ann"))
+        assert _samples(text)[("ssprop_ledger_energy_joules_total", p1)] == 150.0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
