@@ -32,14 +32,19 @@ import psutil
 
 from ssprop_energy.energy import KINDS
 from ssprop_energy.errors import ConfigError
-from ssprop_energy.ledger.db import LedgerLocation, locate, pending_dir, require_driver
-from ssprop_energy.ledger.entries import import_fallback, pending_rows, sync_pending
-from ssprop_energy.ledger.summary import GROUP_KEYS, export_csv, load_entries, parse_since, summarize
-from ssprop_energy.records import write_text_atomic
 from ssprop_energy.fmt import fmt_co2_compact as _fmt_co2
 from ssprop_energy.fmt import fmt_energy_compact as _fmt_energy
 from ssprop_energy.fmt import fmt_wall_compact as _fmt_wall
-
+from ssprop_energy.ledger.db import LedgerLocation, locate, pending_dir, require_driver
+from ssprop_energy.ledger.entries import import_fallback, pending_rows, sync_pending
+from ssprop_energy.ledger.summary import (
+    GROUP_KEYS,
+    export_csv,
+    load_entries,
+    parse_since,
+    summarize,
+)
+from ssprop_energy.records import write_text_atomic
 
 
 def _since(text: str) -> Any:
