@@ -20,7 +20,7 @@ __all__ = ["FORMATS", "MAX_REPORT_BYTES", "Run", "load_run", "load_run_dirs", "r
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("html", "md")
+FORMATS = ("html", "md", "latex")
 # The issue's budget for a typical run; larger reports are still written, with a warning.
 MAX_REPORT_BYTES = 5 * 1024 * 1024
 
@@ -35,6 +35,10 @@ def render_text(runs: Sequence[Run], fmt: str = "html") -> str:
         from ssprop_energy.report.markdown import render_markdown
 
         return render_markdown(list(runs))
+    if fmt == "latex":
+        from ssprop_energy.report.latex import render_latex
+
+        return render_latex(list(runs))
     raise ConfigError(f"unknown report format {fmt!r} (expected one of: {', '.join(FORMATS)})")
 
 
