@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--format", choices=FORMATS, default=None,
-        help="html (default), md or latex; inferred from the --out suffix (.md, .tex) when omitted",
+        help="html (default), md, latex or model-card (one run; README.md); inferred from the --out suffix (.md, .tex) when omitted",
     )
     parser.set_defaults(func=run)
     return parser
@@ -37,7 +37,7 @@ def _resolve(args: argparse.Namespace) -> tuple[Path, str]:
         fmt = "md" if suffix in (".md", ".markdown") else "latex" if suffix == ".tex" else "html"
     out = args.out
     if out is None:
-        name = f"report.{'tex' if fmt == 'latex' else fmt}"
+        name = {"latex": "report.tex", "model-card": "README.md"}.get(fmt, f"report.{fmt}")
         out = Path(args.run_dirs[0]) / name if len(args.run_dirs) == 1 else Path(name)
     return out, fmt
 
