@@ -53,9 +53,9 @@ def render_model_card(runs: Sequence[Run]) -> str:
     meta = card_metadata(run)
     arm = _chosen_arm(run)
     body = [f"# {run.title} ({arm})", "",
-            f"Trained with ssProp ({run.arms[arm].schedule}, drop rate {run.arms[arm].drop_rate:g}); "
-            f"measured with ssprop-energy. Emissions: {T.fmt_co2(run.arms[arm].co2_g)}, energy "
-            f"{T.fmt_energy(run.arms[arm].energy_j)} ({run.arms[arm].energy_source}).", "",
+            (f"Trained with ssProp ({run.arms[arm].schedule}, drop rate {run.arms[arm].drop_rate:g}); "
+             f"measured with ssprop-energy. Emissions: {T.fmt_co2(run.arms[arm].co2_g)}, energy "
+             f"{T.fmt_energy(run.arms[arm].energy_j)} ({run.arms[arm].energy_source})."), "",
             "## Training energy by arm", "", _arms(run), "", T.provenance_line(run), ""]
     try:
         from huggingface_hub import ModelCardData
