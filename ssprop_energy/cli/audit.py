@@ -9,6 +9,8 @@
 - ``audit import --codecarbon FILE.csv`` add runs tracked with CodeCarbon (its emissions CSV)
 - ``audit sync``                         send rows spooled while the ledger server was unreachable
 - ``audit migrate --to URL``             copy a local SQLite ledger into a PostgreSQL server
+- ``audit metrics``                      the ledger as Prometheus text exposition (stdout)
+- ``audit serve-metrics --port P``       serve that exposition on ``http://127.0.0.1:P/metrics`` until Ctrl-C
 
 Every action takes ``--ledger PATH|URL`` (default ``$SSPROP_ENERGY_LEDGER``, else the user data directory):
 an SQLite file or a ``postgresql://user@host:port/dbname`` server.
@@ -122,6 +124,13 @@ def register(sub: Any) -> argparse.ArgumentParser:
                                      "default) into the ledger at --to; rows already there are skipped.")
     mg.add_argument("--to", required=True, metavar="URL", help="the target ledger (postgresql://...)")
     mg.set_defaults(func=migrate_command)
+
+    mt = asub.add_parser("metrics", parents=[common], help="the ledger as Prometheus text exposition")
+    mt.set_defaults(func=metrics_command)
+    sv = asub.add_parser("serve-metrics", parents=[common], help="serve the Prometheus exposition over HTTP")
+    sv.add_argument("--port", type=int, required=True, help="TCP port to listen on")
+    sv.add_argument("--addr", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.set_defaults(func=serve_metrics_command)
     return p
 
 
@@ -376,3 +385,31 @@ def migrate_command(args: argparse.Namespace) -> int:
           f"{_fmt_energy(res.target_energy_j)} ({res.target_energy_j:.6g} J)")
     print("verified: counts and energy sums match")
     return 0
+
+
+def metrics_command(args: argparse.Namespace) -> int:
+    from ssprop_energy.ledger.prometheus import exposition
+
+    sys.stdout.write(exposition(_ledger(args)))
+    return 0
+
+
+def serve_metrics_command(args: argparse.Namespace) -> int:
+    import time
+
+    from ssprop_energy.ledger.prometheus import serve
+
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port must be 1..65535, got {args.port}")
+    ledger = _ledger(args)
+    try:
+        serve(ledger, args.port, addr=args.addr)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {args.addr}:{args.port}: {exc.strerror or exc}") from None
+    print(f"serving {ledger} as Prometheus metrics on http://{args.addr}:{args.port}/metrics (Ctrl-C stops)",
+          flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0

@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--format", choices=FORMATS, default=None,
-        help="html (default) or md; inferred from the --out suffix when omitted",
+        help="html (default), md, latex or model-card (one run; README.md); inferred from the --out suffix (.md, .tex) when omitted",
     )
     parser.set_defaults(func=run)
     return parser
@@ -34,10 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def _resolve(args: argparse.Namespace) -> tuple[Path, str]:
     fmt = args.format
     if fmt is None:
-        fmt = "md" if args.out is not None and args.out.suffix.lower() in (".md", ".markdown") else "html"
+        suffix = args.out.suffix.lower() if args.out is not None else ""
+        fmt = "md" if suffix in (".md", ".markdown") else "latex" if suffix == ".tex" else "html"
     out = args.out
     if out is None:
-        name = f"report.{fmt}"
+        name = {"latex": "report.tex", "model-card": "README.md"}.get(fmt, f"report.{fmt}")
         out = Path(args.run_dirs[0]) / name if len(args.run_dirs) == 1 else Path(name)
     return out, fmt
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ssprop_energy.errors import ConfigError
 from ssprop_energy.records import write_text_atomic
@@ -20,7 +20,7 @@ __all__ = ["FORMATS", "MAX_REPORT_BYTES", "Run", "load_run", "load_run_dirs", "r
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("html", "md")
+FORMATS = ("html", "md", "latex", "model-card")
 # The issue's budget for a typical run; larger reports are still written, with a warning.
 MAX_REPORT_BYTES = 5 * 1024 * 1024
 
@@ -35,6 +35,14 @@ def render_text(runs: Sequence[Run], fmt: str = "html") -> str:
         from ssprop_energy.report.markdown import render_markdown
 
         return render_markdown(list(runs))
+    if fmt == "latex":
+        from ssprop_energy.report.latex import render_latex
+
+        return render_latex(list(runs))
+    if fmt == "model-card":
+        from ssprop_energy.report.modelcard import render_model_card
+
+        return render_model_card(list(runs))
     raise ConfigError(f"unknown report format {fmt!r} (expected one of: {', '.join(FORMATS)})")
 
 
