@@ -42,17 +42,25 @@ from ssprop_energy.distributed.sharding import local_batch_sizes
 from ssprop_energy.energy import open_meter
 from ssprop_energy.energy.interference import InterferenceReading
 from ssprop_energy.energy.select import MeterChoice
-from ssprop_energy.errors import ConfigError
+from ssprop_energy.errors import ConfigError, RecordError
 from ssprop_energy.experiment.config import ArmSpec, ExperimentConfig
 from ssprop_energy.experiment.plan import ArmRunKey, Group, epoch_order
 from ssprop_energy.flops import FlopMeter
 from ssprop_energy.flops.integrate import RunFlops
-from ssprop_energy.errors import RecordError
 from ssprop_energy.layer_coverage import LayerCoverage, layer_coverage
 from ssprop_energy.models import get_model, resolve_layers
 from ssprop_energy.records import (
-    SAMPLES_FILE, ArmRun, EnergyComponent, EpochRecord, Measurement, SliceRecord, diverged_epoch, read_json,
-    total_energy, write_bytes_atomic, write_json_atomic,
+    SAMPLES_FILE,
+    ArmRun,
+    EnergyComponent,
+    EpochRecord,
+    Measurement,
+    SliceRecord,
+    diverged_epoch,
+    read_json,
+    total_energy,
+    write_bytes_atomic,
+    write_json_atomic,
 )
 from ssprop_energy.sparse import set_drop_rate, sparsify
 from ssprop_energy.sparse.schedules import DropSchedule
@@ -135,10 +143,12 @@ class PreparedRun:
 
     @property
     def name(self) -> str:
+        """The arm's name."""
         return self.key.name
 
     @property
     def active(self) -> Trainer:
+        """The arm-run's trainer (once the group has started)."""
         assert self.trainer is not None, "the group has not started"
         return self.trainer
 
@@ -285,6 +295,7 @@ class Executor:
         return self._coverage
 
     def schedule(self, arm: ArmSpec) -> DropSchedule | None:
+        """The arm's drop-rate schedule; None for a dense arm."""
         if not arm.sparse:
             return None
         return self.cfg.drop_schedule(arm.schedule, arm.drop_rate)
@@ -377,6 +388,7 @@ class Executor:
         return int(self.dist.broadcast(batches)) if self.dist.distributed else batches
 
     def checkpoint_path(self, key: ArmRunKey) -> Path:
+        """Where the arm-run's resume checkpoint is written."""
         return self.checkpoint_dir / f"{key.name}.pt"
 
     def _interference_path(self, key: ArmRunKey) -> Path:
