@@ -59,6 +59,9 @@ def merge_runs(runs: Sequence[ArmRun], infos: Sequence[dict[str, Any]], nodes: i
     for name, w in phases.items():
         w["energy_j"] = sum(float(r.phases.get(name, {}).get("energy_j", 0.0)) for r in runs)
     components = [c for r, info in zip(runs, infos) for c in label_components(r.energy_components, info)]
+    # generation: every rank sampled its shard in its own window; the sampling energy is all ranks' (rank 0's
+    # wall time: the shards are gathered at the window's end)
+    sample_components = [c for r, info in zip(runs, infos) for c in label_components(r.sample_energy_components, info)]
     trace = [[t, f"r{info['rank']}:{comp}", p, s, ph] for r, info in zip(runs, infos) for t, comp, p, s, ph in r.trace]
     ranks = []
     shares = []
@@ -75,5 +78,6 @@ def merge_runs(runs: Sequence[ArmRun], infos: Sequence[dict[str, Any]], nodes: i
         base, slices=_merge_slices(runs), flops_forward=sum(r.flops_forward for r in runs), flops_backward=sum(r.flops_backward for r in runs),
         flops_backward_conv=sum(r.flops_backward_conv for r in runs), energy_components=components, epochs=epochs,
         phases=phases, trace=trace, world_size=len(runs), nodes=nodes, ranks=ranks,
+        sample_energy_components=sample_components,
         comm_share=sum(shares) / len(shares) if shares else None,
     )

@@ -506,7 +506,12 @@ class Executor:
 
             loader = trainer.train_loader
             run.ddp.fraction = lambda loader=loader: loader.last_batch_samples
-            trainer.task = ShardedTask(trainer.task, d)
+            if run.task is not None:  # generation: the diffusion draws and fixed noise split like the batch
+                from ssprop_energy.generation.sharded import ShardedGenerationTask
+
+                trainer.task = ShardedGenerationTask(run.task, d, run.ddp.fraction)
+            else:
+                trainer.task = ShardedTask(trainer.task, d)
         trainer.begin()
         if d.distributed:
             run.comm_s = self._restore_rank_state(key, trainer)
@@ -710,15 +715,34 @@ class Executor:
                   ) -> dict[str, Any]:
         """Sample (own meter window), score (own window) and write the grid of one generation arm-run.
 
+        In a distributed run every rank samples its shard of the fixed noise and receives all samples, rank 0
+        scores them and writes the grid (``generation/sharded.py``); each rank meters its own windows.
+
         Returns the arm-run record's generation fields.
         """
         assert task is not None, "a generation arm-run has a generation task"
+        d = self.dist
+        if d.distributed:
+            from ssprop_energy.generation.sharded import sample_sharded, score_on_main, sharding_info
+
+            def sample() -> torch.Tensor:
+                return sample_sharded(task, trainer.model, self.device, d)
+
+            def score(samples: torch.Tensor) -> Any:
+                return score_on_main(task, samples, d)
+
+            sharding = sharding_info(d, task.config.n_samples)
+        else:
+            def sample() -> torch.Tensor:
+                return task.sample(trainer.model, self.device)
+
+            score, sharding = task.score, {}
         sync = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
         scope = f"{key.name}/sample"
         token = self.monitor.begin() if self.monitor is not None else None
         started = time.perf_counter()
         with meter.window("sample", scope=scope):
-            samples = task.sample(trainer.model, self.device)
+            samples = sample()
             sync()
         sample_wall_s = time.perf_counter() - started
         # what else loaded the machine while this arm sampled (its time and energy are read beside it)
@@ -729,16 +753,17 @@ class Executor:
                                       below_resolution=c in window.short_components)
                       for c, e in sorted(window.components_j.items())]
         with meter.window("score", scope=f"{key.name}/score"):
-            quality = task.score(samples)
+            quality = score(samples)
         grid_file = SAMPLES_FILE.format(name=key.name)
-        write_bytes_atomic(self.checkpoint_dir.parent / grid_file, task.grid(samples))
+        if d.is_main:  # the run directory is rank 0's
+            write_bytes_atomic(self.checkpoint_dir.parent / grid_file, task.grid(samples))
         log.info("%s: %d samples in %.1f s, %s %.4g (%s)", key.name, samples.shape[0], sample_wall_s,
                  quality.metric, quality.value, quality.extractor)
         return {
             "task": "generation", quality.metric: quality.value, "quality": quality.to_dict(),
             "sample_wall_s": sample_wall_s, "sample_energy_components": components,
-            "sampling": {**task.sampling_info(), "grid_file": grid_file, "grid_columns": task.config.grid_columns,
-                         "grid_scale": task.config.grid_scale,
+            "sampling": {**task.sampling_info(), **sharding, "grid_file": grid_file,
+                         "grid_columns": task.config.grid_columns, "grid_scale": task.config.grid_scale,
                          "weights": "the best validation epoch's (lowest fixed-noise validation MSE)",
                          "interference": interference},
         }

@@ -371,9 +371,6 @@ class Experiment:
             pue_source="--pue" if cfg.pue != 1.0 else "default 1.0 (no data-centre overhead)",
         )
         self.task = task_of(cfg.model)
-        if self.task == "generation" and self.dist.world_size > 1:
-            # each rank would sample and score its own copy: not wired yet, refused rather than half right
-            raise ConfigError(f"the generation model {cfg.model!r} runs on one process only (no DDP yet)")
         self.generation = self._generation_config() if self.task == "generation" else None
         # The split is fixed (seed 0) whatever the training seeds: every seed is tested on the same images.
         image_size = cfg.image_size
@@ -560,7 +557,8 @@ class Experiment:
             if self.cfg.idle_s > 0:
                 ranks.on_main(self._measure_idle)
             if self.generation is not None:
-                self._build_extractor()
+                # rank 0 alone scores the samples (generation/sharded.py), so it alone builds the extractor
+                ranks.on_main(self._build_extractor)
                 ranks.on_main(lambda: self._write_summary("running"))
             for group in self.groups:
                 pending = ranks.on_main(lambda: [k.name for k in group.runs if not self._result_path(k).exists()])

@@ -201,22 +201,35 @@ class Diffusion:
         seed: int,
         device: torch.device | str = "cpu",
         batch_size: int | None = None,
+        start: int = 0,
+        stop: int | None = None,
     ) -> Tensor:
         """Run the full reverse process for ``n`` images from a fixed noise seed; returns (n, C, H, W) float32.
 
         x_T and every step's noise are drawn on the CPU from one generator seeded with ``seed``, image by
         image in a fixed order, so the result depends only on the model, ``seed`` and ``n`` (not on
         ``batch_size`` or the device).
+
+        ``start`` / ``stop`` select images ``start .. stop - 1`` of those ``n`` (one rank's shard, see
+        :mod:`.sharded`): the same noise, so the same images up to float rounding, as rows ``start:stop`` of
+        the whole call; returns (stop - start, C, H, W).
         """
         if n < 1:
             raise ConfigError(f"need at least one sample, got {n}")
+        stop = n if stop is None else int(stop)
+        if not 0 <= start < stop <= n:
+            raise ConfigError(f"sample range {start}..{stop} is not inside 0..{n} or is empty")
         batch_size = n if batch_size is None else int(batch_size)
         gen = torch.Generator().manual_seed(int(seed))
+        for _ in range(start):
+            # the earlier images' noise, drawn and dropped: the generator cannot skip, and a draw costs far
+            # less than the T model forwards of the image it belongs to
+            torch.randn((self.timesteps, *image_shape), generator=gen)
         out = []
-        for start in range(0, n, batch_size):
+        for first in range(start, stop, batch_size):
             # Per image, in image order, one (T, C, H, W) block: x_T, then the noise of steps T-1..1. Drawn
             # batch by batch (all n at once would be n x T images), the same numbers for any batch size.
-            count = min(batch_size, n - start)
+            count = min(batch_size, stop - first)
             block = torch.stack([torch.randn((self.timesteps, *image_shape), generator=gen) for _ in range(count)])
             block = block.to(device)
             x = block[:, 0]

@@ -167,6 +167,11 @@ class GenerationTask:
         """Reseed the training draws for ``epoch`` (call at the start of every epoch, as the loader's)."""
         self._generator = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
 
+    @property
+    def train_generator(self) -> torch.Generator:
+        """The generator of this epoch's training draws (a sharded rank draws the global batch from it)."""
+        return self._generator
+
     def from_loader(self, x: Tensor) -> Tensor:
         """A batch normalised with the dataset's mean/std (the trainer's loader) -> the model's [-1, 1]."""
         mean, std = self._mean.to(x.device, x.dtype), self._std.to(x.device, x.dtype)
