@@ -13,6 +13,7 @@ from typing import Any, Callable, Collection
 import psutil
 
 from ssprop_energy.energy.interference.readers import (
+    CpuReader,
     _cpu_freq_files,
     _cpu_set,
     _Gpu,
@@ -181,7 +182,7 @@ class InterferenceMonitor:
         self._clock = clock
         pid = os.getpid() if root_pid is None else root_pid
         proc = Path(proc_root)
-        self._reader: _ProcfsReader | _PsutilReader
+        self._reader: CpuReader
         cpu_set = _cpu_set(cpus, pid)
         try:
             self._reader = _ProcfsReader(proc, pid, cpu_set)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection, Mapping
+from typing import Any, Collection, Mapping, Protocol
 
 import psutil
 
@@ -33,6 +33,29 @@ class _GpuSample:
     foreign: frozenset[int] | None  # None: not listed, or NVML's PIDs not comparable with ours
     reasons: frozenset[str]
     temperature_c: float | None
+
+
+class CpuReader(Protocol):
+    """What the monitor needs from a CPU-time source (procfs or psutil); times in seconds."""
+
+    source: str
+    cpu_count: int
+
+    def machine(self) -> tuple[float, float, int]:
+        """(busy seconds, steal seconds, CPUs counted) over the counted CPUs."""
+        ...
+
+    def tree(self) -> dict[tuple[int, float], float]:
+        """CPU seconds per live member of this process tree, keyed by (pid, start time)."""
+        ...
+
+    def alive(self, key: tuple[int, float]) -> bool:
+        """Whether the process ``key`` still exists."""
+        ...
+
+    def load_avg_1m(self) -> float | None:
+        """The 1-minute load average; None where unavailable."""
+        ...
 
 
 class _ProcfsReader:
