@@ -39,12 +39,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import _load
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-import _load
 from ssprop_energy.sparse import densify, keep_count, sparsify
 
 SELECTIONS = ("topk", "random", "quantile")

@@ -19,10 +19,10 @@ import argparse
 import statistics
 import time
 
+import _load
 import torch
 import torch.nn.functional as F
 
-import _load
 from ssprop_energy.data import BatchLoader, load_dataset
 from ssprop_energy.models import get_model
 

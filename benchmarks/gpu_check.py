@@ -40,7 +40,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from ssprop_energy.records import write_json_atomic, write_text_atomic
+from ssprop_energy.records import write_json_atomic, write_text_atomic  # noqa: E402 - after the sys.path line above
 
 # Per-part wall budgets (s) on one H100; they sum to 450 s, leaving the rest of 8 minutes to process start-up.
 BUDGET_S = {"grads": 30, "speedup": 150, "nvml": 85, "compare": 110, "ddpm": 75}

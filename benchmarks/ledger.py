@@ -26,6 +26,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import _load
+
 from ssprop_energy import ledger
 from ssprop_energy.energy import open_meter
 from ssprop_energy.ledger.wrap import run_wrapped

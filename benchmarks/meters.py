@@ -28,10 +28,10 @@ import statistics
 import time
 from typing import Callable
 
+import _load
 import torch
 import torch.nn.functional as F
 
-import _load
 from ssprop_energy.energy import open_meter
 from ssprop_energy.models import get_model
 

@@ -16,12 +16,11 @@ import argparse
 import collections
 import sys
 
+import _load
 import torch
-import torch.nn.functional as F
+from backward import ResNet18, step
 from torch.profiler import ProfilerActivity, profile
 
-import _load
-from backward import ResNet18, step
 from ssprop_energy.sparse import densify, sparsify
 
 TRACED = ("aten::copy_", "aten::fill_")
@@ -36,7 +35,7 @@ def profile_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, step
 
 
 def per_op(prof: profile, steps: int) -> dict[str, tuple[float, float]]:
-    """op name -> (self CPU ms per step, calls per step)."""
+    """Op name -> (self CPU ms per step, calls per step)."""
     return {e.key: (e.self_cpu_time_total / 1e3 / steps, e.count / steps) for e in prof.key_averages()}
 
 

@@ -16,9 +16,6 @@ from typing import Any, Callable
 import numpy as np
 
 from ssprop_energy.records import (
-    CarbonBlock,
-    RepeatFigures,
-    paired_stat_from_dict,
     CONFIG_FILE,
     EPOCH_COLUMNS,
     EPOCHS_FILE,
@@ -27,9 +24,12 @@ from ssprop_energy.records import (
     TRACE_COLUMNS,
     TRACE_FILE,
     ArmRecord,
+    CarbonBlock,
     EnergyComponent,
     EpochRecord,
+    RepeatFigures,
     RunSummary,
+    paired_stat_from_dict,
     write_csv_atomic,
     write_json_atomic,
     write_summary,
@@ -281,13 +281,13 @@ def make_run(
 
 
 def compare_run(run_dir: Path, **kw: Any) -> RunSummary:
-    """dense vs ssprop (drop 0.8, bar), 3 repeats: paired deltas with intervals."""
+    """Dense vs ssprop (drop 0.8, bar), 3 repeats: paired deltas with intervals."""
     kw.setdefault("repeats", 3)
     return make_run(run_dir, [ArmSpec("dense", 0.0), ArmSpec("ssprop", 0.8)], **kw)
 
 
 def sweep_run(run_dir: Path, **kw: Any) -> RunSummary:
-    """dense plus ssprop at drop 0.2, 0.4, 0.6, 0.8 (bar), 2 repeats, one shared baseline."""
+    """Dense plus ssprop at drop 0.2, 0.4, 0.6, 0.8 (bar), 2 repeats, one shared baseline."""
     kw.setdefault("repeats", 2)
     arms = [ArmSpec("dense", 0.0)] + [ArmSpec(f"ssprop-d{d:.1f}-bar", d) for d in (0.2, 0.4, 0.6, 0.8)]
     return make_run(run_dir, arms, kind="sweep", **kw)

@@ -16,9 +16,8 @@ import math
 import textwrap
 from pathlib import Path
 
-from torch import nn
-
 import pytest
+from torch import nn
 
 from ssprop_energy.cli import main
 from ssprop_energy.layer_coverage import LOW_SHARE

@@ -24,7 +24,6 @@ from ssprop_energy.data import cifar, idx, load_dataset
 from ssprop_energy.data.download import RemoteFile, default_data_dir, download_file, ensure_file
 from ssprop_energy.errors import ChecksumError, DataError, DownloadError
 
-
 # --------------------------------------------------------------------------------------------- the server
 
 

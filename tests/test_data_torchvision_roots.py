@@ -11,12 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_data_download import cifar_planes, make_cifar_tarball, make_idx_set
 
 from ssprop_energy.data import cifar, download, idx, load_dataset
 from ssprop_energy.data.download import RemoteFile
 from ssprop_energy.errors import ChecksumError, DataError
-
-from test_data_download import cifar_planes, make_cifar_tarball, make_idx_set
 
 
 def md5(data: bytes) -> str:

@@ -13,7 +13,10 @@ from ssprop_energy.distributed.ddp import CommTimer, rank_meter_choice
 from ssprop_energy.distributed.launch import strip_flag
 from ssprop_energy.distributed.merge import label_components, merge_runs
 from ssprop_energy.distributed.sharding import (
-    global_batch_sizes, local_batch_sizes, shard_slice, validate_sharding,
+    global_batch_sizes,
+    local_batch_sizes,
+    shard_slice,
+    validate_sharding,
 )
 from ssprop_energy.energy.select import MeterChoice
 from ssprop_energy.errors import ConfigError

@@ -6,6 +6,7 @@ import json
 import sys
 
 from energy_fakes import FakeClock, FakeGpu, RaplTree, make_pynvml, sine
+
 from ssprop_energy.cli import main
 
 

@@ -10,8 +10,8 @@ import sys
 import time
 
 import pytest
-
 from energy_fakes import FakeClock
+
 from ssprop_energy.energy import open_meter
 from ssprop_energy.energy.estimate import EstimateSource, ProcessTreeCpu, lookup_tdp
 from ssprop_energy.errors import ConfigError

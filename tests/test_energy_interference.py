@@ -13,8 +13,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from energy_fakes import FakeClock, FakeGpu, make_pynvml
+
 from ssprop_energy.energy import interference
 from ssprop_energy.energy.interference import (
     InterferenceMonitor,

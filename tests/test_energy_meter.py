@@ -7,8 +7,8 @@ import sys
 import time
 
 import pytest
-
 from energy_fakes import FakeClock
+
 from ssprop_energy.energy import Constant, FakeChannel, Ramp, Sine, Step, open_meter
 from ssprop_energy.energy.fake import FunctionTrace
 from ssprop_energy.errors import MeterError

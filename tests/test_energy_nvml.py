@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 
 import pytest
-
 from energy_fakes import FakeClock, FakeGpu, make_pynvml, sine
+
 from ssprop_energy.energy import open_meter
 from ssprop_energy.energy.nvml import visible_gpu_indices
 from ssprop_energy.errors import MeterError, MeterUnavailableError

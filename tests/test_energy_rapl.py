@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from energy_fakes import FakeClock, RaplTree
+
 from ssprop_energy.energy import open_meter
 from ssprop_energy.energy import rapl as rapl_mod
 from ssprop_energy.energy.rapl import RaplSource, find_domains

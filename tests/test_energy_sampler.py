@@ -6,8 +6,8 @@ import threading
 import time
 
 import pytest
-
 from energy_fakes import FakeClock
+
 from ssprop_energy.energy.sampler import Sampler
 
 

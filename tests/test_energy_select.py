@@ -6,8 +6,8 @@ import logging
 import sys
 
 import pytest
-
 from energy_fakes import FakeClock, FakeGpu, RaplTree, make_pynvml, sine
+
 from ssprop_energy.energy import available_sources, open_meter
 from ssprop_energy.errors import ConfigError, MeterUnavailableError
 

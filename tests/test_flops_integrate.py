@@ -9,9 +9,8 @@ import torch
 from torch import nn
 
 from ssprop_energy.errors import ConfigError
-from ssprop_energy.flops import FlopMeter, count_step
+from ssprop_energy.flops import FlopMeter, count_step, integrate
 from ssprop_energy.flops import formulas as fm
-from ssprop_energy.flops import integrate
 from ssprop_energy.sparse import DropSchedule, SSPropConv2d, sparsify
 
 

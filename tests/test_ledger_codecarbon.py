@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from pg_server import pg_server, pg_url  # noqa: F401 - fixtures
 
 from ssprop_energy import ledger
 from ssprop_energy.cli import main
 from ssprop_energy.ledger.codecarbon import REQUIRED_COLUMNS
-
-from pg_server import pg_server, pg_url  # noqa: F401 - fixtures
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from pg_server import pg_server, pg_url  # noqa: F401 - fixtures
 
 from ssprop_energy import ledger
 from ssprop_energy.errors import ConfigError, LedgerError
@@ -17,8 +18,6 @@ from ssprop_energy.ledger import db
 from ssprop_energy.ledger.attribution import CpuAttribution
 from ssprop_energy.ledger.entries import FALLBACK_FILE
 from ssprop_energy.records import EnergyComponent
-
-from pg_server import pg_server, pg_url  # noqa: F401 - fixtures
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -8,11 +8,14 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
-
 from energy_fakes import FakeClock, FakeGpu, make_pynvml
+
 from ssprop_energy import ledger
 from ssprop_energy.ledger.gpushare import (
-    COMPUTE_PROCESSES, NVML_UTILISATION, DeviceTally, GpuShareSampler,
+    COMPUTE_PROCESSES,
+    NVML_UTILISATION,
+    DeviceTally,
+    GpuShareSampler,
 )
 from ssprop_energy.ledger.wrap import run_wrapped
 from ssprop_energy.records import EnergyComponent

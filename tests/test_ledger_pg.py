@@ -8,19 +8,17 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from pg_server import pg_server, pg_url, start_server  # noqa: F401 - fixtures
 
 from ssprop_energy import ledger
 from ssprop_energy.cli import main
 from ssprop_energy.errors import LedgerError
 from ssprop_energy.ledger import db, entries
 from ssprop_energy.records import EnergyComponent
-
-from pg_server import pg_server, pg_url, start_server  # noqa: F401 - fixtures
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,13 +14,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from report_fixtures import compare_run, sweep_run
 
 import ssprop_energy
 from ssprop_energy.errors import RecordError
 from ssprop_energy.records import load_summary
 from ssprop_energy.runs import RUN_COLUMNS
-
-from report_fixtures import compare_run, sweep_run
 
 
 def test_one_row_per_arm_and_repeat_with_the_records_figures(tmp_path):

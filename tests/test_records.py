@@ -10,8 +10,16 @@ import pytest
 
 from ssprop_energy.errors import RecordError
 from ssprop_energy.records import (
-    SCHEMA_VERSION, ArmRun, EnergyComponent, EpochRecord, add_components, load_summary, summary_from_dict,
-    total_energy, write_json_atomic, write_text_atomic,
+    SCHEMA_VERSION,
+    ArmRun,
+    EnergyComponent,
+    EpochRecord,
+    add_components,
+    load_summary,
+    summary_from_dict,
+    total_energy,
+    write_json_atomic,
+    write_text_atomic,
 )
 
 V1_RUN = Path(__file__).parent / "data" / "v1_run"

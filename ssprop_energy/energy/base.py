@@ -18,7 +18,6 @@ from typing import Any
 
 from ssprop_energy.records import EnergyComponent
 
-
 #: the figure covers the whole machine or device (every process on it)
 SCOPE_MACHINE = "machine"
 #: the figure covers only the measuring process and its descendants

@@ -17,9 +17,25 @@ from ssprop_energy.experiment.config import ArmSpec
 from ssprop_energy.experiment.headline import headlines
 from ssprop_energy.experiment.stats import epoch_interval, paired_stats
 from ssprop_energy.records import (
-    EPOCH_COLUMNS, EPOCHS_FILE, LAYER_COLUMNS, LAYERS_FILE, SLICE_COLUMNS, SLICES_FILE, TRACE_COLUMNS, TRACE_FILE, ArmRecord, ArmRun,
-    CarbonBlock, EpochInterval, EpochRecord, Interference, PairedStat, RepeatFigures, add_components,
-    total_energy, write_csv_atomic,
+    EPOCH_COLUMNS,
+    EPOCHS_FILE,
+    LAYER_COLUMNS,
+    LAYERS_FILE,
+    SLICE_COLUMNS,
+    SLICES_FILE,
+    TRACE_COLUMNS,
+    TRACE_FILE,
+    ArmRecord,
+    ArmRun,
+    CarbonBlock,
+    EpochInterval,
+    EpochRecord,
+    Interference,
+    PairedStat,
+    RepeatFigures,
+    add_components,
+    total_energy,
+    write_csv_atomic,
 )
 
 PAIRED_METRICS = ("energy_j", "co2_g", "wall_s", "flops_backward", "flops_backward_conv", "flops_total",

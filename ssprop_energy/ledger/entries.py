@@ -32,12 +32,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from ssprop_energy.errors import ConfigError, LedgerError, RecordError
-from ssprop_energy.ledger.attribution import ATTRIBUTION_RULE, AttributedComponent, CpuAttribution
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ssprop_energy.energy.carbon import co2_g as carbon_co2_g
+from ssprop_energy.errors import ConfigError, LedgerError, RecordError
+from ssprop_energy.ledger.attribution import ATTRIBUTION_RULE, AttributedComponent, CpuAttribution
 from ssprop_energy.ledger.db import COMPONENTS, ENTRIES, LedgerLocation, locate, pending_dir, transaction
 from ssprop_energy.records import RUN_STATUSES, EnergyComponent, read_json, total_energy, write_json_atomic
 
@@ -130,8 +130,8 @@ def _insert_components(conn: Connection, entry_id: int, components: Sequence[dic
 
 
 def utf8_text(value: str) -> str:
-    """``value`` as valid UTF-8 text: bytes that were not UTF-8 (decoded by Python with surrogateescape, as in
-    ``sys.argv``) become ``\\xNN``, so that every reader, a UTF-8 HTML page, and PostgreSQL can take it."""
+    r"""``value`` as valid UTF-8 text: bytes that were not UTF-8 (decoded by Python with surrogateescape, as in
+    ``sys.argv``) become ``\xNN``, so that every reader, a UTF-8 HTML page, and PostgreSQL can take it."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -224,7 +224,7 @@ class LedgerEntry:
             if self.fallback_path is not None and self.fallback_path != target:
                 self.fallback_path.unlink(missing_ok=True)
             self.fallback_path = target
-            how = (f"`ssprop-energy audit sync` sends it, as does the next ledger access" if target == spool
+            how = ("`ssprop-energy audit sync` sends it, as does the next ledger access" if target == spool
                    and self.ledger_path.is_server else f"import it later with `ssprop-energy audit import {target}`")
             logger.warning("could not write to the ledger (%s); the run's %s row is saved in %s (%s)",
                            reason, self.row["status"], target, how)

@@ -11,7 +11,16 @@ import math
 from typing import Any, Mapping
 
 from ssprop_energy.fmt import (  # noqa: F401 - re-exported: the report's modules format through text
-    MINUS, fmt_ci_pct, fmt_ci_pp, fmt_co2, fmt_energy, fmt_number, fmt_pct, fmt_pp, fmt_run_epoch, fmt_seconds,
+    MINUS,
+    fmt_ci_pct,
+    fmt_ci_pp,
+    fmt_co2,
+    fmt_energy,
+    fmt_number,
+    fmt_pct,
+    fmt_pp,
+    fmt_run_epoch,
+    fmt_seconds,
     fmt_si,
     less_or_more,
 )
