@@ -450,8 +450,12 @@ def print_results(summary: Any) -> None:
     table = Table(title=f"{summary.kind}: {summary.config['model']} on {summary.config['dataset']}", show_lines=False)
     table.add_column("arm")
     table.add_column("drop rate (avg)", justify="right")
-    # generation: the quality figure (a Frechet distance, lower is better) in accuracy's place
-    table.add_column(f"{quality or 'FID'}\n(lower = better)" if generation else "test acc", justify="right")
+    # generation: the quality figure (a Frechet distance, lower is better) in accuracy's place; wide enough
+    # for its name and "(lower = better)" whole, whatever the other columns' values take (rich shrinks the
+    # widest columns first, which split the header mid-word in some runs)
+    quality_label = quality or "FID"
+    table.add_column(f"{quality_label}\n(lower = better)" if generation else "test acc", justify="right",
+                     min_width=max(len(quality_label), len("(lower = better)")) if generation else None)
     table.add_column("train time", justify="right")
     table.add_column("bwd FLOPs (counted)", justify="right")
     table.add_column("energy", justify="right")
